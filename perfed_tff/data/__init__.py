@@ -1,0 +1,1 @@
+"""Federated datasets: each yields a `FederatedTask` (data + its default model)."""

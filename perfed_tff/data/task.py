@@ -1,0 +1,75 @@
+"""`FederatedTask`: a federated dataset, its batch stream and its default model.
+
+Every dataset (synthetic, digits, EMNIST, Shakespeare) is exposed the same way:
+
+* `train` / `test`: `tff.simulation.datasets.ClientData` of unbatched examples
+  `OrderedDict(x=..., y=...)`; the same client ids in both (each user's own
+  train and held-out test data).
+* `unseen`: optional `(train, test)` pair of users never used in training.
+* `model_fn`: no-arg callable returning a `tff.learning.models.VariableModel`.
+* `keras_model_fn`: the Keras model behind it (for pure-TF code).
+
+`client_batches` turns one client's examples into the batch stream consumed by
+the client work (shuffled with a per-client, per-round seed, repeated as
+needed, batched, cut at `num_batches`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_federated as tff
+
+
+@dataclasses.dataclass(frozen=True)
+class FederatedTask:
+  name: str
+  train: tff.simulation.datasets.ClientData
+  test: tff.simulation.datasets.ClientData
+  model_fn: Callable[[], tff.learning.models.VariableModel]
+  keras_model_fn: Callable[[], tf.keras.Model]
+  loss_fn: Callable[[], tf.keras.losses.Loss]
+  element_spec: object   # spec of one *batch*: OrderedDict(x=..., y=...)
+  unseen: Optional[tuple] = None   # (train ClientData, test ClientData)
+  shuffle_buffer: int = 1000
+
+  @property
+  def client_ids(self) -> Sequence[str]:
+    return self.train.client_ids
+
+
+def derive_seed(*parts) -> int:
+  """A 31-bit seed that is a pure function of `parts` (seed, round, client)."""
+  digest = hashlib.sha256(repr(tuple(parts)).encode()).digest()
+  return int.from_bytes(digest[:4], 'little') & 0x7FFFFFFF
+
+
+def client_batches(dataset: tf.data.Dataset, *, batch_size: int,
+                   num_batches: int, seed: int,
+                   shuffle_buffer: int = 1000) -> tf.data.Dataset:
+  """Shuffle (seeded), repeat, batch, take `num_batches` batches.
+
+  Repeating before batching keeps every batch full; an empty client yields an
+  empty stream.
+  """
+  return (dataset.shuffle(shuffle_buffer, seed=seed,
+                          reshuffle_each_iteration=True)
+          .repeat()
+          .batch(batch_size)
+          .take(num_batches)
+          .prefetch(2))
+
+
+def sample_clients(client_ids: Sequence[str], num_clients: int, seed: int,
+                   round_num: int) -> list[str]:
+  """Clients of round `round_num`: a pure function of (seed, round)."""
+  if num_clients > len(client_ids):
+    raise ValueError(f'cannot sample {num_clients} clients from a population '
+                     f'of {len(client_ids)}')
+  rng = np.random.default_rng([seed, round_num])
+  idx = rng.choice(len(client_ids), size=num_clients, replace=False)
+  return [client_ids[i] for i in sorted(idx)]

@@ -1,0 +1,289 @@
+"""TFF execution contexts whose C++ worker processes this library owns.
+
+TFF's `tff.backends.native.create_sync_local_cpp_execution_context()` starts a
+`worker_binary` child that inherits the parent's stdout/stderr and is killed
+only when its Python manager is garbage collected. Such a child can outlive the
+interpreter and keep a pipe open, so `pytest | tee log` (or a CI runner) waits
+forever. Here the worker is started explicitly:
+
+* its output goes to a log file (never the parent's pipes),
+* it receives SIGTERM when the parent process dies, even by SIGKILL
+  (Linux `PR_SET_PDEATHSIG`),
+* it is stopped at interpreter exit, on SIGTERM/SIGINT, and when the
+  `ExecutionContext` that started it is closed.
+
+The same `worker_binary` served on other hosts is TFF's multi-machine engine:
+`ExecutionContext(workers=['host:port', ...])` connects to such workers and
+spreads every round's clients over them with
+`tff.backends.native.create_mergeable_comp_execution_context`.
+"""
+
+from __future__ import annotations
+
+import atexit
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from typing import Optional, Sequence
+
+import grpc
+import portpicker
+import tensorflow_federated as tff
+from tensorflow_federated.python.core.impl.executor_stacks import python_executor_stacks
+from tensorflow_federated.python.core.impl.executors import remote_executor
+from tensorflow_federated.python.core.impl.executors import remote_executor_grpc_stub
+from tensorflow_federated.python.core.impl.execution_contexts import async_execution_context
+from tensorflow_federated.python.core.impl.execution_contexts import sync_execution_context
+from tensorflow_federated.python.core.backends.native import compiler
+from tensorflow_federated.python.core.impl.types import placements
+from tensorflow_federated.python.core.environments.tensorflow_frontend import tensorflow_computation
+from tensorflow_federated.python.core.impl.context_stack import context_stack_impl
+from tensorflow_federated.python.core.impl.context_stack import runtime_error_context
+
+_GRPC_MAX_MESSAGE_BYTES = 2 * 1000 * 1000 * 1000
+_GRPC_OPTIONS = [
+    ('grpc.max_message_length', _GRPC_MAX_MESSAGE_BYTES),
+    ('grpc.max_receive_message_length', _GRPC_MAX_MESSAGE_BYTES),
+    ('grpc.max_send_message_length', _GRPC_MAX_MESSAGE_BYTES),
+]
+_PR_SET_PDEATHSIG = 1
+
+
+def worker_binary_path() -> str:
+  """Path of the `worker_binary` shipped inside the tensorflow-federated wheel."""
+  path = os.path.join(os.path.dirname(tff.__file__), 'data', 'worker_binary')
+  if not os.path.isfile(path):
+    raise RuntimeError(
+        f'TFF worker binary not found at {path}; is tensorflow-federated '
+        '0.87.0 installed for this interpreter?'
+    )
+  return path
+
+
+def _die_with_parent():  # Runs in the child between fork and exec.
+  try:
+    libc = ctypes.CDLL('libc.so.6', use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+  except OSError:  # Not Linux: atexit and signal handlers still apply.
+    pass
+
+
+class WorkerProcess:
+  """One `worker_binary` process serving TFF's executor service on a port.
+
+  Args:
+    port: TCP port to serve on; a free one is picked when `None`.
+    max_concurrent_computation_calls: TFF's limit on concurrent calls of one
+      computation inside the worker (clients run in parallel up to this);
+      nonpositive means unlimited.
+    log_path: file for the worker's output; a temporary file when `None`.
+    die_with_parent: stop the worker when this Python process dies.
+  """
+
+  def __init__(
+      self,
+      port: Optional[int] = None,
+      *,
+      max_concurrent_computation_calls: int = -1,
+      log_path: Optional[str] = None,
+      die_with_parent: bool = True,
+  ):
+    self.port = port or portpicker.pick_unused_port()
+    if log_path is None:
+      fd, log_path = tempfile.mkstemp(prefix='tff_worker_', suffix='.log')
+      os.close(fd)
+    self.log_path = log_path
+    self._log = open(log_path, 'ab')
+    args = [
+        worker_binary_path(),
+        f'--port={self.port}',
+        f'--max_concurrent_computation_calls={max_concurrent_computation_calls}',
+    ]
+    self.process = subprocess.Popen(
+        args,
+        stdin=subprocess.DEVNULL,
+        stdout=self._log,
+        stderr=subprocess.STDOUT,
+        close_fds=True,
+        preexec_fn=_die_with_parent if die_with_parent else None,
+    )
+    _LIVE_WORKERS.add(self)
+
+  @property
+  def pid(self) -> int:
+    return self.process.pid
+
+  @property
+  def address(self) -> str:
+    return f'localhost:{self.port}'
+
+  def running(self) -> bool:
+    return self.process.poll() is None
+
+  def stop(self, timeout: float = 10.0) -> None:
+    """Stops the worker (SIGINT, then SIGKILL after `timeout` seconds)."""
+    if self.process.poll() is None:
+      try:
+        self.process.send_signal(signal.SIGINT)
+        self.process.wait(timeout=timeout)
+      except subprocess.TimeoutExpired:
+        self.process.kill()
+        self.process.wait()
+      except ProcessLookupError:
+        pass
+    if not self._log.closed:
+      self._log.close()
+    _LIVE_WORKERS.discard(self)
+
+
+_LIVE_WORKERS: set[WorkerProcess] = set()
+_HANDLERS_INSTALLED = False
+_HANDLER_LOCK = threading.Lock()
+
+
+def stop_all_workers() -> None:
+  """Stops every worker this process started and has not stopped yet."""
+  for worker in list(_LIVE_WORKERS):
+    worker.stop(timeout=5.0)
+
+
+def _install_exit_handlers() -> None:
+  """Stops workers at exit and on SIGTERM/SIGINT (then behaves as before)."""
+  global _HANDLERS_INSTALLED
+  with _HANDLER_LOCK:
+    if _HANDLERS_INSTALLED:
+      return
+    _HANDLERS_INSTALLED = True
+  atexit.register(stop_all_workers)
+  if threading.current_thread() is not threading.main_thread():
+    return
+  for signum in (signal.SIGTERM, signal.SIGINT):
+    previous = signal.getsignal(signum)
+
+    def handler(sig, frame, previous=previous):
+      stop_all_workers()
+      if callable(previous):
+        return previous(sig, frame)
+      if previous == signal.SIG_IGN:
+        return None
+      # Default action: die by the same signal so the exit status says so.
+      signal.signal(sig, signal.SIG_DFL)
+      os.kill(os.getpid(), sig)
+
+    signal.signal(signum, handler)
+
+
+def wait_until_ready(stub, address: str, timeout: float) -> None:
+  deadline = time.monotonic() + timeout
+  while not stub.is_ready:
+    if time.monotonic() > deadline:
+      raise ConnectionError(
+          f'TFF worker at {address} did not become ready within {timeout:.0f}s'
+      )
+    time.sleep(0.05)
+
+
+def _executor_factory(address: str, default_num_clients: int, ready_timeout: float):
+  """A TFF executor factory that talks gRPC to the worker at `address`."""
+  channel = grpc.insecure_channel(address, _GRPC_OPTIONS)
+  stub = remote_executor_grpc_stub.RemoteExecutorGrpcStub(channel)
+  wait_until_ready(stub, address, ready_timeout)
+
+  def stack_fn(cardinalities):
+    if cardinalities.get(placements.CLIENTS) is None:
+      cardinalities[placements.CLIENTS] = default_num_clients
+    executor = remote_executor.RemoteExecutor(stub)
+    executor.set_cardinalities(cardinalities)
+    return executor
+
+  return python_executor_stacks.ResourceManagingExecutorFactory(stack_fn)
+
+
+def _context_kwargs():
+  return dict(
+      compiler_fn=compiler.desugar_and_transform_to_native,
+      transform_args=tensorflow_computation.transform_args,
+      transform_result=tensorflow_computation.transform_result,
+  )
+
+
+class ExecutionContext:
+  """Installs a TFF execution context and owns the workers behind it.
+
+  With no `workers`, starts one local `worker_binary` (like TFF's default C++
+  context). With `workers=['host:port', ...]`, connects to running workers
+  (see `python -m perfed_tff.worker`); with more than one, each round's clients
+  are split across them by TFF's mergeable-computation context.
+
+  Use as a context manager, or call `close()`; either way, workers started here
+  are also stopped at interpreter exit and on SIGTERM/SIGINT.
+
+  Args:
+    workers: addresses of already running workers; `None` starts a local one.
+    max_concurrent_computation_calls: passed to a locally started worker.
+    default_num_clients: cardinality used when TFF cannot infer it.
+    ready_timeout: seconds to wait for each worker to accept connections.
+  """
+
+  def __init__(
+      self,
+      workers: Optional[Sequence[str]] = None,
+      *,
+      max_concurrent_computation_calls: int = -1,
+      default_num_clients: int = 0,
+      ready_timeout: float = 60.0,
+  ):
+    _install_exit_handlers()
+    self.local_workers: list[WorkerProcess] = []
+    if not workers:
+      worker = WorkerProcess(
+          max_concurrent_computation_calls=max_concurrent_computation_calls
+      )
+      self.local_workers.append(worker)
+      workers = [worker.address]
+    self.addresses = list(workers)
+    try:
+      if len(self.addresses) == 1:
+        factory = _executor_factory(
+            self.addresses[0], default_num_clients, ready_timeout
+        )
+        self.context = sync_execution_context.SyncExecutionContext(
+            factory, **_context_kwargs()
+        )
+      else:
+        async_contexts = [
+            async_execution_context.AsyncExecutionContext(
+                _executor_factory(a, default_num_clients, ready_timeout),
+                **_context_kwargs(),
+            )
+            for a in self.addresses
+        ]
+        self.context = tff.backends.native.create_mergeable_comp_execution_context(
+            async_contexts
+        )
+    except BaseException:
+      self.close()
+      raise
+    tff.framework.set_default_context(self.context)
+
+  def close(self) -> None:
+    """Stops the local workers; later invocations fail instead of silently
+    starting TFF's own (unowned) worker."""
+    for worker in self.local_workers:
+      worker.stop()
+    self.local_workers = []
+    if context_stack_impl.context_stack.current is getattr(self, 'context', None):
+      context_stack_impl.context_stack.set_default_context(
+          runtime_error_context.RuntimeErrorContext()
+      )
+
+  def __enter__(self) -> 'ExecutionContext':
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self.close()

@@ -1,0 +1,1 @@
+"""Models for Per-FedAvg experiments (Keras builders and TFF model functions)."""

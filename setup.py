@@ -1,0 +1,32 @@
+"""perfed_tff: Personalized Federated Averaging (Per-FedAvg) on TensorFlow Federated."""
+
+import setuptools
+
+setuptools.setup(
+    name='perfed_tff',
+    version='0.1.0',
+    description=('Per-FedAvg (Fallah, Mokhtari & Ozdaglar, NeurIPS 2020) as a '
+                 'TensorFlow Federated LearningProcess'),
+    long_description=open('README.md', encoding='utf-8').read(),
+    long_description_content_type='text/markdown',
+    packages=setuptools.find_packages(include=['perfed_tff', 'perfed_tff.*']),
+    python_requires='>=3.9,<3.12',  # tensorflow-federated 0.87.0's own range
+    install_requires=[
+        # TFF 0.87.0 pins jax==0.4.14; where a registry lacks it, install
+        # requirements/lock.txt first and TFF with --no-deps (BUILD_NOTES.md).
+        'tensorflow-federated==0.87.0',
+        'tensorflow>=2.14,<2.15',
+        'numpy~=1.25',
+        'absl-py>=1.0,<2',
+        'grpcio~=1.46',
+        'portpicker~=1.6',
+        'tqdm~=4.64',
+        'scikit-learn>=1.2',
+        'matplotlib>=3.7',
+        'psutil>=5.9',
+    ],
+    extras_require={
+        'test': ['pytest>=7', 'pytest-timeout>=2', 'nbclient>=0.8',
+                 'nbformat>=5.9', 'ipykernel>=6'],
+    },
+)
