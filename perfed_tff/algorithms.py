@@ -1,0 +1,77 @@
+"""The algorithms an experiment can name, built as `LearningProcess`es.
+
+`fedavg` is TFF's own `tff.learning.algorithms.build_weighted_fed_avg` with
+client SGD at learning rate beta for tau local steps and server SGD at 1.0 (the
+server takes the average of the client models), so every baseline is TFF's.
+`per_fedavg_{fo,hf,maml}` are `perfed_tff.build_per_fedavg` with the same
+alpha, beta, tau and weighting.
+"""
+
+from __future__ import annotations
+
+from typing import Union
+
+import tensorflow_federated as tff
+
+from perfed_tff import client_work as client_work_lib
+from perfed_tff import process as process_lib
+
+ALGORITHMS = ('fedavg', 'per_fedavg_fo', 'per_fedavg_hf', 'per_fedavg_maml')
+
+
+def variant_of(algorithm: str) -> client_work_lib.Variant | None:
+  """The Per-FedAvg variant of an algorithm name (None for fedavg)."""
+  check_algorithm(algorithm)
+  if algorithm == 'fedavg':
+    return None
+  return client_work_lib.Variant(algorithm[len('per_fedavg_'):])
+
+
+def check_algorithm(algorithm: str) -> str:
+  if algorithm not in ALGORITHMS:
+    raise ValueError(f'`algorithm` must be one of {list(ALGORITHMS)}, got '
+                     f'{algorithm!r}.')
+  return algorithm
+
+
+def batches_per_round(algorithm: str, local_steps: int) -> int:
+  """Batches a client consumes in one round: tau for FedAvg, 2 tau (FO) or
+  3 tau (HF, MAML) for Per-FedAvg."""
+  variant = variant_of(algorithm)
+  per_step = 1 if variant is None else client_work_lib.batches_per_step(variant)
+  return per_step * local_steps
+
+
+def build_algorithm(
+    algorithm: str,
+    model_fn,
+    *,
+    alpha: float,
+    beta: float,
+    delta: float = 1e-3,
+    local_steps: int,
+    client_weighting: Union[str, tff.learning.ClientWeighting] = 'uniform',
+    model_aggregator=None,
+) -> tff.learning.templates.LearningProcess:
+  """Builds `algorithm` (one of ALGORITHMS) for `model_fn`.
+
+  For fedavg, alpha and delta are unused in training (alpha is the step of the
+  personalized evaluation); the client takes tau SGD steps at beta.
+  """
+  variant = variant_of(algorithm)
+  if variant is not None:
+    return process_lib.build_per_fedavg(
+        model_fn, variant=variant, alpha=alpha, beta=beta, delta=delta,
+        local_steps=local_steps, client_weighting=client_weighting,
+        model_aggregator=model_aggregator)
+  # Same validation as Per-FedAvg, so a bad flag fails the same way.
+  process_lib._check_positive_float('alpha', alpha)  # pylint: disable=protected-access
+  beta = process_lib._check_positive_float('beta', beta)  # pylint: disable=protected-access
+  if local_steps < 1:
+    raise ValueError(f'`local_steps` must be an integer >= 1, got {local_steps!r}.')
+  return tff.learning.algorithms.build_weighted_fed_avg(
+      model_fn,
+      client_optimizer_fn=tff.learning.optimizers.build_sgdm(learning_rate=beta),
+      server_optimizer_fn=tff.learning.optimizers.build_sgdm(learning_rate=1.0),
+      client_weighting=process_lib._check_weighting(client_weighting),  # pylint: disable=protected-access
+      model_aggregator=model_aggregator)
