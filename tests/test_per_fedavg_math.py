@@ -1,0 +1,150 @@
+"""Per-FedAvg weights after one round equal an independent numpy computation."""
+
+import collections
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_federated as tff
+
+import perfed_tff
+from perfed_tff.models import linear
+from tests import numpy_reference as ref
+
+DIM, CLASSES = 6, 4
+
+
+def _client(rng, n):
+  x = rng.normal(size=(n, DIM)).astype(np.float32)
+  y = rng.integers(0, CLASSES, n).astype(np.int32)
+  return x, y
+
+
+def _dataset(x, y, batch_size):
+  return tf.data.Dataset.from_tensor_slices(
+      collections.OrderedDict(x=x, y=y)).batch(batch_size)
+
+
+def _random_weights(rng):
+  return (rng.normal(scale=0.5, size=(DIM, CLASSES)).astype(np.float32),
+          rng.normal(scale=0.5, size=(CLASSES,)).astype(np.float32))
+
+
+def _run_one_round(process, w0, client_datasets):
+  state = process.initialize()
+  weights = process.get_model_weights(state)
+  weights = tff.learning.models.ModelWeights(
+      trainable=type(weights.trainable)(w0), non_trainable=weights.non_trainable)
+  state = process.set_model_weights(state, weights)
+  output = process.next(state, client_datasets)
+  return output, [np.asarray(t) for t in
+                  process.get_model_weights(output.state).trainable]
+
+
+@pytest.mark.parametrize('variant', ['fo', 'hf', 'maml'])
+@pytest.mark.parametrize('local_steps', [1, 3])
+def test_one_client_matches_numpy(variant, local_steps):
+  rng = np.random.default_rng(7)
+  x, y = _client(rng, 5 * 9 + 3)   # several full batches and a short last one
+  w0 = _random_weights(rng)
+  alpha, beta, delta = 0.3, 0.2, 1e-2
+  process = perfed_tff.build_per_fedavg(
+      linear.softmax_regression_model_fn(DIM, CLASSES), variant=variant,
+      alpha=alpha, beta=beta, delta=delta, local_steps=local_steps)
+  output, got = _run_one_round(process, w0, [_dataset(x, y, 5)])
+
+  w64 = tuple(a.astype(np.float64) for a in w0)
+  want, steps, examples = ref.client_update(
+      w64, ref.batches_of(x.astype(np.float64), y, 5), variant, alpha, beta,
+      delta, local_steps)
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(g, w, atol=1e-5, rtol=0)
+  # The round really moved the model (the check above is not vacuous).
+  assert np.abs(got[0] - w0[0]).max() > 1e-3
+  train = output.metrics['client_work']['train']
+  assert train['num_steps'] == steps == local_steps
+  assert train['num_examples'] == examples
+
+
+@pytest.mark.parametrize('variant', ['fo', 'hf', 'maml'])
+def test_steps_chain_and_stop_when_data_run_out(variant):
+  """tau=4 requested, data for only 2 full steps (plus a partial one)."""
+  rng = np.random.default_rng(3)
+  k = 2 if variant == 'fo' else 3
+  x, y = _client(rng, 4 * (2 * k + 1))   # 2 full steps + 1 batch
+  w0 = _random_weights(rng)
+  process = perfed_tff.build_per_fedavg(
+      linear.softmax_regression_model_fn(DIM, CLASSES), variant=variant,
+      alpha=0.5, beta=0.5, delta=1e-2, local_steps=4)
+  output, got = _run_one_round(process, w0, [_dataset(x, y, 4)])
+  want, steps, _ = ref.client_update(
+      tuple(a.astype(np.float64) for a in w0),
+      ref.batches_of(x.astype(np.float64), y, 4), variant, 0.5, 0.5, 1e-2, 4)
+  assert steps == 2
+  assert output.metrics['client_work']['train']['num_steps'] == 2
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(g, w, atol=1e-5, rtol=0)
+
+
+def test_metrics_are_losses_at_w_on_d_and_at_w_tilde_on_d_prime():
+  rng = np.random.default_rng(11)
+  x, y = _client(rng, 12)
+  w0 = _random_weights(rng)
+  alpha = 0.4
+  process = perfed_tff.build_per_fedavg(
+      linear.softmax_regression_model_fn(DIM, CLASSES), variant='fo',
+      alpha=alpha, beta=0.1, local_steps=1)
+  output, _ = _run_one_round(process, w0, [_dataset(x, y, 6)])
+  w64 = tuple(a.astype(np.float64) for a in w0)
+  d, d_prime = ref.batches_of(x.astype(np.float64), y, 6)
+  w_tilde = tuple(a - alpha * g for a, g in zip(w64, ref.grad(w64, d)))
+  train = output.metrics['client_work']['train']
+  np.testing.assert_allclose(train['loss'], ref.loss(w64, d), rtol=1e-5)
+  np.testing.assert_allclose(train['personalized_loss'],
+                             ref.loss(w_tilde, d_prime), rtol=1e-5)
+
+
+def test_hf_approaches_maml_quadratically_in_delta():
+  rng = np.random.default_rng(5)
+  x, y = _client(rng, 3 * 16)
+  w0 = tuple(3 * a for a in _random_weights(rng))   # curved region
+  ds = _dataset(x, y, 16)
+  model_fn = linear.softmax_regression_model_fn(DIM, CLASSES)
+  kwargs = dict(alpha=1.0, beta=1.0, local_steps=1)
+  _, maml = _run_one_round(
+      perfed_tff.build_per_fedavg(model_fn, variant='maml', **kwargs), w0, [ds])
+  errors = []
+  for delta in (0.8, 0.4, 0.2):
+    _, hf = _run_one_round(
+        perfed_tff.build_per_fedavg(model_fn, variant='hf', delta=delta,
+                                    **kwargs), w0, [ds])
+    errors.append(max(np.abs(h - m).max() for h, m in zip(hf, maml)))
+  ratios = [errors[i] / errors[i + 1] for i in range(2)]
+  assert errors[-1] < errors[0]
+  for r in ratios:   # O(delta^2): halving delta divides the error by ~4
+    assert 3.0 < r < 5.0, (errors, ratios)
+
+
+def test_functional_model_gives_the_same_weights():
+  rng = np.random.default_rng(2)
+  x, y = _client(rng, 30)
+  w0 = _random_weights(rng)
+  functional = tff.learning.models.functional_model_from_keras(
+      linear.create_softmax_regression(DIM, CLASSES),
+      loss_fn=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+      input_spec=(tf.TensorSpec([None, DIM], tf.float32),
+                  tf.TensorSpec([None], tf.int32)))
+  process = perfed_tff.build_per_fedavg(
+      functional, variant='hf', alpha=0.3, beta=0.2, delta=1e-2, local_steps=2)
+  ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(5)
+  _, got = _run_one_round(process, w0, [ds])
+  want, _, _ = ref.client_update(
+      tuple(a.astype(np.float64) for a in w0),
+      ref.batches_of(x.astype(np.float64), y, 5), 'hf', 0.3, 0.2, 1e-2, 2)
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(g, w, atol=1e-5, rtol=0)
+  # And TFF's FedAvg accepts the very same model object.
+  fedavg = tff.learning.algorithms.build_weighted_fed_avg(
+      functional, client_optimizer_fn=tff.learning.optimizers.build_sgdm(0.1))
+  assert (fedavg.next.type_signature.parameter[0].member.global_model_weights
+          == process.next.type_signature.parameter[0].member.global_model_weights)
