@@ -61,6 +61,13 @@ def _split_batch(batch):
   return batch[0], batch[1]
 
 
+def _dense(grads, like):
+  """Gradients as dense tensors (embeddings give IndexedSlices; an unused
+  weight gives None, i.e. zero)."""
+  return tuple(tf.zeros_like(w) if g is None else tf.convert_to_tensor(g)
+               for g, w in zip(grads, like))
+
+
 def _dot(xs, ys):
   return tf.add_n([tf.reduce_sum(x * y) for x, y in zip(xs, ys)])
 
@@ -90,7 +97,7 @@ class _FunctionalOracle:
     with tf.GradientTape() as tape:
       tape.watch(trainable)
       loss, num = self._loss(trainable, batch, training)
-    return loss, tuple(tape.gradient(loss, trainable)), num
+    return loss, _dense(tape.gradient(loss, trainable), trainable), num
 
   def hessian_vector_product(self, trainable, batch, vector):
     with tf.GradientTape() as outer:
@@ -98,9 +105,9 @@ class _FunctionalOracle:
       with tf.GradientTape() as inner:
         inner.watch(trainable)
         loss, _ = self._loss(trainable, batch, False)
-      grads = inner.gradient(loss, trainable)
+      grads = _dense(inner.gradient(loss, trainable), trainable)
       grad_dot_v = _dot(grads, vector)
-    return tuple(outer.gradient(grad_dot_v, trainable))
+    return _dense(outer.gradient(grad_dot_v, trainable), trainable)
 
 
 class _VariableOracle:
@@ -127,16 +134,16 @@ class _VariableOracle:
     self._assign(trainable)
     with tf.GradientTape() as tape:
       loss, num = self._loss(batch, training)
-    return loss, tuple(tape.gradient(loss, self._vars)), num
+    return loss, _dense(tape.gradient(loss, self._vars), self._vars), num
 
   def hessian_vector_product(self, trainable, batch, vector):
     self._assign(trainable)
     with tf.GradientTape() as outer:
       with tf.GradientTape() as inner:
         loss, _ = self._loss(batch, False)
-      grads = inner.gradient(loss, self._vars)
+      grads = _dense(inner.gradient(loss, self._vars), self._vars)
       grad_dot_v = _dot(grads, vector)
-    return tuple(outer.gradient(grad_dot_v, self._vars))
+    return _dense(outer.gradient(grad_dot_v, self._vars), self._vars)
 
 
 def per_fedavg_local_step(oracle, w, batches, *, variant: Variant, alpha: float,
