@@ -35,6 +35,7 @@ import grpc
 import portpicker
 import tensorflow_federated as tff
 from tensorflow_federated.python.core.impl.executor_stacks import python_executor_stacks
+from tensorflow_federated.python.core.impl.executors import executors_errors
 from tensorflow_federated.python.core.impl.executors import remote_executor
 from tensorflow_federated.python.core.impl.executors import remote_executor_grpc_stub
 from tensorflow_federated.python.core.impl.execution_contexts import async_execution_context
@@ -42,6 +43,7 @@ from tensorflow_federated.python.core.impl.execution_contexts import sync_execut
 from tensorflow_federated.python.core.backends.native import compiler
 from tensorflow_federated.python.core.impl.types import placements
 from tensorflow_federated.python.core.environments.tensorflow_frontend import tensorflow_computation
+from tensorflow_federated.python.core.impl.context_stack import context_base
 from tensorflow_federated.python.core.impl.context_stack import context_stack_impl
 from tensorflow_federated.python.core.impl.context_stack import runtime_error_context
 
@@ -178,20 +180,83 @@ def _install_exit_handlers() -> None:
     signal.signal(signum, handler)
 
 
+class WorkerUnavailableError(ConnectionError):
+  """A TFF worker stopped answering and did not come back in time."""
+
+
 def wait_until_ready(stub, address: str, timeout: float) -> None:
   deadline = time.monotonic() + timeout
   while not stub.is_ready:
     if time.monotonic() > deadline:
-      raise ConnectionError(
-          f'TFF worker at {address} did not become ready within {timeout:.0f}s'
+      raise WorkerUnavailableError(
+          f'TFF worker at {address} did not become ready within '
+          f'{timeout:.0f}s; is `python -m perfed_tff.worker --port=PORT` '
+          'running there?'
       )
     time.sleep(0.05)
 
 
-def _executor_factory(address: str, default_num_clients: int, ready_timeout: float):
+_STUB_METHODS = ('get_executor', 'create_value', 'create_struct',
+                 'create_call', 'create_selection', 'compute', 'dispose',
+                 'dispose_executor')
+
+
+class _BoundedRetryStub(remote_executor_grpc_stub.RemoteExecutorGrpcStub):
+  """A gRPC stub whose connection failures end in a clear error.
+
+  TFF's async context retries a `RetryableError` (gRPC UNAVAILABLE, ...)
+  forever. Here a retryable failure first waits up to `retry_timeout` seconds
+  for the worker's channel to become ready again: if it does, the error is
+  re-raised for TFF to retry (at most `max_retries` times in a row); if not,
+  `WorkerUnavailableError` (not retryable) names the worker.
+  """
+
+  def __init__(self, channel, address: str, retry_timeout: float,
+               max_retries: int = 3):
+    super().__init__(channel)
+    self._address = address
+    self._retry_timeout = retry_timeout
+    self._max_retries = max_retries
+    self._failures = 0
+    self._dead: Optional[WorkerUnavailableError] = None
+    for name in _STUB_METHODS:
+      setattr(self, name, self._bounded(getattr(self, name)))
+
+  def _bounded(self, method):
+    def call(request):
+      if self._dead is not None:  # Calls in flight fail at once, not in turn.
+        raise WorkerUnavailableError(str(self._dead))
+      try:
+        response = method(request)
+      except executors_errors.RetryableError as e:
+        self._on_retryable(e)
+        raise
+      self._failures = 0
+      return response
+    return call
+
+  def _on_retryable(self, error) -> None:
+    self._failures += 1
+    if self._failures > self._max_retries:
+      self._dead = WorkerUnavailableError(
+          f'TFF worker at {self._address} failed {self._failures} times in a '
+          'row with a retryable gRPC error; giving up.')
+      raise self._dead from error
+    try:
+      grpc.channel_ready_future(self._channel).result(
+          timeout=self._retry_timeout)
+    except grpc.FutureTimeoutError:
+      self._dead = WorkerUnavailableError(
+          f'TFF worker at {self._address} is unreachable and did not come '
+          f'back within {self._retry_timeout:g}s (was it stopped or killed?).')
+      raise self._dead from None
+
+
+def _executor_factory(address: str, default_num_clients: int,
+                      ready_timeout: float, retry_timeout: float):
   """A TFF executor factory that talks gRPC to the worker at `address`."""
   channel = grpc.insecure_channel(address, _GRPC_OPTIONS)
-  stub = remote_executor_grpc_stub.RemoteExecutorGrpcStub(channel)
+  stub = _BoundedRetryStub(channel, address, retry_timeout)
   wait_until_ready(stub, address, ready_timeout)
 
   def stack_fn(cardinalities):
@@ -212,6 +277,9 @@ def _context_kwargs():
   )
 
 
+_OPEN_CONTEXTS: list = []
+
+
 class ExecutionContext:
   """Installs a TFF execution context and owns the workers behind it.
 
@@ -228,6 +296,12 @@ class ExecutionContext:
     max_concurrent_computation_calls: passed to a locally started worker.
     default_num_clients: cardinality used when TFF cannot infer it.
     ready_timeout: seconds to wait for each worker to accept connections.
+    retry_timeout: when a worker stops answering mid-computation, seconds to
+      wait for it to come back before `WorkerUnavailableError` is raised
+      (TFF itself would retry forever).
+
+  Contexts nest: closing one reinstalls the context of the `ExecutionContext`
+  that was current when it was opened (if still open).
   """
 
   def __init__(
@@ -237,8 +311,10 @@ class ExecutionContext:
       max_concurrent_computation_calls: int = -1,
       default_num_clients: int = 0,
       ready_timeout: float = 60.0,
+      retry_timeout: float = 30.0,
   ):
     _install_exit_handlers()
+    self.context = None
     self.local_workers: list[WorkerProcess] = []
     if not workers:
       worker = WorkerProcess(
@@ -250,7 +326,8 @@ class ExecutionContext:
     try:
       if len(self.addresses) == 1:
         factory = _executor_factory(
-            self.addresses[0], default_num_clients, ready_timeout
+            self.addresses[0], default_num_clients, ready_timeout,
+            retry_timeout
         )
         self.context = sync_execution_context.SyncExecutionContext(
             factory, **_context_kwargs()
@@ -258,7 +335,8 @@ class ExecutionContext:
       else:
         async_contexts = [
             async_execution_context.AsyncExecutionContext(
-                _executor_factory(a, default_num_clients, ready_timeout),
+                _executor_factory(a, default_num_clients, ready_timeout,
+                                  retry_timeout),
                 **_context_kwargs(),
             )
             for a in self.addresses
@@ -270,20 +348,58 @@ class ExecutionContext:
       self.close()
       raise
     tff.framework.set_default_context(self.context)
+    _OPEN_CONTEXTS.append(self)
 
   def close(self) -> None:
-    """Stops the local workers; later invocations fail instead of silently
+    """Stops the local workers. The enclosing `ExecutionContext` (if any) is
+    reinstalled; otherwise later invocations fail instead of silently
     starting TFF's own (unowned) worker."""
     for worker in self.local_workers:
       worker.stop()
     self.local_workers = []
-    if context_stack_impl.context_stack.current is getattr(self, 'context', None):
-      context_stack_impl.context_stack.set_default_context(
-          runtime_error_context.RuntimeErrorContext()
-      )
+    if self in _OPEN_CONTEXTS:
+      _OPEN_CONTEXTS.remove(self)
+    if (self.context is not None
+        and context_stack_impl.context_stack.current is self.context):
+      if _OPEN_CONTEXTS:
+        context_stack_impl.context_stack.set_default_context(
+            _OPEN_CONTEXTS[-1].context)
+      else:
+        context_stack_impl.context_stack.set_default_context(
+            runtime_error_context.RuntimeErrorContext()
+        )
 
   def __enter__(self) -> 'ExecutionContext':
     return self
 
   def __exit__(self, *exc_info) -> None:
     self.close()
+
+
+def _is_tff_import_default(context) -> bool:
+  """True for the context `import tensorflow_federated` installs (TFF's local
+  C++ context, whose worker would be unowned)."""
+  factory = getattr(context, '_executor_factory', None)
+  stack_fn = getattr(factory, '_executor_stack_fn', None)
+  return (getattr(stack_fn, '__qualname__', '') ==
+          'local_cpp_executor_factory.<locals>.stack_fn')
+
+
+class _OwnedOnFirstUseContext(context_base.SyncContext):
+  """Stands in for TFF's import-time default: the first invocation opens an
+  owned `ExecutionContext` (worker stopped at exit and on SIGTERM/SIGINT),
+  which then serves every later invocation."""
+
+  def invoke(self, comp, arg):
+    return ExecutionContext().context.invoke(comp, arg)
+
+
+def install_owned_default_context() -> None:
+  """Replaces TFF's import-time default context (and only that one) so that
+  code which never opens an `ExecutionContext` still gets an owned worker."""
+  if _is_tff_import_default(context_stack_impl.context_stack.current):
+    context_stack_impl.context_stack.set_default_context(
+        _OwnedOnFirstUseContext())
+
+
+install_owned_default_context()

@@ -20,6 +20,7 @@ import tensorflow as tf
 import tensorflow_federated as tff
 
 from perfed_tff import client_work as client_work_lib
+from perfed_tff import execution  # noqa: F401  (replaces TFF's unowned default context)
 
 ClientWeighting = tff.learning.ClientWeighting
 

@@ -1,0 +1,160 @@
+"""Checkpoints of a training run on `tff.program.FileProgramStateManager`.
+
+A checkpoint (one SavedModel directory `program_state_<round>`, written to a
+temporary directory and renamed, so a kill never leaves half of one) holds
+
+* the last completed round,
+* JSON with the run's settings that must not change on resume
+  and the shapes/dtypes of every state tensor,
+* the flattened `LearningProcess` state (model weights, optimizer
+  and aggregator state): everything needed to continue, since client sampling
+  and batch shuffling are pure functions of (seed, round).
+
+Loading checks the metadata against the current run and the leaves against
+the freshly initialized state; a corrupt or incompatible checkpoint raises
+`CheckpointError` and is left untouched (it is never overwritten: rounds only
+move forward and the state manager refuses to write an existing version).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import os
+import re
+import shutil
+from typing import Any, Mapping, Optional
+
+import numpy as np
+import tensorflow_federated as tff
+from tensorflow_federated.python.program import file_utils
+import tree
+
+PREFIX = 'program_state_'
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint cannot be used for this run."""
+
+
+def run_sync(coro):
+  """Runs `coro` to completion, also where an event loop is already running
+  in this thread (e.g. Jupyter), by using a helper thread there."""
+  try:
+    asyncio.get_running_loop()
+  except RuntimeError:
+    return asyncio.run(coro)
+  with concurrent.futures.ThreadPoolExecutor(1) as pool:
+    return pool.submit(asyncio.run, coro).result()
+
+
+_run = run_sync
+
+
+def leaf_specs(state) -> list[list]:
+  """[[shape, dtype], ...] of the flattened `state`."""
+  return [[list(np.shape(x)), np.asarray(x).dtype.name]
+          for x in tree.flatten(state)]
+
+
+class CheckpointManager:
+  """Saves and restores `(state, round_num)` under `root_dir`.
+
+  Args:
+    root_dir: directory of the checkpoints (created when missing).
+    keep_total: how many of the latest checkpoints to keep (the first is
+      kept too).
+  """
+
+  def __init__(self, root_dir: str, *, keep_total: int = 3):
+    self.root_dir = root_dir
+    self._manager = tff.program.FileProgramStateManager(
+        root_dir, prefix=PREFIX, keep_total=keep_total, keep_first=False)
+    self._remove_partial_saves()
+
+  def _remove_partial_saves(self) -> None:
+    """Deletes `program_state_<n>_temp<k>` directories: saves cut short by a
+    kill (the state manager renames a finished save into place)."""
+    pattern = re.compile(re.escape(PREFIX) + r'\d+_temp\d+$')
+    for name in os.listdir(self.root_dir):
+      if pattern.match(name):
+        shutil.rmtree(os.path.join(self.root_dir, name), ignore_errors=True)
+
+  def versions(self) -> list[int]:
+    return _run(self._manager.get_versions()) or []
+
+  def latest_round(self) -> Optional[int]:
+    versions = self.versions()
+    return versions[-1] if versions else None
+
+  def path(self, round_num: int) -> str:
+    return os.path.join(self.root_dir, f'{PREFIX}{round_num}')
+
+  def save(self, state, round_num: int, metadata: Mapping[str, Any]) -> str:
+    """Writes the checkpoint of `round_num` (after that round); returns its
+    path."""
+    metadata = dict(metadata, state_leaves=leaf_specs(state))
+    # A list: TF 2.14's SavedModel cannot trace dict/tuple wrappers here.
+    program_state = [np.int64(round_num),
+                     json.dumps(metadata, sort_keys=True),
+                     [np.asarray(x) for x in tree.flatten(state)]]
+    _run(self._manager.save(program_state, round_num))
+    return self.path(round_num)
+
+  def load_latest(self, template_state, metadata: Mapping[str, Any]
+                  ) -> Optional[tuple[Any, int]]:
+    """Latest `(state, round_num)`, or None when there is no checkpoint.
+
+    Args:
+      template_state: the process's initial state (gives structure, shapes
+        and dtypes).
+      metadata: this run's settings; every key must match the checkpoint's.
+
+    Raises:
+      CheckpointError: the checkpoint cannot be read or belongs to a
+        different run (other settings or model).
+    """
+    round_num = self.latest_round()
+    if round_num is None:
+      return None
+    path = self.path(round_num)
+    hint = ('it was left untouched; move it away or choose another '
+            '--root_output_dir')
+    try:
+      # FileProgramStateManager.load needs the saved structure up front; the
+      # number of leaves is only checked below, with a clearer message.
+      loaded = _run(file_utils.read_saved_model(path))
+      saved_round, raw, saved_leaves = loaded
+      raw = raw.numpy() if hasattr(raw, 'numpy') else raw
+      saved_round = int(np.asarray(saved_round))
+      saved_meta = json.loads(raw.decode() if isinstance(raw, bytes) else raw)
+      leaves = [np.asarray(x.numpy() if hasattr(x, 'numpy') else x)
+                for x in saved_leaves]
+    except Exception as e:  # pylint: disable=broad-except
+      raise CheckpointError(
+          f'checkpoint {path} is corrupt or unreadable '
+          f'({type(e).__name__}: {str(e).splitlines()[0] if str(e) else e}); '
+          f'{hint}.') from e
+    if saved_round != round_num:
+      raise CheckpointError(f'checkpoint {path} says it is round '
+                            f'{saved_round}; {hint}.')
+    mismatched = [
+        f'{k}={saved_meta.get(k)!r} (this run: {v!r})'
+        for k, v in metadata.items() if saved_meta.get(k) != v]
+    if mismatched:
+      raise CheckpointError(
+          f'checkpoint {path} was written by a different run: '
+          f'{", ".join(mismatched)}; {hint}.')
+    want = leaf_specs(template_state)
+    got = [[list(x.shape), x.dtype.name] for x in leaves]
+    if want != got:
+      raise CheckpointError(
+          f'checkpoint {path} does not fit this model: its state tensors are '
+          f'{_describe(got)}, this model needs {_describe(want)}; {hint}.')
+    state = tree.unflatten_as(template_state, leaves)
+    return state, round_num
+
+
+def _describe(specs) -> str:
+  return '[' + ', '.join(f'{d}{tuple(s)}' for s, d in specs) + ']'

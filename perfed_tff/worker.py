@@ -1,0 +1,68 @@
+r"""Serves TFF's C++ executor service (`worker_binary`) on this host.
+
+  python -m perfed_tff.worker --port=8000
+
+runs the `worker_binary` shipped in the tensorflow-federated wheel in place of
+this Python process (exec: signals, exit status and output are the worker's
+own). Start one per machine, then train with
+`experiments/train.py --workers=host1:8000,host2:8000`: each round's clients
+are split across the workers by TFF's mergeable-computation context.
+The service is unauthenticated gRPC: use it on a trusted network only.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+
+from absl import app
+from absl import flags
+
+_PORT = flags.DEFINE_integer('port', None, 'TCP port to serve on (1-65535).')
+_MAX_CALLS = flags.DEFINE_integer(
+    'max_concurrent_computation_calls', -1,
+    'Most parallel calls of one computation (clients run in parallel up to '
+    'this); <= 0: unlimited.')
+
+
+def worker_binary_path() -> str:
+  """The wheel's `worker_binary`, found without importing TensorFlow."""
+  spec = importlib.util.find_spec('tensorflow_federated')
+  if spec is None or spec.origin is None:
+    raise RuntimeError('tensorflow-federated is not installed for '
+                       f'{sys.executable}')
+  path = os.path.join(os.path.dirname(spec.origin), 'data', 'worker_binary')
+  if not os.access(path, os.X_OK):
+    raise RuntimeError(f'TFF worker binary not found (or not executable) at '
+                       f'{path}')
+  return path
+
+
+def worker_command(port: int, max_concurrent_computation_calls: int = -1
+                   ) -> list[str]:
+  if not 0 < port < 65536:
+    raise ValueError(f'--port: must be an integer in 1..65535, got {port}')
+  return [worker_binary_path(), f'--port={port}',
+          f'--max_concurrent_computation_calls={max_concurrent_computation_calls}']
+
+
+def main(argv):
+  if len(argv) > 1:
+    print(f'worker: error: unexpected arguments {argv[1:]}', file=sys.stderr)
+    sys.exit(2)
+  if _PORT.value is None:
+    print('worker: error: --port: required (1..65535)', file=sys.stderr)
+    sys.exit(2)
+  try:
+    command = worker_command(_PORT.value, _MAX_CALLS.value)
+  except (ValueError, RuntimeError) as e:
+    print(f'worker: error: {e}', file=sys.stderr)
+    sys.exit(2)
+  print(f'TFF worker (pid {os.getpid()}) serving on port {_PORT.value}',
+        file=sys.stderr, flush=True)
+  os.execv(command[0], command)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,57 @@
+"""`perfed_tff.execution`: nested contexts, two-worker mergeable execution,
+and a bounded wait (clear error) when a worker dies."""
+
+import time
+
+import numpy as np
+import pytest
+import tensorflow_federated as tff
+
+from perfed_tff import execution
+from tensorflow_federated.python.core.impl.context_stack import context_stack_impl
+
+
+@tff.tensorflow.computation(np.float32)
+def _double(x):
+  return x * 2.0
+
+
+@tff.federated_computation(tff.FederatedType(np.float32, tff.CLIENTS))
+def _sum_doubles(xs):
+  return tff.federated_sum(tff.federated_map(_double, xs))
+
+
+def test_nested_context_restores_the_outer_one(tff_context):
+  outer = context_stack_impl.context_stack.current
+  assert outer is tff_context.context
+  with execution.ExecutionContext() as inner:
+    assert context_stack_impl.context_stack.current is inner.context
+    assert _sum_doubles([1.0, 2.0]) == pytest.approx(6.0)
+  assert context_stack_impl.context_stack.current is outer
+  assert _sum_doubles([1.0]) == pytest.approx(2.0)
+
+
+def test_two_workers_split_clients_and_dead_worker_fails_fast():
+  workers = [execution.WorkerProcess() for _ in range(2)]
+  try:
+    with execution.ExecutionContext(workers=[w.address for w in workers],
+                                    retry_timeout=2.0):
+      values = [float(i) for i in range(7)]
+      assert _sum_doubles(values) == pytest.approx(2 * sum(values))
+      workers[1].process.kill()
+      workers[1].process.wait()
+      t0 = time.monotonic()
+      with pytest.raises(execution.WorkerUnavailableError,
+                         match=f'TFF worker at {workers[1].address} is '
+                         'unreachable and did not come back within 2s'):
+        _sum_doubles(values)
+      assert time.monotonic() - t0 < 30
+  finally:
+    for w in workers:
+      w.stop()
+
+
+def test_unreachable_worker_at_start_is_a_clear_error():
+  with pytest.raises(execution.WorkerUnavailableError,
+                     match='did not become ready within 1s'):
+    execution.ExecutionContext(workers=['localhost:1'], ready_timeout=1.0)

@@ -1,0 +1,42 @@
+"""`python -m perfed_tff.worker`: command line and a served worker."""
+
+import subprocess
+import sys
+
+import portpicker
+import pytest
+
+from perfed_tff import execution
+from perfed_tff import worker
+from tests import test_train_binary_helpers as h
+
+
+def test_worker_command_uses_the_wheels_binary():
+  cmd = worker.worker_command(8000, 4)
+  assert cmd == [execution.worker_binary_path(), '--port=8000',
+                 '--max_concurrent_computation_calls=4']
+  with pytest.raises(ValueError, match='--port: must be an integer in'):
+    worker.worker_command(0)
+
+
+def test_served_worker_accepts_a_context():
+  port = portpicker.pick_unused_port()
+  proc = subprocess.Popen([sys.executable, '-m', 'perfed_tff.worker',
+                           f'--port={port}'], env=h.env(),
+                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE)
+  try:
+    with execution.ExecutionContext(workers=[f'localhost:{port}'],
+                                    ready_timeout=60):
+      import tensorflow_federated as tff  # pylint: disable=g-import-not-at-top
+      import numpy as np  # pylint: disable=g-import-not-at-top
+
+      @tff.tensorflow.computation(np.int32)
+      def inc(x):
+        return x + 1
+      assert inc(41) == 42
+  finally:
+    proc.terminate()
+    proc.wait(timeout=30)
+  # exec: the Python process became the worker_binary itself.
+  assert proc.returncode in (-15, 0, 143)

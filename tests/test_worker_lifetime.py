@@ -1,0 +1,80 @@
+"""No `worker_binary` outlives the Python process that started it, whatever
+way that process ends, and a pipe on its output is never held open."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import psutil
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Starts a worker (through the owned default context: no ExecutionContext is
+# opened explicitly), prints its pid, then ends as `MODE` says.
+SCRIPT = textwrap.dedent('''
+    import os, sys, time, psutil
+    import tensorflow as tf, tensorflow_federated as tff
+    import perfed_tff.process  # installs the owned default context
+    @tff.tensorflow.computation(tf.float32)
+    def add_one(x):
+      return x + 1
+    assert add_one(1.0) == 2.0
+    workers = [p.pid for p in psutil.Process().children()
+               if 'worker_binary' in ' '.join(p.cmdline())]
+    print('WORKERS', *workers, flush=True)
+    mode = sys.argv[1]
+    if mode == 'raise':
+      raise RuntimeError('boom')
+    if mode == 'wait':
+      time.sleep(600)
+''')
+
+
+def _start(mode):
+  env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL='3')
+  # stdout/stderr are pipes: a worker inheriting them would keep
+  # communicate() from ever returning.
+  return subprocess.Popen([sys.executable, '-c', SCRIPT, mode], env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+
+
+def _worker_pids(line):
+  assert line.startswith('WORKERS'), line
+  pids = [int(p) for p in line.split()[1:]]
+  assert len(pids) == 1
+  return pids
+
+
+def _gone(pids, timeout=20.0):
+  deadline = time.monotonic() + timeout
+  while time.monotonic() < deadline:
+    alive = [p for p in pids if psutil.pid_exists(p)
+             and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    if not alive:
+      return True
+    time.sleep(0.2)
+  return False
+
+
+@pytest.mark.parametrize('mode', ['exit', 'raise'])
+def test_worker_stops_when_python_exits_or_raises(mode):
+  proc = _start(mode)
+  out, err = proc.communicate(timeout=240)   # would hang if a pipe were held
+  assert proc.returncode == (0 if mode == 'exit' else 1), err[-2000:]
+  assert _gone(_worker_pids(out.splitlines()[0]))
+
+
+@pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGINT, signal.SIGKILL])
+def test_worker_stops_when_python_is_signalled(sig):
+  proc = _start('wait')
+  line = proc.stdout.readline()
+  pids = _worker_pids(line)
+  assert all(psutil.pid_exists(p) for p in pids)
+  proc.send_signal(sig)
+  proc.communicate(timeout=120)
+  assert _gone(pids), f'worker survived {sig!r}'
