@@ -1,0 +1,396 @@
+"""Personalized evaluation (the paper's protocol) as a TFF computation.
+
+For each evaluation client, starting from the global model w:
+
+  step 0:  loss and accuracy of w on the client's *test* data;
+  step k:  w_k = w_{k-1} - alpha * g_{B_k}(w_{k-1}), where B_1, B_2, ... are the
+           client's *train* batches in order (k = 1 is the paper's "one step of
+           stochastic gradient on the user's data"); loss and accuracy of w_k on
+           the client's test data, for every k in `adaptation_steps`.
+
+Adaptation never reads the test data: the computation takes
+`OrderedDict(train_data=..., test_data=...)` per client, the SGD steps iterate
+`train_data` only, and `test_data` is only ever passed to the metric loop.
+
+`build_personalized_evaluation` returns a federated computation
+
+  (ModelWeights@SERVER, {OrderedDict(train_data=B*, test_data=B*)}@CLIENTS)
+      -> {per-client metrics}@CLIENTS
+
+so the per-client numbers come back to Python (a list, one entry per client)
+and `summarize` computes the client mean (each client counts once), the
+example-weighted mean and percentiles there. `evaluate_population` prepares the
+client inputs from `ClientData` (seeded train batches, the full test set) and
+runs it. Every algorithm (FedAvg, Per-FedAvg FO/HF/MAML) is evaluated by the
+same code from its global `ModelWeights` (`process.get_model_weights(state)`).
+
+Inside the computation the client's test batches are read once and
+concatenated, so every measurement is one forward pass (iterating a dataset
+inside TFF's runtime costs far more than the small models evaluated here; this
+made evaluation ~15x faster). Adaptation steps run with `training=True` (the
+model's own loss), measurements with `training=False`.
+
+Accuracy is argmax(predictions, -1) == label, averaged over label entries, so it
+also covers per-token accuracy of sequence models; `ignore_label` (e.g.
+Shakespeare's pad id 0) leaves a label value out. The loss is the model's loss
+on all the client's test examples at once.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+import numbers
+from typing import Callable, Mapping, Optional, Sequence
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_federated as tff
+
+from perfed_tff.data import task as task_lib
+
+PERCENTILES = (10, 50, 90)
+
+
+def _check_steps(adaptation_steps) -> tuple[int, ...]:
+  if isinstance(adaptation_steps, numbers.Integral):
+    adaptation_steps = (adaptation_steps,)
+  steps = tuple(adaptation_steps)
+  if not steps or any(isinstance(k, bool) or not isinstance(k, numbers.Integral)
+                      or k < 1 for k in steps):
+    raise ValueError('`adaptation_steps` must be integers >= 1, got '
+                     f'{adaptation_steps!r}.')
+  return tuple(sorted(set(int(k) for k in steps)))
+
+
+def _check_alpha(alpha) -> float:
+  if (isinstance(alpha, bool) or not isinstance(alpha, numbers.Real)
+      or not math.isfinite(alpha) or alpha <= 0):
+    raise ValueError(f'`alpha` must be a finite number > 0, got {alpha!r}.')
+  return float(alpha)
+
+
+def step_key(k: int) -> str:
+  """Name of the metrics after k adaptation steps ('step_0' = no adaptation)."""
+  return f'step_{k}'
+
+
+def _split_batch(batch):
+  if isinstance(batch, Mapping):
+    return batch['x'], batch['y']
+  return batch[0], batch[1]
+
+
+def _concatenate(dataset: tf.data.Dataset):
+  """All batches of `dataset` concatenated along axis 0 (one structure);
+  an empty dataset gives [0, ...] tensors. Needs batches whose dimensions
+  other than the first are known."""
+  initial = tf.nest.map_structure(
+      lambda s: tf.zeros([0] + s.shape[1:].as_list(), s.dtype),
+      dataset.element_spec)
+  return dataset.reduce(initial, lambda acc, batch: tf.nest.map_structure(
+      lambda a, b: tf.concat([a, b], axis=0), acc, batch))
+
+
+def _batch_metrics(model, batch, ignore_label=None):
+  """(sum of per-example loss, correct predictions, label entries, examples)."""
+  out = model.forward_pass(batch, training=False)
+  _, y = _split_batch(batch)
+  predictions = out.predictions
+  num_examples = tf.cast(tf.shape(predictions)[0], tf.float32)
+  labels = tf.reshape(tf.cast(y, tf.int64), tf.shape(predictions)[:-1])
+  correct = tf.cast(tf.equal(tf.argmax(predictions, axis=-1), labels),
+                    tf.float32)
+  if ignore_label is None:
+    entries = tf.cast(tf.size(correct), tf.float32)
+  else:
+    mask = tf.cast(tf.not_equal(labels, ignore_label), tf.float32)
+    correct *= mask
+    entries = tf.reduce_sum(mask)
+  # The model's loss is a mean over the batch (here: all the client's test
+  # examples); the sum is divided by the example count again by the caller.
+  loss = tf.cast(out.loss, tf.float32) * num_examples
+  return (tf.where(num_examples > 0, loss, 0.0), tf.reduce_sum(correct),
+          entries, num_examples)
+
+
+def build_client_evaluation(model_fn, model_weights_type, data_type, *,
+                            alpha: float, adaptation_steps: Sequence[int],
+                            ignore_label: Optional[int] = None
+                            ) -> tff.Computation:
+  """The per-client `tff.tensorflow.computation(weights, data) -> metrics`.
+
+  `data` is `OrderedDict(train_data=batches, test_data=batches)`. The k-th
+  adaptation step uses the k-th train batch; a client whose train batches run
+  out stops adapting (its later steps repeat the last weights) and reports
+  how many steps it took in `num_adaptation_steps`.
+  """
+  alpha = _check_alpha(alpha)
+  steps = _check_steps(adaptation_steps)
+  max_steps = steps[-1]
+
+  @tff.tensorflow.computation(model_weights_type, data_type)
+  def client_eval(weights, data):
+    model = model_fn()
+    variables = tuple(model.trainable_variables)
+
+    @tf.function
+    def evaluate(test_batches):
+      # One forward pass over all the client's test examples (read once).
+      l, c, e, n = _batch_metrics(model, test_batches, ignore_label)
+      return collections.OrderedDict(
+          loss=tf.math.divide_no_nan(l, n),
+          accuracy=tf.math.divide_no_nan(c, e)), n
+
+    @tf.function
+    def sgd_step(batch):
+      with tf.GradientTape() as tape:
+        out = model.forward_pass(batch, training=True)
+      grads = tape.gradient(out.loss, variables)
+      for v, g in zip(variables, grads):
+        if g is not None:
+          v.assign_sub(alpha * tf.cast(g, v.dtype))
+      x, _ = _split_batch(batch)
+      return tf.cast(tf.shape(tf.nest.flatten(x)[0])[0], tf.int64)
+
+    @tf.function
+    def run(weights, train_data, test_data):
+      # Inside tf.function, so automatic control dependencies order the
+      # assignment before every read.
+      weights.assign_weights_to(model)
+      test_batches = _concatenate(test_data)
+      before, num_test = evaluate(test_batches)
+      # One graph loop over k = 1..max_steps, measuring after every step (a
+      # forward pass on the test tensors) and keeping the requested ones.
+      losses = tf.TensorArray(tf.float32, size=max_steps)
+      accuracies = tf.TensorArray(tf.float32, size=max_steps)
+      iterator = iter(train_data)
+      taken = tf.constant(0, tf.int64)
+      used = tf.constant(0, tf.int64)
+      for k in tf.range(max_steps):
+        optional = iterator.get_next_as_optional()
+        if optional.has_value():
+          used += sgd_step(optional.get_value())
+          taken += 1
+        after, _ = evaluate(test_batches)
+        losses = losses.write(k, after['loss'])
+        accuracies = accuracies.write(k, after['accuracy'])
+      losses = losses.stack()
+      accuracies = accuracies.stack()
+      metrics = collections.OrderedDict()
+      metrics[step_key(0)] = before
+      for k in steps:
+        metrics[step_key(k)] = collections.OrderedDict(
+            loss=losses[k - 1], accuracy=accuracies[k - 1])
+      return collections.OrderedDict(
+          num_test_examples=tf.cast(num_test, tf.int64),
+          num_adaptation_steps=taken,
+          num_adaptation_examples=used,
+          metrics=metrics)
+
+    return run(weights, data['train_data'], data['test_data'])
+
+  return client_eval
+
+
+def build_personalized_evaluation(model_fn: Callable[[], tff.learning.models.VariableModel],
+                                  *, alpha: float,
+                                  adaptation_steps: Sequence[int] | int = (1,),
+                                  ignore_label: Optional[int] = None,
+                                  ) -> tff.Computation:
+  """Builds the personalized evaluation of Per-FedAvg (Fallah et al., 2020).
+
+  Args:
+    model_fn: no-arg callable returning a `tff.learning.models.VariableModel`
+      (the same `model_fn` the algorithms were trained with).
+    alpha: step size of the personalization SGD steps (the paper: the same
+      alpha as Per-FedAvg's inner step), > 0.
+    adaptation_steps: k values (ints >= 1) after which to measure; 1 is the
+      paper's protocol. Step 0 (the global model) is always measured.
+    ignore_label: label value left out of the accuracy (e.g. the padding id
+      0 of Shakespeare); None counts every label entry.
+
+  Returns:
+    A `tff.Computation` with type signature
+    `(ModelWeights@SERVER, {OrderedDict(train_data=B*, test_data=B*)}@CLIENTS)
+    -> {OrderedDict(num_test_examples, num_adaptation_steps,
+    num_adaptation_examples, metrics=OrderedDict(step_k=OrderedDict(loss,
+    accuracy) for k in (0,) + adaptation_steps))}@CLIENTS`. Invoked, it returns
+    a list with one such structure per client.
+  """
+  steps = _check_steps(adaptation_steps)
+  alpha = _check_alpha(alpha)
+  with tf.Graph().as_default():
+    input_spec = model_fn().input_spec
+  element_type = tff.types.tensorflow_to_type(input_spec)
+  data_type = tff.types.StructWithPythonType(
+      [('train_data', tff.SequenceType(element_type)),
+       ('test_data', tff.SequenceType(element_type))],
+      collections.OrderedDict)
+
+  @tff.tensorflow.computation
+  def initial_weights():
+    return tff.learning.models.ModelWeights.from_model(model_fn())
+
+  model_weights_type = initial_weights.type_signature.result
+  client_eval = build_client_evaluation(
+      model_fn, model_weights_type, data_type, alpha=alpha,
+      adaptation_steps=steps, ignore_label=ignore_label)
+
+  @tff.federated_computation(
+      tff.FederatedType(model_weights_type, tff.SERVER),
+      tff.FederatedType(data_type, tff.CLIENTS))
+  def personalized_evaluation(weights, client_data):
+    return tff.federated_map(
+        client_eval, (tff.federated_broadcast(weights), client_data))
+
+  personalized_evaluation.adaptation_steps = steps  # For the Python side.
+  personalized_evaluation.alpha = alpha
+  return personalized_evaluation
+
+
+# --------------------------------------------------------------------------
+# Python side: client inputs, running a population, summaries.
+
+
+def num_examples(dataset: tf.data.Dataset) -> int:
+  return int(dataset.reduce(np.int64(0), lambda n, _: n + 1).numpy())
+
+
+def adaptation_batches(train_dataset: tf.data.Dataset, *, num_steps: int,
+                       batch_size: Optional[int], seed: int,
+                       shuffle_buffer: int = 1000) -> tf.data.Dataset:
+  """The batches of the k adaptation steps, from the client's *train* data.
+
+  batch_size=None: every step is a full-batch gradient step on all the
+  client's train examples; otherwise steps take seeded stochastic batches
+  (`task.client_batches`, the same stream the training clients see).
+  """
+  if batch_size is None:
+    n = num_examples(train_dataset)
+    return train_dataset.batch(max(n, 1)).repeat(num_steps).take(num_steps)
+  return task_lib.client_batches(train_dataset, batch_size=batch_size,
+                                 num_batches=num_steps, seed=seed,
+                                 shuffle_buffer=shuffle_buffer)
+
+
+def client_input(train_dataset: tf.data.Dataset, test_dataset: tf.data.Dataset,
+                 *, num_steps: int, adapt_batch_size: Optional[int],
+                 seed: int, eval_batch_size: int = 256
+                 ) -> collections.OrderedDict:
+  """`OrderedDict(train_data=adaptation batches, test_data=test batches)`."""
+  return collections.OrderedDict(
+      train_data=adaptation_batches(train_dataset, num_steps=num_steps,
+                                    batch_size=adapt_batch_size, seed=seed),
+      test_data=test_dataset.batch(eval_batch_size))
+
+
+@dataclasses.dataclass
+class PopulationResult:
+  """Per-client results of one population and their summary."""
+  client_ids: list
+  num_test_examples: np.ndarray            # [clients]
+  accuracy: dict                           # step k -> [clients]
+  loss: dict                               # step k -> [clients]
+  num_adaptation_steps: np.ndarray         # [clients]
+
+  @property
+  def steps(self) -> tuple[int, ...]:
+    return tuple(sorted(self.accuracy))
+
+  def summary(self) -> collections.OrderedDict:
+    return summarize(self)
+
+
+def _to_population(client_ids, outputs, steps) -> PopulationResult:
+  if isinstance(outputs, Mapping):  # A single client comes back unwrapped.
+    outputs = [outputs]
+  n_test = np.array([int(o['num_test_examples']) for o in outputs])
+  acc = {k: np.array([float(o['metrics'][step_key(k)]['accuracy'])
+                      for o in outputs]) for k in steps}
+  loss = {k: np.array([float(o['metrics'][step_key(k)]['loss'])
+                       for o in outputs]) for k in steps}
+  taken = np.array([int(o['num_adaptation_steps']) for o in outputs])
+  return PopulationResult(list(client_ids), n_test, acc, loss, taken)
+
+
+def summarize(result: PopulationResult) -> collections.OrderedDict:
+  """Per step k: client-mean accuracy and loss (each client once), the
+  example-weighted mean accuracy and loss, percentiles of per-client accuracy.
+
+  Clients without test examples are left out (counted in `num_clients_empty`).
+  """
+  keep = result.num_test_examples > 0
+  weights = result.num_test_examples[keep].astype(np.float64)
+  out = collections.OrderedDict(
+      num_clients=int(keep.sum()),
+      num_clients_empty=int((~keep).sum()),
+      num_test_examples=int(weights.sum()))
+  for k in result.steps:
+    acc = result.accuracy[k][keep]
+    loss = result.loss[k][keep]
+    s = collections.OrderedDict()
+    if acc.size:
+      s['accuracy_mean'] = float(np.mean(acc))
+      s['accuracy_weighted'] = float(np.average(acc, weights=weights))
+      for p in PERCENTILES:
+        s[f'accuracy_p{p}'] = float(np.percentile(acc, p))
+      s['loss_mean'] = float(np.mean(loss))
+      s['loss_weighted'] = float(np.average(loss, weights=weights))
+    else:
+      for name in (['accuracy_mean', 'accuracy_weighted']
+                   + [f'accuracy_p{p}' for p in PERCENTILES]
+                   + ['loss_mean', 'loss_weighted']):
+        s[name] = float('nan')
+    out[step_key(k)] = s
+  return out
+
+
+def evaluate_population(evaluation: tff.Computation, model_weights,
+                        train_data: tff.simulation.datasets.ClientData,
+                        test_data: tff.simulation.datasets.ClientData,
+                        client_ids: Optional[Sequence[str]] = None, *,
+                        adapt_batch_size: Optional[int] = 32, seed: int = 0,
+                        eval_batch_size: int = 256) -> PopulationResult:
+  """Runs `evaluation` (from `build_personalized_evaluation`) on clients.
+
+  Adaptation batches come from `train_data` (seeded by
+  `derive_seed(seed, 'personalization', client_id)`, the same for every
+  algorithm), metrics from `test_data`. Returns per-client results.
+  """
+  steps = evaluation.adaptation_steps
+  if client_ids is None:
+    client_ids = list(test_data.client_ids)
+  client_ids = list(client_ids)
+  inputs = [
+      client_input(train_data.create_tf_dataset_for_client(cid),
+                   test_data.create_tf_dataset_for_client(cid),
+                   num_steps=max(steps), adapt_batch_size=adapt_batch_size,
+                   seed=task_lib.derive_seed(seed, 'personalization', cid),
+                   eval_batch_size=eval_batch_size)
+      for cid in client_ids]
+  outputs = evaluation(model_weights, inputs)
+  return _to_population(client_ids, outputs, (0,) + tuple(steps))
+
+
+def evaluate_task(evaluation: tff.Computation, model_weights,
+                  task: task_lib.FederatedTask, *,
+                  adapt_batch_size: Optional[int] = 32, seed: int = 0,
+                  seen_client_ids: Optional[Sequence[str]] = None,
+                  unseen_client_ids: Optional[Sequence[str]] = None,
+                  eval_batch_size: int = 256) -> collections.OrderedDict:
+  """Both populations: 'seen' (training clients' held-out test data) and
+  'unseen' (never-trained clients, when the task has them)."""
+  out = collections.OrderedDict()
+  out['seen'] = evaluate_population(
+      evaluation, model_weights, task.train, task.test, seen_client_ids,
+      adapt_batch_size=adapt_batch_size, seed=seed,
+      eval_batch_size=eval_batch_size)
+  if task.unseen is not None:
+    unseen_train, unseen_test = task.unseen
+    out['unseen'] = evaluate_population(
+        evaluation, model_weights, unseen_train, unseen_test,
+        unseen_client_ids, adapt_batch_size=adapt_batch_size, seed=seed,
+        eval_batch_size=eval_batch_size)
+  return out
