@@ -42,8 +42,13 @@ case "$cmd" in
   setup) setup_env ;;
   demo)
     setup_env
+    # Per-FedAvg (HF) and TFF's FedAvg on label-skewed digits (50 users with
+    # 2 classes each, 10 unseen users), then personalized evaluation.
     exec .venv/bin/python experiments/train.py --algorithm=per_fedavg_hf \
-      --compare_fedavg --dataset=synthetic --rounds=30 --clients_per_round=10 \
+      --compare_fedavg --dataset=digits \
+      --dataset_options=num_users=50,classes_per_user=2,num_unseen_users=10 \
+      --rounds=20 --clients_per_round=10 --alpha=0.02 --beta=0.1 \
+      --local_steps=5 --batch_size=10 --eval_every=10 \
       --root_output_dir=/tmp/perfed_tff_demo "$@" ;;
   test)
     setup_env

@@ -1,0 +1,118 @@
+r"""Round-time benchmark: TFF FedAvg, Per-FedAvg FO/HF/MAML and a pure-TF floor.
+
+  PYTHONPATH=. timeout 3000 .venv/bin/python experiments/benchmark.py \
+      --task=emnist_cnn --clients_per_round=10 --local_steps=5 --batch_size=32 \
+      --rounds=10 --output_json=/tmp/bench_emnist_cnn.json
+  # digits MLP, plus resident memory over 100 rounds of HF:
+  ... --task=digits_mlp --rounds=15 --memory_rounds=100
+
+Tasks: emnist_cnn / emnist_mlp use random data in EMNIST's shape (not real
+EMNIST; timing does not depend on pixel values), digits_mlp the real
+scikit-learn digits, synthetic FedProx Synthetic(1, 1).
+
+Prints a Markdown table and writes JSON with the per-contender timings and the
+ratios Per-FedAvg / FedAvg and TFF / pure-TF floor (see
+`perfed_tff.benchmark`). All TFF computations run in an owned
+`perfed_tff.ExecutionContext`, whose worker is stopped on exit.
+"""
+
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+import tensorflow as tf
+
+from perfed_tff import benchmark
+from perfed_tff import execution
+
+_TASK = flags.DEFINE_enum('task', 'emnist_cnn',
+                          ['emnist_cnn', 'emnist_mlp', 'digits_mlp',
+                           'synthetic'], 'Dataset/model.')
+_CLIENTS = flags.DEFINE_integer('clients_per_round', 10, 'Clients per round.')
+_NUM_CLIENTS = flags.DEFINE_integer('num_clients', 20,
+                                    'Population the cohort is sampled from.')
+_EXAMPLES = flags.DEFINE_integer(
+    'examples_per_client', 200,
+    'Examples per client for the synthetic EMNIST-shaped data.')
+_TAU = flags.DEFINE_integer('local_steps', 5, 'tau, local steps per round.')
+_BATCH = flags.DEFINE_integer('batch_size', 32, 'Batch size.')
+_ROUNDS = flags.DEFINE_integer('rounds', 6, 'Measured rounds.')
+_WARMUP = flags.DEFINE_integer('warmup_rounds', 1, 'Warm-up rounds.')
+_CONTENDERS = flags.DEFINE_list(
+    'contenders',
+    'fedavg,fedavg_iterator,per_fedavg_fo,per_fedavg_hf,per_fedavg_maml,'
+    'floor_fedavg,'
+    'floor_fo,floor_hf,floor_maml', 'What to time.')
+_ALPHA = flags.DEFINE_float('alpha', 0.01, 'Per-FedAvg inner step.')
+_BETA = flags.DEFINE_float('beta', 0.05, 'Outer step (FedAvg client lr).')
+_DELTA = flags.DEFINE_float('delta', 1e-3, 'HF finite-difference radius.')
+_SEED = flags.DEFINE_integer('seed', 0, 'Seed.')
+_CONCURRENCY = flags.DEFINE_integer(
+    'max_concurrent_computation_calls', 2,
+    'TFF worker: clients computed in parallel (<= 0: unlimited); 2 was the '
+    'fastest on the 2-core benchmark machine (see docs).')
+_INTRA = flags.DEFINE_integer(
+    'intra_op_threads', 0,
+    'TF intra-op threads, this process and the TFF worker (0: TF default).')
+_INTER = flags.DEFINE_integer(
+    'inter_op_threads', 0,
+    'TF inter-op threads, this process and the TFF worker (0: TF default).')
+_AUTOTUNE = flags.DEFINE_bool(
+    'tf_data_autotune', False,
+    'tf.data autotuning of the client pipelines (all contenders alike); off '
+    'by default: on the 2-core machine it stalled in-process rounds.')
+_MEMORY_ROUNDS = flags.DEFINE_integer(
+    'memory_rounds', 0, 'Extra rounds of --memory_contender to track RSS.')
+_MEMORY_CONTENDER = flags.DEFINE_string('memory_contender', 'per_fedavg_hf',
+                                        'Contender of the memory check.')
+_OUTPUT_JSON = flags.DEFINE_string('output_json', None, 'Write results here.')
+_OUTPUT_MD = flags.DEFINE_string('output_markdown', None,
+                                 'Write the Markdown table here.')
+
+
+def main(argv):
+  del argv
+  # Thread settings reach the C++ worker (a child process, started below)
+  # via TF's own environment variables, read when its runtime starts; this
+  # process's runtime is not initialized yet (TF imported, no op run).
+  if _INTRA.value > 0:
+    os.environ['TF_NUM_INTRAOP_THREADS'] = str(_INTRA.value)
+  if _INTER.value > 0:
+    os.environ['TF_NUM_INTEROP_THREADS'] = str(_INTER.value)
+  if _INTRA.value > 0:
+    tf.config.threading.set_intra_op_parallelism_threads(_INTRA.value)
+  if _INTER.value > 0:
+    tf.config.threading.set_inter_op_parallelism_threads(_INTER.value)
+
+  config = benchmark.BenchmarkConfig(
+      task=_TASK.value, clients_per_round=_CLIENTS.value,
+      num_clients=max(_NUM_CLIENTS.value, _CLIENTS.value),
+      examples_per_client=_EXAMPLES.value, local_steps=_TAU.value,
+      batch_size=_BATCH.value, rounds=_ROUNDS.value,
+      warmup_rounds=_WARMUP.value, contenders=tuple(_CONTENDERS.value),
+      alpha=_ALPHA.value, beta=_BETA.value, delta=_DELTA.value,
+      seed=_SEED.value,
+      max_concurrent_computation_calls=_CONCURRENCY.value,
+      tf_data_autotune=_AUTOTUNE.value,
+      memory_rounds=_MEMORY_ROUNDS.value,
+      memory_contender=_MEMORY_CONTENDER.value)
+  with execution.ExecutionContext(
+      max_concurrent_computation_calls=_CONCURRENCY.value):
+    report = benchmark.run_benchmark(config, log=logging.info)
+  report['command'] = ' '.join(['python'] + sys.argv)
+  table = benchmark.markdown_table(report)
+  print(table)
+  print()
+  for name, value in report['ratios'].items():
+    print(f'{name}: {value:.3f}')
+  if _OUTPUT_JSON.value:
+    benchmark.write_json(report, _OUTPUT_JSON.value)
+  if _OUTPUT_MD.value:
+    with open(_OUTPUT_MD.value, 'w') as f:
+      f.write(table + '\n')
+
+
+if __name__ == '__main__':
+  app.run(main)

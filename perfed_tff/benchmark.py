@@ -1,0 +1,596 @@
+"""Round-time benchmark: TFF FedAvg vs Per-FedAvg (FO, HF, MAML) vs a pure-TF floor.
+
+Every round, one cohort of clients is sampled and each contender runs one round
+on *the same batches* of those clients (each client's batch stream is a pure
+function of (seed, round, client); FedAvg consumes the first tau batches of it,
+Per-FedAvg FO the first 2 tau, HF and MAML 3 tau). Contenders are interleaved
+round by round (their order rotates), so machine noise hits all of them alike,
+and the median over the rounds after warm-up is reported.
+
+Contenders:
+* `fedavg`: the project's baseline, TFF's
+  `tff.learning.algorithms.build_weighted_fed_avg` with client SGD at beta for
+  tau steps (`perfed_tff.algorithms`; TFF's default DATASET_REDUCE loop).
+* `fedavg_iterator`: the same with TFF's DATASET_ITERATOR client loop (faster
+  on CPU; reported so that no ratio rests on a slow baseline).
+* `per_fedavg_{fo,hf,maml}`: `perfed_tff.build_per_fedavg`, same tau, batch.
+* `floor_{fo,hf,maml}`: a plain `tf.function` with no TFF at all that runs
+  `perfed_tff.client_work.build_client_update` -- the very client loop of the
+  TFF process, on the same `VariableModel` -- for each client of the cohort,
+  at most `max_concurrent_computation_calls` clients at a time (as the TFF
+  worker is configured), then averages the client models exactly like the
+  process (uniform mean of the updates w - w_i, applied at learning rate 1).
+  `floor_fedavg` is the same for plain local SGD (tau steps at beta).
+
+Reported per contender: `build_s` (Python tracing and TFF computation
+construction), `first_round_s` (includes TFF compilation and the C++ worker's
+graph set-up; for a floor, its `tf.function` tracing), `compile_s` (first
+round minus the median), `median_round_s` over the measured rounds, and the
+ratios Per-FedAvg / FedAvg and TFF / pure-TF floor, each the median over
+rounds of the per-round ratio (both measured in the same round).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import os
+import statistics
+import time
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import psutil
+import tensorflow as tf
+import tensorflow_federated as tff
+
+from perfed_tff import algorithms as algorithms_lib
+from perfed_tff import client_work as client_work_lib
+from perfed_tff.data import task as task_lib
+
+TASKS = ('emnist_cnn', 'emnist_mlp', 'digits_mlp', 'synthetic')
+FLOORS = ('floor_fedavg', 'floor_fo', 'floor_hf', 'floor_maml')
+# `fedavg` is the project's baseline (`algorithms.build_algorithm`: TFF's
+# build_weighted_fed_avg with its default DATASET_REDUCE client loop);
+# `fedavg_iterator` is the same with TFF's DATASET_ITERATOR loop.
+CONTENDERS = algorithms_lib.ALGORITHMS + ('fedavg_iterator',) + FLOORS
+# TFF contender of each floor.
+FLOOR_OF = {'fedavg': 'floor_fedavg', 'fedavg_iterator': 'floor_fedavg',
+            'per_fedavg_fo': 'floor_fo',
+            'per_fedavg_hf': 'floor_hf', 'per_fedavg_maml': 'floor_maml'}
+
+
+# ----------------------------------------------------------------------------
+# Tasks: client arrays + model.
+
+
+@dataclasses.dataclass
+class BenchmarkTask:
+  """Clients' unbatched arrays and the model to train on them."""
+  name: str
+  data_note: str
+  clients: 'collections.OrderedDict[str, tuple[np.ndarray, np.ndarray]]'
+  model_fn: Callable[[], tff.learning.models.VariableModel]
+  element_spec: collections.OrderedDict   # spec of one batch
+
+
+def _synthetic_emnist_clients(num_clients, examples_per_client, seed):
+  rng = np.random.default_rng(seed)
+  clients = collections.OrderedDict()
+  for k in range(num_clients):
+    x = rng.random((examples_per_client, 28, 28, 1), dtype=np.float32)
+    y = rng.integers(0, 62, examples_per_client).astype(np.int32)
+    clients[f'client_{k:04d}'] = (x, y)
+  return clients
+
+
+def _client_arrays(client_data, client_ids):
+  """Unbatched examples of each client as numpy arrays."""
+  out = collections.OrderedDict()
+  for cid in client_ids:
+    ds = client_data.create_tf_dataset_for_client(cid)
+    batch = next(iter(ds.batch(1_000_000)))
+    out[cid] = (batch['x'].numpy(), batch['y'].numpy().astype(np.int32))
+  return out
+
+
+def make_task(name: str, *, num_clients: int = 20,
+              examples_per_client: int = 200, seed: int = 0) -> BenchmarkTask:
+  """Benchmark task `name` (one of TASKS) with `num_clients` clients.
+
+  emnist_cnn / emnist_mlp: the project's EMNIST CNN (62 classes) or the
+  paper's 80-60 MLP on random data of EMNIST's shape (no download; timing does
+  not depend on pixel values). digits_mlp: the real scikit-learn digits
+  split (`registry.load_task('digits')`) with its paper MLP. synthetic:
+  Synthetic(1, 1) with softmax regression.
+  """
+  from perfed_tff.models import emnist as emnist_models  # pylint: disable=g-import-not-at-top
+  from perfed_tff.models import mlp  # pylint: disable=g-import-not-at-top
+  if name in ('emnist_cnn', 'emnist_mlp'):
+    if name == 'emnist_cnn':
+      model_fn = emnist_models.emnist_cnn_model_fn(num_classes=62, seed=seed)
+    else:
+      model_fn = mlp.mlp_model_fn(emnist_models.IMAGE_SHAPE, 62, seed=seed)
+    return BenchmarkTask(
+        name=name,
+        data_note=('random data in EMNIST\'s shape (28x28x1 float pixels, '
+                   f'62 classes, {examples_per_client} examples per client), '
+                   'not real EMNIST; timing does not depend on pixel values'),
+        clients=_synthetic_emnist_clients(num_clients, examples_per_client,
+                                          seed),
+        model_fn=model_fn,
+        element_spec=emnist_models.element_spec())
+  if name in ('digits_mlp', 'synthetic'):
+    from perfed_tff.data import registry  # pylint: disable=g-import-not-at-top
+    if name == 'digits_mlp':
+      task = registry.load_task('digits', seed=seed, num_users=num_clients)
+      note = ('real scikit-learn 8x8 digits (1,797 images), 2 classes per '
+              'client, 80-60 ELU MLP')
+    else:
+      task = registry.load_task('synthetic', seed=seed, num_users=num_clients)
+      note = 'FedProx Synthetic(1, 1), softmax regression'
+    return BenchmarkTask(
+        name=name, data_note=note,
+        clients=_client_arrays(task.train, task.train.client_ids[:num_clients]),
+        model_fn=task.model_fn, element_spec=task.element_spec)
+  raise ValueError(f'unknown task {name!r}; one of {TASKS}')
+
+
+def client_datasets(task: BenchmarkTask, client_ids: Sequence[str], *,
+                    num_batches: int, batch_size: int, seed: int,
+                    round_num: int, autotune: bool = True
+                    ) -> list[tf.data.Dataset]:
+  """The batch streams of `client_ids` in round `round_num` (a pure function
+  of (seed, round, client), so every contender sees the same batches), made
+  by the project's `data.task.client_batches`.
+
+  `autotune=False` sets `tf.data.Options().autotune.enabled = False` (same
+  batches); the benchmark does this for every contender by default. With
+  autotuning on, the floor's rounds stalled to exactly 2.56 s or 5.12 s
+  (10 ms * 2^8, 2^9: tf.data's autotuning period doubles from 10 ms) on the
+  2-core machine (floor MAML on the CNN: median 3.19 s -> 2.43 s with it
+  off); the TFF worker showed no stalls but was 5-9% faster with it off.
+  """
+  out = []
+  for cid in client_ids:
+    x, y = task.clients[cid]
+    ds = tf.data.Dataset.from_tensor_slices(collections.OrderedDict(x=x, y=y))
+    batches = task_lib.client_batches(
+        ds, batch_size=batch_size, num_batches=num_batches,
+        seed=task_lib.derive_seed(seed, round_num, cid))
+    if not autotune:
+      options = tf.data.Options()
+      options.autotune.enabled = False
+      batches = batches.with_options(options)
+    out.append(batches)
+  return out
+
+
+# ----------------------------------------------------------------------------
+# The pure-TF floor.
+
+
+class PureTFFloor:
+  """Per-FedAvg rounds in plain TensorFlow: the same client loop
+  (`client_work.build_client_update` on the same VariableModel) and the same
+  server average as `build_per_fedavg` with uniform weighting, with no TFF.
+
+  A round is one `tf.function` call: the clients of the cohort are
+  independent subgraphs (one model copy per cohort slot), at most
+  `parallel_clients` of them running at a time (client i starts when client
+  i - parallel_clients has finished), like TFF's worker with
+  `max_concurrent_computation_calls`; `parallel_clients <= 0` lets all run
+  at once. `variant=None` gives the FedAvg floor: tau plain SGD steps at beta
+  per client.
+  """
+
+  def __init__(self, model_fn, *, variant: Optional[client_work_lib.Variant],
+               alpha: float, beta: float, delta: float, local_steps: int,
+               clients_per_round: int, parallel_clients: int = 2):
+    self.variant = variant
+    self.clients_per_round = clients_per_round
+    self.parallel_clients = (parallel_clients if parallel_clients > 0
+                             else clients_per_round)
+    self._models = [model_fn() for _ in range(clients_per_round)]
+    self.client_updates = []
+    for model in self._models:
+      if variant is None:
+        fn = _build_sgd_client_update(model, beta=beta,
+                                      local_steps=local_steps)
+      else:
+        oracle = client_work_lib._VariableOracle(model)  # pylint: disable=protected-access
+        fn = client_work_lib.build_client_update(
+            oracle, variant=variant, alpha=alpha, beta=beta, delta=delta,
+            local_steps=local_steps)
+      self.client_updates.append(fn)
+    self.weights = tuple(
+        tf.identity(v) for v in self._models[0].trainable_variables)
+
+    @tf.function
+    def run_round(initial, datasets):
+      finals, counts = [], []
+      for i, (fn, ds) in enumerate(zip(self.client_updates, datasets)):
+        start = initial
+        if i >= self.parallel_clients:
+          with tf.control_dependencies(
+              tf.nest.flatten(finals[i - self.parallel_clients])):
+            start = tuple(tf.identity(w) for w in initial)
+        final, metrics = fn(start, ds)
+        finals.append(tuple(final))
+        counts.append(metrics['num_steps'])
+      # Mirrors the process: update_i = w - w_i, zeroed with weight 0 when
+      # non-finite or when the client made no step; uniform mean of the
+      # updates; w <- w - 1.0 * mean.
+      updates, weights = [], []
+      for final, steps in zip(finals, counts):
+        update = tuple(a - b for a, b in zip(initial, final))
+        finite = tf.reduce_all(
+            [tf.reduce_all(tf.math.is_finite(u)) for u in update])
+        ok = tf.logical_and(finite, steps > 0)
+        update = tuple(tf.where(ok, u, tf.zeros_like(u)) for u in update)
+        updates.append(update)
+        weights.append(tf.where(ok, 1.0, 0.0))
+      total = tf.add_n(weights)
+      mean = tuple(
+          tf.math.divide_no_nan(
+              tf.add_n([w * u[i] for w, u in zip(weights, updates)]), total)
+          for i in range(len(initial)))
+      return tuple(a - m for a, m in zip(initial, mean))
+
+    self._run_round = run_round
+
+  def set_weights(self, trainable) -> None:
+    self.weights = tuple(tf.convert_to_tensor(w) for w in trainable)
+
+  def run_round(self, datasets: Sequence[tf.data.Dataset]) -> None:
+    if len(datasets) != self.clients_per_round:
+      raise ValueError(f'expected {self.clients_per_round} client datasets, '
+                       f'got {len(datasets)}')
+    new = self._run_round(self.weights, tuple(datasets))
+    # Like the TFF process, a round hands the model back to Python.
+    self.weights = tuple(tf.convert_to_tensor(w.numpy()) for w in new)
+
+  def tracing_count(self) -> int:
+    """Traces of the round function (1 after the first round if nothing
+    retraces)."""
+    return self._run_round.experimental_get_tracing_count()
+
+
+def _build_sgd_client_update(model, *, beta, local_steps):
+  """FedAvg's client loop (tau SGD steps at beta) on a VariableModel, in the
+  same iterator style as `client_work.build_client_update`."""
+  variables = tuple(model.trainable_variables)
+
+  @tf.function
+  def client_update(initial_trainable, dataset):
+    for v, t in zip(variables, initial_trainable):
+      v.assign(t)
+    iterator = iter(dataset)
+    steps = tf.constant(0, tf.int64)
+    for _ in tf.range(local_steps):
+      optional = iterator.get_next_as_optional()
+      if not optional.has_value():
+        break
+      with tf.GradientTape() as tape:
+        out = model.forward_pass(optional.get_value(), training=True)
+      grads = tape.gradient(out.loss, variables)
+      for v, g in zip(variables, grads):
+        v.assign_sub(beta * g)
+      steps += 1
+    return (tuple(tf.identity(v) for v in variables),
+            collections.OrderedDict(num_steps=steps))
+
+  return client_update
+
+
+# ----------------------------------------------------------------------------
+# TFF contenders.
+
+
+class TFFRunner:
+  """A `LearningProcess` driven round by round."""
+
+  def __init__(self, process):
+    self.process = process
+    self.state = process.initialize()
+
+  def run_round(self, datasets) -> None:
+    self.state = self.process.next(self.state, list(datasets)).state
+
+  def weights(self):
+    return self.process.get_model_weights(self.state)
+
+
+# ----------------------------------------------------------------------------
+# The benchmark.
+
+
+@dataclasses.dataclass
+class BenchmarkConfig:
+  task: str = 'emnist_cnn'
+  clients_per_round: int = 10
+  num_clients: int = 20
+  examples_per_client: int = 200
+  local_steps: int = 5
+  batch_size: int = 32
+  rounds: int = 6              # measured rounds (after warm-up)
+  warmup_rounds: int = 1
+  contenders: Sequence[str] = CONTENDERS
+  alpha: float = 0.01
+  beta: float = 0.05
+  delta: float = 1e-3
+  seed: int = 0
+  # Clients run at once: by the floor; the TFF worker's own setting is the
+  # caller's ExecutionContext's (experiments/benchmark.py passes the same).
+  max_concurrent_computation_calls: int = 2
+  # tf.data autotuning of the client pipelines, for every contender alike
+  # (see `client_datasets`).
+  tf_data_autotune: bool = False
+  memory_rounds: int = 0       # extra rounds of `memory_contender` for RSS
+  memory_contender: str = 'per_fedavg_hf'
+
+
+def _variant(contender: str):
+  if contender == 'fedavg_iterator':
+    return None
+  if contender.startswith('floor_'):
+    name = contender[len('floor_'):]
+    return None if name == 'fedavg' else client_work_lib.Variant(name)
+  return algorithms_lib.variant_of(contender)
+
+
+def batches_per_round(contender: str, local_steps: int) -> int:
+  variant = _variant(contender)
+  per_step = 1 if variant is None else client_work_lib.batches_per_step(variant)
+  return per_step * local_steps
+
+
+def build_contender(contender: str, task: BenchmarkTask, config):
+  if contender.startswith('floor_'):
+    return PureTFFloor(task.model_fn, variant=_variant(contender),
+                       alpha=config.alpha, beta=config.beta,
+                       delta=config.delta, local_steps=config.local_steps,
+                       clients_per_round=config.clients_per_round,
+                       parallel_clients=config.max_concurrent_computation_calls)
+  if contender == 'fedavg_iterator':
+    process = tff.learning.algorithms.build_weighted_fed_avg(
+        task.model_fn,
+        client_optimizer_fn=tff.learning.optimizers.build_sgdm(
+            learning_rate=config.beta),
+        server_optimizer_fn=tff.learning.optimizers.build_sgdm(
+            learning_rate=1.0),
+        client_weighting=tff.learning.ClientWeighting.UNIFORM,
+        loop_implementation=tff.learning.LoopImplementation.DATASET_ITERATOR)
+    return TFFRunner(process)
+  process = algorithms_lib.build_algorithm(
+      contender, task.model_fn, alpha=config.alpha, beta=config.beta,
+      delta=config.delta, local_steps=config.local_steps,
+      client_weighting='uniform')
+  return TFFRunner(process)
+
+
+def rss_bytes() -> dict:
+  """Resident memory of this process and of its worker_binary children."""
+  me = psutil.Process()
+  workers = 0
+  for child in me.children(recursive=True):
+    try:
+      if 'worker_binary' in ' '.join(child.cmdline() or []):
+        workers += child.memory_info().rss
+    except psutil.Error:
+      pass
+  return {'python': me.memory_info().rss, 'worker': workers}
+
+
+def run_benchmark(config: BenchmarkConfig, log: Callable[[str], None] = print
+                  ) -> dict:
+  """Runs the benchmark in the current TFF context; returns the results."""
+  contenders = list(config.contenders)
+  for c in contenders:
+    if c not in CONTENDERS:
+      raise ValueError(f'unknown contender {c!r}; one of {CONTENDERS}')
+  task = make_task(config.task, num_clients=config.num_clients,
+                   examples_per_client=config.examples_per_client,
+                   seed=config.seed)
+  runners, build_s = {}, {}
+  for c in contenders:
+    t0 = time.perf_counter()
+    runners[c] = build_contender(c, task, config)
+    build_s[c] = time.perf_counter() - t0
+    log(f'built {c} in {build_s[c]:.1f}s')
+
+  # All contenders start from the same model (the TFF initial weights).
+  init = None
+  for c in contenders:
+    if isinstance(runners[c], TFFRunner):
+      init = tuple(runners[c].weights().trainable)
+      break
+  if init is not None:
+    for c in contenders:
+      if isinstance(runners[c], PureTFFloor):
+        runners[c].set_weights(init)
+
+  times = collections.defaultdict(list)
+  client_ids = list(task.clients)
+  total = config.warmup_rounds + config.rounds
+  for r in range(total):
+    cohort = task_lib.sample_clients(client_ids, config.clients_per_round,
+                                     config.seed, r)
+    order = contenders[r % len(contenders):] + contenders[:r % len(contenders)]
+    for c in order:
+      datasets = client_datasets(
+          task, cohort, num_batches=batches_per_round(c, config.local_steps),
+          batch_size=config.batch_size, seed=config.seed, round_num=r,
+          autotune=config.tf_data_autotune)
+      t0 = time.perf_counter()
+      runners[c].run_round(datasets)
+      times[c].append(time.perf_counter() - t0)
+    log(f'round {r}: ' + ', '.join(f'{c}={times[c][-1]:.3f}s'
+                                   for c in contenders))
+
+  results = collections.OrderedDict()
+  for c in contenders:
+    measured = times[c][config.warmup_rounds:]
+    median = statistics.median(measured) if measured else float('nan')
+    results[c] = collections.OrderedDict(
+        build_s=build_s[c],
+        first_round_s=times[c][0],
+        compile_s=times[c][0] - median,
+        median_round_s=median,
+        round_s=measured,
+        gradient_evaluations_per_round=gradient_evaluations_per_round(
+            c, config.local_steps) * config.clients_per_round)
+
+  def ratio(a, b):
+    if a in results and b in results:
+      return results[a]['median_round_s'] / results[b]['median_round_s']
+    return None
+
+  # Per-round ratios, each from one round where both ran side by side, and
+  # their median (robust to a noisy round).
+  def round_ratio(a, b):
+    if a not in results or b not in results:
+      return None
+    return statistics.median(
+        x / y for x, y in zip(results[a]['round_s'], results[b]['round_s']))
+
+  ratios = collections.OrderedDict()
+  for base in ('fedavg', 'fedavg_iterator'):
+    for alg in ('per_fedavg_fo', 'per_fedavg_hf', 'per_fedavg_maml'):
+      r = round_ratio(alg, base)
+      if r is not None:
+        ratios[f'{alg}/{base}'] = r
+  for alg, floor in FLOOR_OF.items():
+    r = round_ratio(alg, floor)
+    if r is not None:
+      ratios[f'{alg}/{floor}'] = r
+  memory = None
+  if config.memory_rounds:
+    memory = measure_memory(task, runners, config, log)
+  return collections.OrderedDict(
+      config=dataclasses.asdict(config) | {'contenders': contenders},
+      task_note=task.data_note,
+      results=results,
+      ratios=ratios,
+      ratio_of_medians=collections.OrderedDict(
+          (k, ratio(*k.split('/'))) for k in ratios),
+      memory=memory,
+      environment=environment_info())
+
+
+def gradient_evaluations_per_round(contender: str, local_steps: int) -> int:
+  variant = _variant(contender)
+  per_step = 1 if variant is None else (
+      client_work_lib.gradient_evaluations_per_step(variant))
+  return per_step * local_steps
+
+
+def measure_memory(task, runners, config, log) -> dict:
+  """RSS (this process and the TFF worker) over `memory_rounds` rounds of
+  `memory_contender`; growth is the mean of the last 10% of the rounds
+  against the mean of rounds (10%, 20%] (the first 10% warm the allocator)."""
+  c = config.memory_contender
+  runner = runners.get(c) or build_contender(c, task, config)
+  client_ids = list(task.clients)
+  samples = []
+  for r in range(config.memory_rounds):
+    cohort = task_lib.sample_clients(client_ids, config.clients_per_round,
+                                     config.seed, 1000 + r)
+    datasets = client_datasets(
+        task, cohort, num_batches=batches_per_round(c, config.local_steps),
+        batch_size=config.batch_size, seed=config.seed, round_num=1000 + r,
+        autotune=config.tf_data_autotune)
+    runner.run_round(datasets)
+    samples.append(rss_bytes())
+    if (r + 1) % 10 == 0:
+      log(f'memory round {r + 1}: {samples[-1]}')
+  # RSS oscillates by tens of MiB from round to round (allocator caches), so
+  # compare window means: rounds (10%, 20%] against the last 10%.
+  n = len(samples)
+  w = max(1, n // 10)
+  first = samples[w:2 * w] or samples[:1]
+  last = samples[-w:]
+  start = {k: float(np.mean([s[k] for s in first])) for k in samples[0]}
+  end = {k: float(np.mean([s[k] for s in last])) for k in samples[0]}
+
+  def growth(key):
+    return (end[key] - start[key]) / start[key] if start[key] else None
+
+  total_start = start['python'] + start['worker']
+  total_end = end['python'] + end['worker']
+  return collections.OrderedDict(
+      contender=c, rounds=config.memory_rounds,
+      rss_start_mb={k: v / 2**20 for k, v in start.items()},
+      rss_end_mb={k: v / 2**20 for k, v in end.items()},
+      growth_python=growth('python'), growth_worker=growth('worker'),
+      growth_total=(total_end - total_start) / total_start,
+      rss_mb_per_round=[(s['python'] + s['worker']) / 2**20 for s in samples],
+      worker_rss_mb_per_round=[s['worker'] / 2**20 for s in samples])
+
+
+def environment_info() -> dict:
+  return collections.OrderedDict(
+      tensorflow=tf.__version__,
+      tensorflow_federated=tff.__version__,
+      cpus=os.cpu_count(),
+      gpus=[d.name for d in tf.config.list_physical_devices('GPU')],
+      intra_op_threads=tf.config.threading.get_intra_op_parallelism_threads(),
+      inter_op_threads=tf.config.threading.get_inter_op_parallelism_threads(),
+      worker_env={k: os.environ[k] for k in
+                  ('TF_NUM_INTRAOP_THREADS', 'TF_NUM_INTEROP_THREADS',
+                   'OMP_NUM_THREADS') if k in os.environ})
+
+
+def markdown_table(report: dict) -> str:
+  """The results as a Markdown table."""
+  results = report['results']
+  ratios = report['ratios']
+  cfg = report['config']
+  lines = [
+      f"Task `{cfg['task']}` ({report['task_note']}); "
+      f"{cfg['clients_per_round']} clients/round, tau={cfg['local_steps']}, "
+      f"batch {cfg['batch_size']}; median of {cfg['rounds']} rounds after "
+      f"{cfg['warmup_rounds']} warm-up; ratios are medians of per-round "
+      f"ratios (contenders interleaved in every round); TFF worker and floor "
+      f"run {cfg['max_concurrent_computation_calls']} clients at a time.",
+      '',
+      '| contender | grad evals / round | median round (s) | vs FedAvg '
+      '| vs FedAvg (iterator loop) | TFF / pure-TF floor | first round (s) '
+      '| build (s) |',
+      '|---|---:|---:|---:|---:|---:|---:|---:|',
+  ]
+
+  def fmt(key, self_name):
+    if key in ratios:
+      return f'{ratios[key]:.2f}'
+    return '1.00' if key == f'{self_name}/{self_name}' else ''
+
+  for c, r in results.items():
+    vs = fmt(f'{c}/fedavg', c) if 'fedavg' in results else ''
+    vi = (fmt(f'{c}/fedavg_iterator', c) if 'fedavg_iterator' in results
+          else '')
+    if c.startswith('floor_'):
+      vs = vi = ''
+    floor = FLOOR_OF.get(c)
+    vf = (f"{ratios[f'{c}/{floor}']:.2f}" if floor and f'{c}/{floor}' in ratios
+          else '')
+    lines.append(
+        f"| {c} | {r['gradient_evaluations_per_round']} | "
+        f"{r['median_round_s']:.3f} | {vs} | {vi} | {vf} | "
+        f"{r['first_round_s']:.2f} | {r['build_s']:.1f} |")
+  mem = report.get('memory')
+  if mem:
+    lines += ['', f"Resident memory over {mem['rounds']} rounds of "
+              f"`{mem['contender']}`: {mem['rss_start_mb']['python']:.0f} -> "
+              f"{mem['rss_end_mb']['python']:.0f} MiB (Python), "
+              f"{mem['rss_start_mb']['worker']:.0f} -> "
+              f"{mem['rss_end_mb']['worker']:.0f} MiB (TFF worker); growth "
+              f"{100 * mem['growth_total']:.1f}% in total."]
+  return '\n'.join(lines)
+
+
+def write_json(report: dict, path: str) -> None:
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, 'w') as f:
+    json.dump(report, f, indent=2, default=str)

@@ -1,0 +1,107 @@
+"""The benchmark compares equal work, and runs end to end in a small setting.
+
+No timing thresholds: ratios are reported by experiments/benchmark.py, never
+asserted here.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from perfed_tff import benchmark
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = dict(clients_per_round=3, num_clients=6, examples_per_client=40,
+            local_steps=2, batch_size=8)
+
+
+def _config(task, **overrides):
+  kwargs = dict(task=task, **TINY, rounds=2, warmup_rounds=1)
+  kwargs.update(overrides)
+  return benchmark.BenchmarkConfig(**kwargs)
+
+
+def _one_round(task, contender, floor, config):
+  """(TFF weights, floor weights) after one round on the same batches."""
+  runner = benchmark.build_contender(contender, task, config)
+  floor_runner = benchmark.build_contender(floor, task, config)
+  floor_runner.set_weights(tuple(runner.weights().trainable))
+  cohort = list(task.clients)[:config.clients_per_round]
+  datasets = benchmark.client_datasets(
+      task, cohort,
+      num_batches=benchmark.batches_per_round(contender, config.local_steps),
+      batch_size=config.batch_size, seed=config.seed, round_num=0)
+  floor_datasets = benchmark.client_datasets(
+      task, cohort,
+      num_batches=benchmark.batches_per_round(contender, config.local_steps),
+      batch_size=config.batch_size, seed=config.seed, round_num=0,
+      autotune=False)  # as the benchmark feeds the floor: same batches
+  runner.run_round(datasets)
+  floor_runner.run_round(floor_datasets)
+  return ([np.asarray(w) for w in runner.weights().trainable],
+          [np.asarray(w) for w in floor_runner.weights])
+
+
+@pytest.mark.parametrize('contender', ['per_fedavg_fo', 'per_fedavg_hf',
+                                       'per_fedavg_maml', 'fedavg'])
+def test_floor_and_tff_agree_after_one_round(contender):
+  # The digits MLP has no dropout, so both must match to float rounding (a
+  # model with dropout draws different masks in the two runtimes).
+  config = _config('digits_mlp')
+  task = benchmark.make_task('digits_mlp', num_clients=6, seed=0)
+  tff_w, floor_w = _one_round(task, contender, benchmark.FLOOR_OF[contender],
+                              config)
+  initial = benchmark.build_contender(contender, task, config).weights()
+  moved = max(float(np.max(np.abs(a - np.asarray(b))))
+              for a, b in zip(tff_w, initial.trainable))
+  assert moved > 1e-4  # the round did something
+  for a, b in zip(tff_w, floor_w):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_run_benchmark_small_configuration_reports_ratios():
+  config = _config('digits_mlp', memory_rounds=3,
+                   memory_contender='per_fedavg_fo')
+  report = benchmark.run_benchmark(config, log=lambda _: None)
+  assert set(report['results']) == set(benchmark.CONTENDERS)
+  for name, r in report['results'].items():
+    assert len(r['round_s']) == config.rounds, name
+    assert r['median_round_s'] > 0 and r['build_s'] >= 0
+  per = benchmark.gradient_evaluations_per_round
+  assert report['results']['fedavg']['gradient_evaluations_per_round'] == (
+      config.clients_per_round * config.local_steps)
+  assert per('per_fedavg_fo', 5) == 10 and per('per_fedavg_hf', 5) == 20
+  assert per('per_fedavg_maml', 5) == 15
+  for key in ('per_fedavg_fo/fedavg', 'per_fedavg_hf/fedavg',
+              'per_fedavg_maml/fedavg', 'per_fedavg_fo/floor_fo',
+              'per_fedavg_hf/floor_hf', 'per_fedavg_maml/floor_maml'):
+    assert math.isfinite(report['ratios'][key]) and report['ratios'][key] > 0
+  assert report['memory']['rounds'] == 3
+  table = benchmark.markdown_table(report)
+  assert '| per_fedavg_maml |' in table and 'pure-TF floor' in table
+  json.dumps(report, default=str)
+
+
+@pytest.mark.slow
+def test_benchmark_script_runs(tmp_path):
+  out = tmp_path / 'bench.json'
+  env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL='2')
+  proc = subprocess.run(
+      [sys.executable, os.path.join(ROOT, 'experiments', 'benchmark.py'),
+       '--task=synthetic', '--clients_per_round=2', '--num_clients=4',
+       '--local_steps=1', '--batch_size=8', '--rounds=1', '--warmup_rounds=1',
+       '--contenders=fedavg,per_fedavg_fo,floor_fo',
+       '--max_concurrent_computation_calls=1',
+       f'--output_json={out}'],
+      stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=600,
+      env=env)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert '| per_fedavg_fo |' in proc.stdout
+  report = json.loads(out.read_text())
+  assert set(report['ratios']) == {'per_fedavg_fo/fedavg',
+                                   'per_fedavg_fo/floor_fo'}
