@@ -120,15 +120,11 @@ def training_client_data(task: task_lib.FederatedTask, algorithm: str,
                          config: CompareConfig, seed: int, round_num: int):
   """(client ids, batch streams) of one training round: the same clients and
   batch seeds for every algorithm; only `task.train` is ever read."""
-  ids = task_lib.sample_clients(task.client_ids, config.clients_per_round,
-                                seed, round_num)
-  num_batches = algorithms_lib.batches_per_round(algorithm, config.local_steps)
-  data = [task_lib.client_batches(
-      task.train.create_tf_dataset_for_client(cid),
-      batch_size=config.batch_size, num_batches=num_batches,
-      seed=task_lib.derive_seed(seed, round_num, cid),
-      shuffle_buffer=task.shuffle_buffer) for cid in ids]
-  return ids, data
+  return task_lib.round_client_data(
+      task, clients_per_round=config.clients_per_round,
+      num_batches=algorithms_lib.batches_per_round(algorithm,
+                                                   config.local_steps),
+      batch_size=config.batch_size, seed=seed, round_num=round_num)
 
 
 def _eval_client_ids(client_ids, config: CompareConfig, seed: int, name: str):

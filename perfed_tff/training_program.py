@@ -195,16 +195,11 @@ def round_client_data(config: TrainingConfig, task: task_lib.FederatedTask,
                       round_num: int):
   """(client ids, batch streams) of round `round_num` (1-based): a pure
   function of (seed, round)."""
-  ids = task_lib.sample_clients(task.client_ids, config.clients_per_round,
-                                config.seed, round_num)
-  num_batches = algorithms_lib.batches_per_round(config.algorithm,
-                                                 config.local_steps)
-  data = [task_lib.client_batches(
-      task.train.create_tf_dataset_for_client(cid),
-      batch_size=config.batch_size, num_batches=num_batches,
-      seed=task_lib.derive_seed(config.seed, round_num, cid),
-      shuffle_buffer=task.shuffle_buffer) for cid in ids]
-  return ids, data
+  return task_lib.round_client_data(
+      task, clients_per_round=config.clients_per_round,
+      num_batches=algorithms_lib.batches_per_round(config.algorithm,
+                                                   config.local_steps),
+      batch_size=config.batch_size, seed=config.seed, round_num=round_num)
 
 
 def build_evaluate_fn(config: TrainingConfig, task: task_lib.FederatedTask

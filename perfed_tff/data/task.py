@@ -73,3 +73,18 @@ def sample_clients(client_ids: Sequence[str], num_clients: int, seed: int,
   rng = np.random.default_rng([seed, round_num])
   idx = rng.choice(len(client_ids), size=num_clients, replace=False)
   return [client_ids[i] for i in sorted(idx)]
+
+
+def round_client_data(task: FederatedTask, *, clients_per_round: int,
+                      num_batches: int, batch_size: int, seed: int,
+                      round_num: int) -> tuple[list[str], list[tf.data.Dataset]]:
+  """(client ids, batch streams) of one training round: a pure function of
+  (seed, round), so every algorithm and every resumed run sees the same
+  clients and batches; only `task.train` is read."""
+  ids = sample_clients(task.client_ids, clients_per_round, seed, round_num)
+  data = [client_batches(task.train.create_tf_dataset_for_client(cid),
+                         batch_size=batch_size, num_batches=num_batches,
+                         seed=derive_seed(seed, round_num, cid),
+                         shuffle_buffer=task.shuffle_buffer)
+          for cid in ids]
+  return ids, data
