@@ -27,160 +27,144 @@ its `worker_binary` (stopped on exit).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'))
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+from absl import app  # pylint: disable=g-import-not-at-top
+from absl import flags
 
 from perfed_tff import algorithms as algorithms_lib  # pylint: disable=g-import-not-at-top
 from perfed_tff import comparison  # pylint: disable=g-import-not-at-top
 from perfed_tff import execution  # pylint: disable=g-import-not-at-top
 
-
-def _ints(text):
-  return tuple(int(v) for v in text.split(',') if v.strip())
+_D = comparison.CompareConfig()
 
 
-def _floats(text):
-  return tuple(float(v) for v in text.split(',') if v.strip())
+def _csv(values):
+  return ','.join(str(v) for v in values)
 
 
-def _adapt_batch(text):
-  return None if text in ('full', 'none', 'None', '0') else int(text)
+flags.DEFINE_enum('dataset', _D.dataset,
+                  ['digits', 'synthetic', 'emnist', 'shakespeare'], 'Dataset.')
+flags.DEFINE_integer('num_users', _D.num_users, 'Training (seen) users.')
+flags.DEFINE_integer('num_unseen_users', _D.num_unseen_users,
+                     'Users never sampled for training.')
+flags.DEFINE_integer('classes_per_user', _D.classes_per_user,
+                     'Label skew of the digits split.')
+flags.DEFINE_float('train_fraction', _D.train_fraction,
+                   'Per-user train/test split.')
+flags.DEFINE_float('synthetic_alpha', _D.synthetic_alpha, 'Synthetic(alpha, .)')
+flags.DEFINE_float('synthetic_beta', _D.synthetic_beta, 'Synthetic(., beta)')
+flags.DEFINE_string('cache_dir', None,
+                    'TFF cache dir with emnist_all.sqlite / shakespeare.sqlite.')
+flags.DEFINE_string('model', None,
+                    'Registry model name (digits: mlp|linear; emnist: cnn|mlp).')
+flags.DEFINE_list('algorithms', list(algorithms_lib.ALGORITHMS),
+                  'Algorithms to compare.')
+flags.DEFINE_list('seeds', _csv(_D.seeds), 'Seeds (ints).')
+flags.DEFINE_integer('rounds', _D.rounds, 'Training rounds.')
+flags.DEFINE_integer('clients_per_round', _D.clients_per_round,
+                     'Clients per round.')
+flags.DEFINE_integer('local_steps', _D.local_steps, 'tau.')
+flags.DEFINE_integer('batch_size', _D.batch_size, 'Client batch size.')
+flags.DEFINE_float('alpha', _D.alpha, 'Inner / personalization step.')
+flags.DEFINE_float('beta', _D.beta, "Outer step (FedAvg's client lr).")
+flags.DEFINE_float('delta', _D.delta, 'HF finite-difference radius.')
+flags.DEFINE_enum('client_weighting', _D.client_weighting,
+                  ['uniform', 'num_examples'], 'Server averaging weights.')
+flags.DEFINE_list('eval_steps', _csv(_D.eval_steps),
+                  'Adaptation steps k measured (ints).')
+flags.DEFINE_string('adapt_batch_size', str(_D.adapt_batch_size),
+                    "Batch of each adaptation step; 'full' = all train data.")
+flags.DEFINE_integer('eval_every', _D.eval_every,
+                     'Rounds between curve points; 0: only at the end.')
+flags.DEFINE_integer('max_eval_clients', None, 'Cap per population.')
+flags.DEFINE_enum('sweep', 'none',
+                  ['none', 'synthetic', 'classes_per_user', 'grid'],
+                  'Comparison, heterogeneity sweep or alpha x beta grid.')
+flags.DEFINE_list('grid_alphas', '0.02,0.05,0.1',
+                  '--sweep=grid: alphas (use tuning seeds).')
+flags.DEFINE_list('grid_betas', '0.02,0.05,0.1', '--sweep=grid: betas.')
+flags.DEFINE_string('sweep_levels', None,
+                    "synthetic: 'a,b;a,b;...'; classes_per_user: '1,2,5,10'.")
+flags.DEFINE_list('table_rounds', [],
+                  'Also tabulate these rounds (must be curve points).')
+flags.DEFINE_string('replot', None,
+                    'Rewrite tables/plots from a saved results JSON; no training.')
+flags.DEFINE_string('output_dir', 'docs/results', 'Output directory.')
+flags.DEFINE_string('prefix', None, 'Output file prefix.')
+
+FLAGS = flags.FLAGS
 
 
-def parse_args(argv=None):
-  d = comparison.CompareConfig()
-  p = argparse.ArgumentParser(description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument('--dataset', default=d.dataset,
-                 choices=['digits', 'synthetic', 'emnist', 'shakespeare'])
-  p.add_argument('--num_users', type=int, default=d.num_users)
-  p.add_argument('--num_unseen_users', type=int, default=d.num_unseen_users)
-  p.add_argument('--classes_per_user', type=int, default=d.classes_per_user)
-  p.add_argument('--train_fraction', type=float, default=d.train_fraction)
-  p.add_argument('--synthetic_alpha', type=float, default=d.synthetic_alpha)
-  p.add_argument('--synthetic_beta', type=float, default=d.synthetic_beta)
-  p.add_argument('--cache_dir', default=None,
-                 help='TFF cache dir with emnist_all.sqlite / shakespeare.sqlite')
-  p.add_argument('--model', default=None,
-                 help="registry model name (digits: mlp|linear; emnist: cnn|mlp)")
-  p.add_argument('--algorithms', default=','.join(algorithms_lib.ALGORITHMS))
-  p.add_argument('--seeds', type=_ints, default=tuple(d.seeds))
-  p.add_argument('--rounds', type=int, default=d.rounds)
-  p.add_argument('--clients_per_round', type=int, default=d.clients_per_round)
-  p.add_argument('--local_steps', type=int, default=d.local_steps)
-  p.add_argument('--batch_size', type=int, default=d.batch_size)
-  p.add_argument('--alpha', type=float, default=d.alpha)
-  p.add_argument('--beta', type=float, default=d.beta)
-  p.add_argument('--delta', type=float, default=d.delta)
-  p.add_argument('--client_weighting', default=d.client_weighting,
-                 choices=['uniform', 'num_examples'])
-  p.add_argument('--eval_steps', type=_ints, default=tuple(d.eval_steps))
-  p.add_argument('--adapt_batch_size', type=_adapt_batch,
-                 default=d.adapt_batch_size,
-                 help="batch of each adaptation step; 'full' = all train data")
-  p.add_argument('--eval_every', type=int, default=d.eval_every)
-  p.add_argument('--max_eval_clients', type=int, default=None)
-  p.add_argument('--sweep', default='none',
-                 choices=['none', 'synthetic', 'classes_per_user', 'grid'])
-  p.add_argument('--grid_alphas', type=_floats, default=(0.02, 0.05, 0.1),
-                 help='--sweep=grid: alphas (use tuning seeds)')
-  p.add_argument('--grid_betas', type=_floats, default=(0.02, 0.05, 0.1),
-                 help='--sweep=grid: betas')
-  p.add_argument('--sweep_levels', default=None,
-                 help="synthetic: 'a,b;a,b;...'; classes_per_user: '1,2,5,10'")
-  p.add_argument('--table_rounds', type=_ints, default=(),
-                 help='also tabulate these rounds (must be curve points)')
-  p.add_argument('--replot', default=None,
-                 help='rewrite tables/plots from a saved results JSON; no training')
-  p.add_argument('--output_dir', default='docs/results')
-  p.add_argument('--prefix', default=None, help='output file prefix')
-  return p.parse_args(argv)
+def _ints(values):
+  return tuple(int(v) for v in values)
 
 
-def config_from_args(args) -> comparison.CompareConfig:
+def config_from_flags() -> comparison.CompareConfig:
+  adapt = FLAGS.adapt_batch_size
   return comparison.CompareConfig(
-      dataset=args.dataset, num_users=args.num_users,
-      num_unseen_users=args.num_unseen_users,
-      classes_per_user=args.classes_per_user,
-      train_fraction=args.train_fraction,
-      synthetic_alpha=args.synthetic_alpha, synthetic_beta=args.synthetic_beta,
-      cache_dir=args.cache_dir, model=args.model,
-      algorithms=tuple(a for a in args.algorithms.split(',') if a),
-      seeds=args.seeds, rounds=args.rounds,
-      clients_per_round=args.clients_per_round, local_steps=args.local_steps,
-      batch_size=args.batch_size, alpha=args.alpha, beta=args.beta,
-      delta=args.delta, client_weighting=args.client_weighting,
-      eval_steps=args.eval_steps, adapt_batch_size=args.adapt_batch_size,
-      eval_every=args.eval_every, max_eval_clients=args.max_eval_clients)
+      dataset=FLAGS.dataset, num_users=FLAGS.num_users,
+      num_unseen_users=FLAGS.num_unseen_users,
+      classes_per_user=FLAGS.classes_per_user,
+      train_fraction=FLAGS.train_fraction,
+      synthetic_alpha=FLAGS.synthetic_alpha,
+      synthetic_beta=FLAGS.synthetic_beta,
+      cache_dir=FLAGS.cache_dir, model=FLAGS.model,
+      algorithms=tuple(FLAGS.algorithms), seeds=_ints(FLAGS.seeds),
+      rounds=FLAGS.rounds, clients_per_round=FLAGS.clients_per_round,
+      local_steps=FLAGS.local_steps, batch_size=FLAGS.batch_size,
+      alpha=FLAGS.alpha, beta=FLAGS.beta, delta=FLAGS.delta,
+      client_weighting=FLAGS.client_weighting,
+      eval_steps=_ints(FLAGS.eval_steps),
+      adapt_batch_size=(None if adapt in ('full', 'none', 'None', '0')
+                        else int(adapt)),
+      eval_every=FLAGS.eval_every, max_eval_clients=FLAGS.max_eval_clients)
 
 
-def _command(argv):
-  args = sys.argv[1:] if argv is None else list(argv)
-  return ' '.join(['python', 'experiments/compare.py'] + args)
-
-
-def main(argv=None, own_context: bool = True):
-  """Runs the comparison or sweep; `own_context=False` uses the TFF context
-  already installed (e.g. by the test session) instead of starting one."""
-  args = parse_args(argv)
-  config = config_from_args(args)
-  start = time.perf_counter()
-  if args.replot:
-    with open(args.replot) as f:
+def _run(command: str, own_context: bool) -> dict:
+  if FLAGS.replot:
+    with open(FLAGS.replot) as f:
       results = json.load(f)
-    prefix = args.prefix or os.path.splitext(os.path.basename(args.replot))[0]
-    if 'grid' in results:
-      paths = comparison.write_grid_outputs(results, args.output_dir, prefix)
-    elif 'sweep' in results:
-      paths = comparison.write_sweep_outputs(results, args.output_dir, prefix)
-    else:
-      paths = comparison.write_outputs(results, args.output_dir, prefix,
-                                       args.table_rounds)
-    print(open(paths['md']).read())
-    return paths
-  context = (execution.ExecutionContext() if own_context
-             else contextlib.nullcontext())
-  with context:
-    if args.sweep == 'none':
-      prefix = args.prefix or (
-          f'{config.dataset}_{config.classes_per_user}cpu'
-          if config.dataset == 'digits' else
-          f'synthetic_{config.synthetic_alpha:g}_{config.synthetic_beta:g}'
-          if config.dataset == 'synthetic' else config.dataset)
-      results = comparison.run_comparison(config)
-      results['command'] = _command(argv)
-      results['wall_seconds'] = time.perf_counter() - start
-      paths = comparison.write_outputs(results, args.output_dir, prefix,
-                                       args.table_rounds)
-      print(open(paths['md']).read())
-    elif args.sweep == 'grid':
-      prefix = args.prefix or f'grid_{config.dataset}_{config.rounds}rounds'
-      results = comparison.run_grid(config, args.grid_alphas, args.grid_betas)
-      results['command'] = _command(argv)
-      results['wall_seconds'] = time.perf_counter() - start
-      paths = comparison.write_grid_outputs(results, args.output_dir, prefix)
-      print(open(paths['md']).read())
-    else:
-      default = ('0,0;0.25,0.25;0.5,0.5;1,1' if args.sweep == 'synthetic'
-                 else '1,2,3,5,10')
-      levels = comparison.parse_levels(args.sweep, args.sweep_levels or default)
-      prefix = args.prefix or f'sweep_{args.sweep}'
-      results = comparison.run_sweep(config, args.sweep, levels)
-      results['command'] = _command(argv)
-      results['wall_seconds'] = time.perf_counter() - start
-      paths = comparison.write_sweep_outputs(results, args.output_dir, prefix)
-      print(open(paths['md']).read())
-  print(f'wrote {sorted(paths.values())} in '
-        f'{time.perf_counter() - start:.0f}s')
+    prefix = FLAGS.prefix or os.path.splitext(os.path.basename(FLAGS.replot))[0]
+    paths = comparison.write_results(results, FLAGS.output_dir, prefix,
+                                     _ints(FLAGS.table_rounds))
+  else:
+    context = (execution.ExecutionContext() if own_context
+               else contextlib.nullcontext())
+    with context:
+      paths = comparison.run_experiment(
+          config_from_flags(), sweep=FLAGS.sweep,
+          sweep_levels=FLAGS.sweep_levels,
+          grid_alphas=tuple(float(a) for a in FLAGS.grid_alphas),
+          grid_betas=tuple(float(b) for b in FLAGS.grid_betas),
+          output_dir=FLAGS.output_dir, prefix=FLAGS.prefix,
+          table_rounds=_ints(FLAGS.table_rounds), command=command)
+  with open(paths['md']) as f:
+    print(f.read())
+  print(f'wrote {sorted(paths.values())}')
   return paths
 
 
+def run_with_args(args, own_context: bool = True) -> dict:
+  """Parses `args` (flags without the program name) and runs; for tests and
+  notebooks. `own_context=False` uses the TFF context already installed."""
+  FLAGS.unparse_flags()
+  FLAGS(['compare.py', *args])
+  return _run(' '.join(['python', 'experiments/compare.py', *args]),
+              own_context)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments {argv[1:]}')
+  _run(' '.join(['python', 'experiments/compare.py', *sys.argv[1:]]), True)
+
+
 if __name__ == '__main__':
-  main()
+  app.run(main)

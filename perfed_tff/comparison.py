@@ -696,3 +696,54 @@ def write_grid_outputs(grid_results, output_dir: str, prefix: str) -> dict:
   with open(base + '.md', 'w') as f:
     f.write('\n'.join(md))
   return {'json': base + '.json', 'md': base + '.md'}
+
+
+def default_prefix(config: CompareConfig, sweep: str) -> str:
+  """Output file prefix of a run: dataset and heterogeneity, sweep or grid."""
+  if sweep == 'grid':
+    return f'grid_{config.dataset}_{config.rounds}rounds'
+  if sweep != 'none':
+    return f'sweep_{sweep}'
+  if config.dataset == 'digits':
+    return f'{config.dataset}_{config.classes_per_user}cpu'
+  if config.dataset == 'synthetic':
+    return f'synthetic_{config.synthetic_alpha:g}_{config.synthetic_beta:g}'
+  return config.dataset
+
+
+DEFAULT_SWEEP_LEVELS = {'synthetic': '0,0;0.25,0.25;0.5,0.5;1,1',
+                        'classes_per_user': '1,2,3,5,10'}
+
+
+def run_experiment(config: CompareConfig, *, sweep: str = 'none',
+                   sweep_levels: Optional[str] = None,
+                   grid_alphas: Sequence[float] = (0.02, 0.05, 0.1),
+                   grid_betas: Sequence[float] = (0.02, 0.05, 0.1),
+                   output_dir: str, prefix: Optional[str] = None,
+                   table_rounds: Sequence[int] = (),
+                   command: str = '') -> dict:
+  """Runs a comparison (`sweep='none'`), a heterogeneity sweep
+  ('synthetic' | 'classes_per_user') or an alpha x beta grid ('grid') in the
+  current TFF context, writes its outputs and returns their paths."""
+  start = time.perf_counter()
+  prefix = prefix or default_prefix(config, sweep)
+  if sweep == 'none':
+    results = run_comparison(config)
+  elif sweep == 'grid':
+    results = run_grid(config, grid_alphas, grid_betas)
+  else:
+    levels = parse_levels(sweep, sweep_levels or DEFAULT_SWEEP_LEVELS[sweep])
+    results = run_sweep(config, sweep, levels)
+  results['command'] = command
+  results['wall_seconds'] = time.perf_counter() - start
+  return write_results(results, output_dir, prefix, table_rounds)
+
+
+def write_results(results: dict, output_dir: str, prefix: str,
+                  table_rounds: Sequence[int] = ()) -> dict:
+  """Tables and plots of any saved results (comparison, sweep or grid)."""
+  if 'grid' in results:
+    return write_grid_outputs(results, output_dir, prefix)
+  if 'sweep' in results:
+    return write_sweep_outputs(results, output_dir, prefix)
+  return write_outputs(results, output_dir, prefix, table_rounds)

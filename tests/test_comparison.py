@@ -151,7 +151,7 @@ def test_sweep_outputs(tmp_path):
 def test_compare_cli_end_to_end(tmp_path):
   from experiments import compare  # pylint: disable=g-import-not-at-top
   out = str(tmp_path)
-  compare.main(['--dataset=synthetic', '--num_users=6', '--num_unseen_users=2',
+  compare.run_with_args(['--dataset=synthetic', '--num_users=6', '--num_unseen_users=2',
                 '--algorithms=fedavg,per_fedavg_hf', '--seeds=0,1',
                 '--rounds=2', '--clients_per_round=2', '--local_steps=1',
                 '--batch_size=5', '--eval_every=1', '--eval_steps=1,2',
@@ -161,17 +161,17 @@ def test_compare_cli_end_to_end(tmp_path):
   md = open(os.path.join(out, 'e2e.md')).read()
   assert 'Per-FedAvg (HF)' in md and 'unseen: 1 step' in md
   # Tables and plots again from the saved JSON, plus the table at round 1.
-  paths = compare.main([f'--replot={out}/e2e.json', '--table_rounds=1',
+  paths = compare.run_with_args([f'--replot={out}/e2e.json', '--table_rounds=1',
                         f'--output_dir={out}/replot'])
   assert '### At round 1' in open(paths['md']).read()
-  compare.main(['--sweep=synthetic', '--sweep_levels=0,0;1,1',
+  compare.run_with_args(['--sweep=synthetic', '--sweep_levels=0,0;1,1',
                 '--num_users=6', '--num_unseen_users=2',
                 '--algorithms=fedavg,per_fedavg_fo', '--seeds=0', '--rounds=1',
                 '--clients_per_round=2', '--local_steps=1', '--batch_size=5',
                 '--eval_every=0', f'--output_dir={out}', '--prefix=sw'],
                own_context=False)
   assert os.path.getsize(os.path.join(out, 'sw.png')) > 0
-  paths = compare.main(['--sweep=grid', '--grid_alphas=0.05,0.1',
+  paths = compare.run_with_args(['--sweep=grid', '--grid_alphas=0.05,0.1',
                         '--grid_betas=0.05', '--num_users=6',
                         '--num_unseen_users=2', '--dataset=synthetic',
                         '--algorithms=fedavg,per_fedavg_fo', '--seeds=0',
