@@ -65,13 +65,13 @@ def build_algorithm(
         local_steps=local_steps, client_weighting=client_weighting,
         model_aggregator=model_aggregator)
   # Same validation as Per-FedAvg, so a bad flag fails the same way.
-  process_lib._check_positive_float('alpha', alpha)  # pylint: disable=protected-access
-  beta = process_lib._check_positive_float('beta', beta)  # pylint: disable=protected-access
+  process_lib.check_positive_float('alpha', alpha)
+  beta = process_lib.check_positive_float('beta', beta)
   if local_steps < 1:
     raise ValueError(f'`local_steps` must be an integer >= 1, got {local_steps!r}.')
   return tff.learning.algorithms.build_weighted_fed_avg(
       model_fn,
       client_optimizer_fn=tff.learning.optimizers.build_sgdm(learning_rate=beta),
       server_optimizer_fn=tff.learning.optimizers.build_sgdm(learning_rate=1.0),
-      client_weighting=process_lib._check_weighting(client_weighting),  # pylint: disable=protected-access
+      client_weighting=process_lib.check_weighting(client_weighting),
       model_aggregator=model_aggregator)

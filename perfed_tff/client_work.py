@@ -55,7 +55,7 @@ def gradient_evaluations_per_step(variant: Variant) -> int:
   return {Variant.FO: 2, Variant.HF: 4, Variant.MAML: 3}[Variant(variant)]
 
 
-def _split_batch(batch):
+def split_batch(batch):
   if isinstance(batch, Mapping):
     return batch['x'], batch['y']
   return batch[0], batch[1]
@@ -86,7 +86,7 @@ class _FunctionalOracle:
     self._non_trainable = non_trainable
 
   def _loss(self, trainable, batch, training):
-    x, y = _split_batch(batch)
+    x, y = split_batch(batch)
     output = self._model.predict_on_batch(
         (trainable, self._non_trainable), x, training)
     loss = self._model.loss(output=output, label=y)
@@ -168,7 +168,7 @@ def per_fedavg_local_step(oracle, w, batches, *, variant: Variant, alpha: float,
       h = tuple((p - m) / (2.0 * delta) for p, m in zip(g_plus, g_minus))
     else:
       h = oracle.hessian_vector_product(w, batch_dpp, g)
-      x, _ = _split_batch(batch_dpp)
+      x, _ = split_batch(batch_dpp)
       n_dpp = tf.shape(tf.nest.flatten(x)[0], out_type=tf.int64)[0]
     direction = _axpy(-alpha, h, g)
     examples += n_dpp

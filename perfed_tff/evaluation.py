@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import math
 import numbers
 from typing import Callable, Mapping, Optional, Sequence
 
@@ -48,6 +47,8 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
+from perfed_tff import client_work as client_work_lib
+from perfed_tff import process as process_lib
 from perfed_tff.data import task as task_lib
 
 PERCENTILES = (10, 50, 90)
@@ -64,22 +65,9 @@ def _check_steps(adaptation_steps) -> tuple[int, ...]:
   return tuple(sorted(set(int(k) for k in steps)))
 
 
-def _check_alpha(alpha) -> float:
-  if (isinstance(alpha, bool) or not isinstance(alpha, numbers.Real)
-      or not math.isfinite(alpha) or alpha <= 0):
-    raise ValueError(f'`alpha` must be a finite number > 0, got {alpha!r}.')
-  return float(alpha)
-
-
 def step_key(k: int) -> str:
   """Name of the metrics after k adaptation steps ('step_0' = no adaptation)."""
   return f'step_{k}'
-
-
-def _split_batch(batch):
-  if isinstance(batch, Mapping):
-    return batch['x'], batch['y']
-  return batch[0], batch[1]
 
 
 def _concatenate(dataset: tf.data.Dataset):
@@ -96,7 +84,7 @@ def _concatenate(dataset: tf.data.Dataset):
 def _batch_metrics(model, batch, ignore_label=None):
   """(sum of per-example loss, correct predictions, label entries, examples)."""
   out = model.forward_pass(batch, training=False)
-  _, y = _split_batch(batch)
+  _, y = client_work_lib.split_batch(batch)
   predictions = out.predictions
   num_examples = tf.cast(tf.shape(predictions)[0], tf.float32)
   labels = tf.reshape(tf.cast(y, tf.int64), tf.shape(predictions)[:-1])
@@ -126,7 +114,7 @@ def build_client_evaluation(model_fn, model_weights_type, data_type, *,
   out stops adapting (its later steps repeat the last weights) and reports
   how many steps it took in `num_adaptation_steps`.
   """
-  alpha = _check_alpha(alpha)
+  alpha = process_lib.check_positive_float('alpha', alpha)
   steps = _check_steps(adaptation_steps)
   max_steps = steps[-1]
 
@@ -151,7 +139,7 @@ def build_client_evaluation(model_fn, model_weights_type, data_type, *,
       for v, g in zip(variables, grads):
         if g is not None:
           v.assign_sub(alpha * tf.cast(g, v.dtype))
-      x, _ = _split_batch(batch)
+      x, _ = client_work_lib.split_batch(batch)
       return tf.cast(tf.shape(tf.nest.flatten(x)[0])[0], tf.int64)
 
     @tf.function
@@ -220,7 +208,7 @@ def build_personalized_evaluation(model_fn: Callable[[], tff.learning.models.Var
     a list with one such structure per client.
   """
   steps = _check_steps(adaptation_steps)
-  alpha = _check_alpha(alpha)
+  alpha = process_lib.check_positive_float('alpha', alpha)
   with tf.Graph().as_default():
     input_spec = model_fn().input_spec
   element_type = tff.types.tensorflow_to_type(input_spec)

@@ -25,7 +25,7 @@ from perfed_tff import execution  # noqa: F401  (replaces TFF's unowned default 
 ClientWeighting = tff.learning.ClientWeighting
 
 
-def _check_positive_float(name: str, value) -> float:
+def check_positive_float(name: str, value) -> float:
   if (isinstance(value, bool) or not isinstance(value, numbers.Real)
       or not math.isfinite(value) or value <= 0):
     raise ValueError(f'`{name}` must be a finite number > 0, got {value!r}.')
@@ -42,7 +42,7 @@ def _check_variant(variant) -> client_work_lib.Variant:
         f', got {variant!r}.') from None
 
 
-def _check_weighting(client_weighting) -> ClientWeighting:
+def check_weighting(client_weighting) -> ClientWeighting:
   if isinstance(client_weighting, ClientWeighting):
     return client_weighting
   names = {'uniform': ClientWeighting.UNIFORM,
@@ -154,14 +154,14 @@ def build_per_fedavg(
       <= 0, or local_steps < 1.
   """
   variant = _check_variant(variant)
-  alpha = _check_positive_float('alpha', alpha)
-  beta = _check_positive_float('beta', beta)
-  delta = _check_positive_float('delta', delta)
+  alpha = check_positive_float('alpha', alpha)
+  beta = check_positive_float('beta', beta)
+  delta = check_positive_float('delta', delta)
   if (isinstance(local_steps, bool) or not isinstance(local_steps, numbers.Integral)
       or local_steps < 1):
     raise ValueError(f'`local_steps` must be an integer >= 1, got {local_steps!r}.')
   local_steps = int(local_steps)
-  client_weighting = _check_weighting(client_weighting)
+  client_weighting = check_weighting(client_weighting)
   if metrics_aggregator is not None and not callable(metrics_aggregator):
     raise TypeError('`metrics_aggregator` must be callable, got '
                     f'{type(metrics_aggregator)}.')
