@@ -42,7 +42,7 @@ _ROUNDS = flags.DEFINE_integer('rounds', 6, 'Measured rounds.')
 _WARMUP = flags.DEFINE_integer('warmup_rounds', 1, 'Warm-up rounds.')
 _CONTENDERS = flags.DEFINE_list(
     'contenders',
-    'fedavg,fedavg_iterator,per_fedavg_fo,per_fedavg_hf,per_fedavg_maml,'
+    'fedavg,fedavg_reduce,per_fedavg_fo,per_fedavg_hf,per_fedavg_maml,'
     'floor_fedavg,'
     'floor_fo,floor_hf,floor_maml', 'What to time.')
 _ALPHA = flags.DEFINE_float('alpha', 0.01, 'Per-FedAvg inner step.')
@@ -59,10 +59,18 @@ _INTRA = flags.DEFINE_integer(
 _INTER = flags.DEFINE_integer(
     'inter_op_threads', 0,
     'TF inter-op threads, this process and the TFF worker (0: TF default).')
+_GRAPH_OPTIMIZATION = flags.DEFINE_enum(
+    'graph_optimization', 'auto', ['auto', 'runtime', 'tff'],
+    'Where Grappler optimizes the TFF graphs (perfed_tff.compilation): in '
+    'the worker at run time, TFF\'s static pass, or auto.')
 _AUTOTUNE = flags.DEFINE_bool(
     'tf_data_autotune', False,
     'tf.data autotuning of the client pipelines (all contenders alike); off '
     'by default: on the 2-core machine it stalled in-process rounds.')
+_EMPTY_ROUNDS = flags.DEFINE_integer(
+    'empty_rounds', 5,
+    'Rounds per contender with empty client data: the fixed cost of a round, '
+    'subtracted for the compute-only TFF / floor ratio (0: skip).')
 _MEMORY_ROUNDS = flags.DEFINE_integer(
     'memory_rounds', 0, 'Extra rounds of --memory_contender to track RSS.')
 _MEMORY_CONTENDER = flags.DEFINE_string('memory_contender', 'per_fedavg_hf',
@@ -96,10 +104,13 @@ def main(argv):
       seed=_SEED.value,
       max_concurrent_computation_calls=_CONCURRENCY.value,
       tf_data_autotune=_AUTOTUNE.value,
+      empty_rounds=_EMPTY_ROUNDS.value,
       memory_rounds=_MEMORY_ROUNDS.value,
       memory_contender=_MEMORY_CONTENDER.value)
   with execution.ExecutionContext(
-      max_concurrent_computation_calls=_CONCURRENCY.value):
+      max_concurrent_computation_calls=_CONCURRENCY.value,
+      graph_optimization=_GRAPH_OPTIMIZATION.value) as context:
+    config.graph_optimization = context.graph_optimization
     report = benchmark.run_benchmark(config, log=logging.info)
   report['command'] = ' '.join(['python'] + sys.argv)
   table = benchmark.markdown_table(report)

@@ -71,6 +71,11 @@ flags.DEFINE_string('workers', '',
                     'perfed_tff.worker); empty: one local worker.')
 flags.DEFINE_float('worker_timeout', _D.worker_timeout,
                    'Seconds to wait for an unreachable worker, > 0.')
+flags.DEFINE_enum('graph_optimization', _D.graph_optimization,
+                  ['auto', 'runtime', 'tff'],
+                  'Where Grappler optimizes the TFF graphs: in the worker '
+                  '(runtime), TFF\'s static pass (tff), or auto (runtime for '
+                  'a local CPU worker).')
 flags.DEFINE_bool('progress', _D.progress,
                   'Progress bar; --noprogress logs one line per round.')
 
@@ -113,6 +118,7 @@ def main(argv):
         keep_checkpoints=FLAGS.keep_checkpoints, eval_every=FLAGS.eval_every,
         eval_clients=FLAGS.eval_clients, compare_fedavg=FLAGS.compare_fedavg,
         workers=FLAGS.workers, worker_timeout=FLAGS.worker_timeout,
+        graph_optimization=FLAGS.graph_optimization,
         progress=FLAGS.progress)
     results = tp.run(config, write=_log)
   except (tp.UsageError, tp.CheckpointError) as e:

@@ -10,9 +10,9 @@ and the median over the rounds after warm-up is reported.
 Contenders:
 * `fedavg`: the project's baseline, TFF's
   `tff.learning.algorithms.build_weighted_fed_avg` with client SGD at beta for
-  tau steps (`perfed_tff.algorithms`; TFF's default DATASET_REDUCE loop).
-* `fedavg_iterator`: the same with TFF's DATASET_ITERATOR client loop (faster
-  on CPU; reported so that no ratio rests on a slow baseline).
+  tau steps (`perfed_tff.algorithms`; TFF's DATASET_ITERATOR client loop).
+* `fedavg_reduce`: the same with TFF's default DATASET_REDUCE client loop
+  (slower on CPU; reported for reference).
 * `per_fedavg_{fo,hf,maml}`: `perfed_tff.build_per_fedavg`, same tau, batch.
 * `floor_{fo,hf,maml}`: a plain `tf.function` with no TFF at all that runs
   `perfed_tff.client_work.build_client_update` -- the very client loop of the
@@ -27,7 +27,11 @@ construction), `first_round_s` (includes TFF compilation and the C++ worker's
 graph set-up; for a floor, its `tf.function` tracing), `compile_s` (first
 round minus the median), `median_round_s` over the measured rounds, and the
 ratios Per-FedAvg / FedAvg and TFF / pure-TF floor, each the median over
-rounds of the per-round ratio (both measured in the same round).
+rounds of the per-round ratio (both measured in the same round). With
+`empty_rounds`, also `empty_round_s`: the median round when every client's
+data are empty (the fixed cost of a round: broadcast, per-client set-up,
+transfers, aggregation, server update), and `compute_ratios`: TFF / floor
+with that fixed cost subtracted on both sides (the client computation alone).
 """
 
 from __future__ import annotations
@@ -52,11 +56,11 @@ from perfed_tff.data import task as task_lib
 TASKS = ('emnist_cnn', 'emnist_mlp', 'digits_mlp', 'synthetic')
 FLOORS = ('floor_fedavg', 'floor_fo', 'floor_hf', 'floor_maml')
 # `fedavg` is the project's baseline (`algorithms.build_algorithm`: TFF's
-# build_weighted_fed_avg with its default DATASET_REDUCE client loop);
-# `fedavg_iterator` is the same with TFF's DATASET_ITERATOR loop.
-CONTENDERS = algorithms_lib.ALGORITHMS + ('fedavg_iterator',) + FLOORS
-# TFF contender of each floor.
-FLOOR_OF = {'fedavg': 'floor_fedavg', 'fedavg_iterator': 'floor_fedavg',
+# build_weighted_fed_avg with the DATASET_ITERATOR client loop);
+# `fedavg_reduce` is the same with TFF's default DATASET_REDUCE loop.
+CONTENDERS = algorithms_lib.ALGORITHMS + ('fedavg_reduce',) + FLOORS
+# The floor of each TFF contender.
+FLOOR_OF = {'fedavg': 'floor_fedavg', 'fedavg_reduce': 'floor_fedavg',
             'per_fedavg_fo': 'floor_fo',
             'per_fedavg_hf': 'floor_hf', 'per_fedavg_maml': 'floor_maml'}
 
@@ -324,15 +328,19 @@ class BenchmarkConfig:
   # Clients run at once: by the floor; the TFF worker's own setting is the
   # caller's ExecutionContext's (experiments/benchmark.py passes the same).
   max_concurrent_computation_calls: int = 2
+  # Recorded with the results; like the concurrency, the caller's
+  # ExecutionContext applies it ('runtime' or 'tff', `perfed_tff.compilation`).
+  graph_optimization: str = 'runtime'
   # tf.data autotuning of the client pipelines, for every contender alike
   # (see `client_datasets`).
   tf_data_autotune: bool = False
+  empty_rounds: int = 0        # rounds with empty client data (fixed cost)
   memory_rounds: int = 0       # extra rounds of `memory_contender` for RSS
   memory_contender: str = 'per_fedavg_hf'
 
 
 def _variant(contender: str):
-  if contender == 'fedavg_iterator':
+  if contender == 'fedavg_reduce':
     return None
   if contender.startswith('floor_'):
     name = contender[len('floor_'):]
@@ -353,7 +361,7 @@ def build_contender(contender: str, task: BenchmarkTask, config):
                        delta=config.delta, local_steps=config.local_steps,
                        clients_per_round=config.clients_per_round,
                        parallel_clients=config.max_concurrent_computation_calls)
-  if contender == 'fedavg_iterator':
+  if contender == 'fedavg_reduce':
     process = tff.learning.algorithms.build_weighted_fed_avg(
         task.model_fn,
         client_optimizer_fn=tff.learning.optimizers.build_sgdm(
@@ -361,7 +369,7 @@ def build_contender(contender: str, task: BenchmarkTask, config):
         server_optimizer_fn=tff.learning.optimizers.build_sgdm(
             learning_rate=1.0),
         client_weighting=tff.learning.ClientWeighting.UNIFORM,
-        loop_implementation=tff.learning.LoopImplementation.DATASET_ITERATOR)
+        loop_implementation=tff.learning.LoopImplementation.DATASET_REDUCE)
     return TFFRunner(process)
   process = algorithms_lib.build_algorithm(
       contender, task.model_fn, alpha=config.alpha, beta=config.beta,
@@ -456,7 +464,7 @@ def run_benchmark(config: BenchmarkConfig, log: Callable[[str], None] = print
         x / y for x, y in zip(results[a]['round_s'], results[b]['round_s']))
 
   ratios = collections.OrderedDict()
-  for base in ('fedavg', 'fedavg_iterator'):
+  for base in ('fedavg', 'fedavg_reduce'):
     for alg in ('per_fedavg_fo', 'per_fedavg_hf', 'per_fedavg_maml'):
       r = round_ratio(alg, base)
       if r is not None:
@@ -465,6 +473,31 @@ def run_benchmark(config: BenchmarkConfig, log: Callable[[str], None] = print
     r = round_ratio(alg, floor)
     if r is not None:
       ratios[f'{alg}/{floor}'] = r
+  # Fixed cost of a round: the same rounds with every client's data empty
+  # (no local step: what is left is broadcast, per-client set-up, transfer,
+  # aggregation and the server update). Subtracting it from both sides gives
+  # the TFF / floor ratio of the client computation alone.
+  compute_ratios = collections.OrderedDict()
+  if config.empty_rounds:
+    for c in contenders:
+      empty_times = []
+      for r in range(config.empty_rounds + 1):
+        cohort = task_lib.sample_clients(client_ids, config.clients_per_round,
+                                         config.seed, r)
+        datasets = [d.take(0) for d in client_datasets(
+            task, cohort, num_batches=1, batch_size=config.batch_size,
+            seed=config.seed, round_num=r,
+            autotune=config.tf_data_autotune)]
+        t0 = time.perf_counter()
+        runners[c].run_round(datasets)
+        empty_times.append(time.perf_counter() - t0)
+      results[c]['empty_round_s'] = statistics.median(empty_times[1:])
+    for alg, floor in FLOOR_OF.items():
+      if alg in results and floor in results:
+        compute_ratios[f'{alg}/{floor}'] = (
+            (results[alg]['median_round_s'] - results[alg]['empty_round_s']) /
+            (results[floor]['median_round_s'] -
+             results[floor]['empty_round_s']))
   memory = None
   if config.memory_rounds:
     memory = measure_memory(task, runners, config, log)
@@ -475,6 +508,7 @@ def run_benchmark(config: BenchmarkConfig, log: Callable[[str], None] = print
       ratios=ratios,
       ratio_of_medians=collections.OrderedDict(
           (k, ratio(*k.split('/'))) for k in ratios),
+      compute_ratios=compute_ratios,
       memory=memory,
       environment=environment_info())
 
@@ -553,12 +587,15 @@ def markdown_table(report: dict) -> str:
       f"batch {cfg['batch_size']}; median of {cfg['rounds']} rounds after "
       f"{cfg['warmup_rounds']} warm-up; ratios are medians of per-round "
       f"ratios (contenders interleaved in every round); TFF worker and floor "
-      f"run {cfg['max_concurrent_computation_calls']} clients at a time.",
+      f"run {cfg['max_concurrent_computation_calls']} clients at a time; "
+      f"TFF graphs compiled with graph_optimization="
+      f"'{cfg.get('graph_optimization', 'tff')}'.",
       '',
       '| contender | grad evals / round | median round (s) | vs FedAvg '
-      '| vs FedAvg (iterator loop) | TFF / pure-TF floor | first round (s) '
+      '| vs FedAvg (TFF default loop) | TFF / pure-TF floor '
+      '| no-data round (s) | TFF / floor, compute only | first round (s) '
       '| build (s) |',
-      '|---|---:|---:|---:|---:|---:|---:|---:|',
+      '|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|',
   ]
 
   def fmt(key, self_name):
@@ -568,16 +605,21 @@ def markdown_table(report: dict) -> str:
 
   for c, r in results.items():
     vs = fmt(f'{c}/fedavg', c) if 'fedavg' in results else ''
-    vi = (fmt(f'{c}/fedavg_iterator', c) if 'fedavg_iterator' in results
+    vi = (fmt(f'{c}/fedavg_reduce', c) if 'fedavg_reduce' in results
           else '')
     if c.startswith('floor_'):
       vs = vi = ''
     floor = FLOOR_OF.get(c)
     vf = (f"{ratios[f'{c}/{floor}']:.2f}" if floor and f'{c}/{floor}' in ratios
           else '')
+    compute = report.get('compute_ratios', {})
+    vc = (f"{compute[f'{c}/{floor}']:.2f}"
+          if floor and f'{c}/{floor}' in compute else '')
+    empty = r.get('empty_round_s')
+    ve = f'{empty:.3f}' if empty is not None else ''
     lines.append(
         f"| {c} | {r['gradient_evaluations_per_round']} | "
-        f"{r['median_round_s']:.3f} | {vs} | {vi} | {vf} | "
+        f"{r['median_round_s']:.3f} | {vs} | {vi} | {vf} | {ve} | {vc} | "
         f"{r['first_round_s']:.2f} | {r['build_s']:.1f} |")
   mem = report.get('memory')
   if mem:

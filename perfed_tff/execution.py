@@ -40,12 +40,13 @@ from tensorflow_federated.python.core.impl.executors import remote_executor
 from tensorflow_federated.python.core.impl.executors import remote_executor_grpc_stub
 from tensorflow_federated.python.core.impl.execution_contexts import async_execution_context
 from tensorflow_federated.python.core.impl.execution_contexts import sync_execution_context
-from tensorflow_federated.python.core.backends.native import compiler
 from tensorflow_federated.python.core.impl.types import placements
 from tensorflow_federated.python.core.environments.tensorflow_frontend import tensorflow_computation
 from tensorflow_federated.python.core.impl.context_stack import context_base
 from tensorflow_federated.python.core.impl.context_stack import context_stack_impl
 from tensorflow_federated.python.core.impl.context_stack import runtime_error_context
+
+from perfed_tff import compilation
 
 _GRPC_MAX_MESSAGE_BYTES = 2 * 1000 * 1000 * 1000
 _GRPC_OPTIONS = [
@@ -269,9 +270,10 @@ def _executor_factory(address: str, default_num_clients: int,
   return python_executor_stacks.ResourceManagingExecutorFactory(stack_fn)
 
 
-def _context_kwargs():
+def _context_kwargs(graph_optimization: str, local_worker: bool):
   return dict(
-      compiler_fn=compiler.desugar_and_transform_to_native,
+      compiler_fn=compilation.compiler_fn(graph_optimization,
+                                          local_worker=local_worker),
       transform_args=tensorflow_computation.transform_args,
       transform_result=tensorflow_computation.transform_result,
   )
@@ -300,6 +302,10 @@ class ExecutionContext:
     retry_timeout: when a worker stops answering mid-computation, seconds to
       wait for it to come back before `WorkerUnavailableError` is raised
       (TFF itself would retry forever).
+    graph_optimization: where Grappler optimizes the TensorFlow graphs
+      (`perfed_tff.compilation`): 'runtime' (in the worker, after placement;
+      fastest on CPU), 'tff' (TFF's static pass), or 'auto' ('runtime' for
+      a locally started worker when TensorFlow sees no GPU, else 'tff').
 
   Contexts nest: closing one reinstalls the context of the `ExecutionContext`
   that was current when it was opened (if still open).
@@ -313,7 +319,9 @@ class ExecutionContext:
       default_num_clients: int = 0,
       ready_timeout: float = 60.0,
       retry_timeout: float = 30.0,
+      graph_optimization: str = 'auto',
   ):
+    compilation.check_graph_optimization(graph_optimization)
     _install_exit_handlers()
     self.context = None
     self.local_workers: list[WorkerProcess] = []
@@ -328,6 +336,10 @@ class ExecutionContext:
       self.local_workers.append(worker)
       workers = [worker.address]
     self.addresses = list(workers)
+    self.graph_optimization = compilation.resolve_graph_optimization(
+        graph_optimization, local_worker=bool(self.local_workers))
+    context_kwargs = _context_kwargs(self.graph_optimization,
+                                     bool(self.local_workers))
     try:
       if len(self.addresses) == 1:
         factory = _executor_factory(
@@ -335,14 +347,14 @@ class ExecutionContext:
             retry_timeout
         )
         self.context = sync_execution_context.SyncExecutionContext(
-            factory, **_context_kwargs()
+            factory, **context_kwargs
         )
       else:
         async_contexts = [
             async_execution_context.AsyncExecutionContext(
                 _executor_factory(a, default_num_clients, ready_timeout,
                                   retry_timeout),
-                **_context_kwargs(),
+                **context_kwargs,
             )
             for a in self.addresses
         ]

@@ -125,6 +125,8 @@ def validate_config(config, *, algorithms: Sequence[str],
   check_choice('dataset', config.dataset,
                datasets if datasets is not None else dataset_names())
   check_choice('client_weighting', config.client_weighting, client_weightings)
+  check_choice('graph_optimization', config.graph_optimization,
+               ('auto', 'runtime', 'tff'))
   changes = dict(
       alpha=check_positive_float('alpha', config.alpha),
       beta=check_positive_float('beta', config.beta),

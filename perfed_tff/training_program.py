@@ -80,6 +80,8 @@ class TrainingConfig:
   compare_fedavg: `run` also trains FedAvg with the same settings.
   workers: 'host:port' of running TFF workers; empty: one local worker.
   worker_timeout: seconds to wait for an unreachable worker.
+  graph_optimization: where Grappler optimizes the TFF graphs ('auto',
+    'runtime' or 'tff'; `perfed_tff.compilation`). Speed only.
   progress: show a progress bar (else one log line per round).
   """
   algorithm: str = 'per_fedavg_hf'
@@ -103,6 +105,7 @@ class TrainingConfig:
   compare_fedavg: bool = False
   workers: Sequence[str] = ()
   worker_timeout: float = 30.0
+  graph_optimization: str = 'auto'
   progress: bool = True
 
   def resume_metadata(self) -> dict:
@@ -520,7 +523,8 @@ def run(config: TrainingConfig,
            else max(60.0, config.worker_timeout))
   with execution.ExecutionContext(
       workers=list(config.workers) or None, ready_timeout=ready,
-      retry_timeout=config.worker_timeout):
+      retry_timeout=config.worker_timeout,
+      graph_optimization=config.graph_optimization):
     for c in configs:
       results.append(run_training(c, task=task, write=write))
   return results

@@ -48,7 +48,8 @@ def _one_round(task, contender, floor, config):
 
 
 @pytest.mark.parametrize('contender', ['per_fedavg_fo', 'per_fedavg_hf',
-                                       'per_fedavg_maml', 'fedavg'])
+                                       'per_fedavg_maml', 'fedavg',
+                                       'fedavg_reduce'])
 def test_floor_and_tff_agree_after_one_round(contender):
   # The digits MLP has no dropout, so both must match to float rounding (a
   # model with dropout draws different masks in the two runtimes).
@@ -66,7 +67,7 @@ def test_floor_and_tff_agree_after_one_round(contender):
 
 def test_run_benchmark_small_configuration_reports_ratios():
   config = _config('digits_mlp', memory_rounds=3,
-                   memory_contender='per_fedavg_fo')
+                   memory_contender='per_fedavg_fo', empty_rounds=1)
   report = benchmark.run_benchmark(config, log=lambda _: None)
   assert set(report['results']) == set(benchmark.CONTENDERS)
   for name, r in report['results'].items():
@@ -81,6 +82,10 @@ def test_run_benchmark_small_configuration_reports_ratios():
               'per_fedavg_maml/fedavg', 'per_fedavg_fo/floor_fo',
               'per_fedavg_hf/floor_hf', 'per_fedavg_maml/floor_maml'):
     assert math.isfinite(report['ratios'][key]) and report['ratios'][key] > 0
+  for name, r in report['results'].items():
+    assert r['empty_round_s'] > 0, name
+  assert set(report['compute_ratios']) == {
+      f'{c}/{benchmark.FLOOR_OF[c]}' for c in benchmark.FLOOR_OF}
   assert report['memory']['rounds'] == 3
   table = benchmark.markdown_table(report)
   assert '| per_fedavg_maml |' in table and 'pure-TF floor' in table
@@ -95,7 +100,7 @@ def test_benchmark_script_runs(tmp_path):
       [sys.executable, os.path.join(ROOT, 'experiments', 'benchmark.py'),
        '--task=synthetic', '--clients_per_round=2', '--num_clients=4',
        '--local_steps=1', '--batch_size=8', '--rounds=1', '--warmup_rounds=1',
-       '--contenders=fedavg,per_fedavg_fo,floor_fo',
+       '--contenders=fedavg,per_fedavg_fo,floor_fo', '--empty_rounds=1',
        '--max_concurrent_computation_calls=1',
        f'--output_json={out}'],
       stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=600,

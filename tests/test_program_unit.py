@@ -45,6 +45,7 @@ def small_task():
     ('algorithm', 'sgd', "--algorithm: must be one of ['fedavg', "),
     ('dataset', 'mnist', "--dataset: must be one of ["),
     ('client_weighting', 'x', "--client_weighting: must be one of"),
+    ('graph_optimization', 'xla', "--graph_optimization: must be one of"),
     ('workers', 'localhost', '--workers: must be a comma-separated list'),
     ('cache_dir', '/nonexistent/dir', '--cache_dir: directory'),
     ('dataset_options', {'bogus': 1}, '--dataset_options: unknown option'),
