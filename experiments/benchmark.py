@@ -27,9 +27,8 @@ import tensorflow as tf
 from perfed_tff import benchmark
 from perfed_tff import execution
 
-_TASK = flags.DEFINE_enum('task', 'emnist_cnn',
-                          ['emnist_cnn', 'emnist_mlp', 'digits_mlp',
-                           'synthetic'], 'Dataset/model.')
+_TASK = flags.DEFINE_enum('task', 'emnist_cnn', list(benchmark.TASKS),
+                          'Dataset/model.')
 _CLIENTS = flags.DEFINE_integer('clients_per_round', 10, 'Clients per round.')
 _NUM_CLIENTS = flags.DEFINE_integer('num_clients', 20,
                                     'Population the cohort is sampled from.')
@@ -63,6 +62,11 @@ _GRAPH_OPTIMIZATION = flags.DEFINE_enum(
     'graph_optimization', 'auto', ['auto', 'runtime', 'tff'],
     'Where Grappler optimizes the TFF graphs (perfed_tff.compilation): in '
     'the worker at run time, TFF\'s static pass, or auto.')
+_COMPILATION_AB = flags.DEFINE_bool(
+    'compilation_ab', False,
+    'Instead of the benchmark: run the TFF contenders under '
+    '--graph_optimization=runtime and =tff side by side (two workers, '
+    'alternating rounds) and print runtime / tff per contender.')
 _AUTOTUNE = flags.DEFINE_bool(
     'tf_data_autotune', False,
     'tf.data autotuning of the client pipelines (all contenders alike); off '
@@ -107,6 +111,23 @@ def main(argv):
       empty_rounds=_EMPTY_ROUNDS.value,
       memory_rounds=_MEMORY_ROUNDS.value,
       memory_contender=_MEMORY_CONTENDER.value)
+  if _COMPILATION_AB.value:
+    with execution.ExecutionContext(
+        max_concurrent_computation_calls=_CONCURRENCY.value,
+        graph_optimization='runtime') as runtime, execution.ExecutionContext(
+            max_concurrent_computation_calls=_CONCURRENCY.value,
+            graph_optimization='tff') as static:
+      report = benchmark.run_compilation_ab(
+          config, {'runtime': runtime, 'tff': static}, log=logging.info)
+    report['command'] = ' '.join(['python'] + sys.argv)
+    print('| contender | runtime (s) | tff (s) | runtime / tff |')
+    print('|---|---:|---:|---:|')
+    for c, r in report['compilation_ab'].items():
+      print(f"| {c} | {r['runtime_median_round_s']:.3f} | "
+            f"{r['tff_median_round_s']:.3f} | {r['runtime/tff']:.3f} |")
+    if _OUTPUT_JSON.value:
+      benchmark.write_json(report, _OUTPUT_JSON.value)
+    return
   with execution.ExecutionContext(
       max_concurrent_computation_calls=_CONCURRENCY.value,
       graph_optimization=_GRAPH_OPTIMIZATION.value) as context:

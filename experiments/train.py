@@ -75,7 +75,7 @@ flags.DEFINE_enum('graph_optimization', _D.graph_optimization,
                   ['auto', 'runtime', 'tff'],
                   'Where Grappler optimizes the TFF graphs: in the worker '
                   '(runtime), TFF\'s static pass (tff), or auto (runtime for '
-                  'a local CPU worker).')
+                  'convolutional models on a local CPU worker, else tff).')
 flags.DEFINE_bool('progress', _D.progress,
                   'Progress bar; --noprogress logs one line per round.')
 

@@ -4,9 +4,10 @@
 client SGD at learning rate beta for tau local steps and server SGD at 1.0 (the
 server takes the average of the client models), so every baseline is TFF's.
 Its client loop is TFF's DATASET_ITERATOR: the same steps as TFF's default
-DATASET_REDUCE loop, and the faster of the two on CPU (EMNIST CNN rounds:
-0.74 s against 1.04-1.31 s, `experiments/benchmark.py`), so no ratio against
-FedAvg rests on a slow baseline.
+DATASET_REDUCE loop, and the faster of the two on CPU under either
+compilation (EMNIST CNN rounds: 0.68-0.71 s against 0.98-1.20 s,
+`experiments/benchmark.py --compilation_ab`), so no ratio against FedAvg
+rests on a slow baseline.
 `per_fedavg_{fo,hf,maml}` are `perfed_tff.build_per_fedavg` with the same
 alpha, beta, tau and weighting.
 """

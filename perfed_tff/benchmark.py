@@ -51,9 +51,11 @@ import tensorflow_federated as tff
 
 from perfed_tff import algorithms as algorithms_lib
 from perfed_tff import client_work as client_work_lib
+from perfed_tff import compilation as compilation_lib
 from perfed_tff.data import task as task_lib
 
-TASKS = ('emnist_cnn', 'emnist_mlp', 'digits_mlp', 'synthetic')
+TASKS = ('emnist_cnn', 'emnist_mlp', 'digits_mlp', 'synthetic',
+         'shakespeare_lstm')
 FLOORS = ('floor_fedavg', 'floor_fo', 'floor_hf', 'floor_maml')
 # `fedavg` is the project's baseline (`algorithms.build_algorithm`: TFF's
 # build_weighted_fed_avg with the DATASET_ITERATOR client loop);
@@ -138,6 +140,26 @@ def make_task(name: str, *, num_clients: int = 20,
         name=name, data_note=note,
         clients=_client_arrays(task.train, task.train.client_ids[:num_clients]),
         model_fn=task.model_fn, element_spec=task.element_spec)
+  if name == 'shakespeare_lstm':
+    from perfed_tff.data import shakespeare as shakespeare_data  # pylint: disable=g-import-not-at-top
+    from perfed_tff.models import shakespeare as shakespeare_models  # pylint: disable=g-import-not-at-top
+    length = shakespeare_data.DEFAULT_SEQUENCE_LENGTH
+    rng = np.random.default_rng(seed)
+    clients = collections.OrderedDict()
+    n = max(1, examples_per_client // 4)   # snippets are long: fewer of them
+    for k in range(num_clients):
+      x = rng.integers(1, shakespeare_data.VOCAB_SIZE, (n, length),
+                       dtype=np.int32)
+      clients[f'client_{k:04d}'] = (x, np.roll(x, -1, axis=1))
+    return BenchmarkTask(
+        name=name,
+        data_note=(f'random characters in Shakespeare\'s shape ({n} '
+                   f'sequences of {length} per client), the project\'s char '
+                   'LSTM; not real Shakespeare'),
+        clients=clients,
+        model_fn=shakespeare_models.char_lstm_model_fn(
+            shakespeare_data.VOCAB_SIZE, length, seed=seed),
+        element_spec=shakespeare_models.element_spec(length))
   raise ValueError(f'unknown task {name!r}; one of {TASKS}')
 
 
@@ -329,8 +351,9 @@ class BenchmarkConfig:
   # caller's ExecutionContext's (experiments/benchmark.py passes the same).
   max_concurrent_computation_calls: int = 2
   # Recorded with the results; like the concurrency, the caller's
-  # ExecutionContext applies it ('runtime' or 'tff', `perfed_tff.compilation`).
-  graph_optimization: str = 'runtime'
+  # ExecutionContext applies it ('auto', 'runtime' or 'tff' as resolved by
+  # `perfed_tff.compilation`; each TFF contender's is in its results).
+  graph_optimization: str = 'auto'
   # tf.data autotuning of the client pipelines, for every contender alike
   # (see `client_datasets`).
   tf_data_autotune: bool = False
@@ -401,12 +424,17 @@ def run_benchmark(config: BenchmarkConfig, log: Callable[[str], None] = print
   task = make_task(config.task, num_clients=config.num_clients,
                    examples_per_client=config.examples_per_client,
                    seed=config.seed)
-  runners, build_s = {}, {}
+  runners, build_s, compiled_with = {}, {}, {}
   for c in contenders:
     t0 = time.perf_counter()
     runners[c] = build_contender(c, task, config)
     build_s[c] = time.perf_counter() - t0
     log(f'built {c} in {build_s[c]:.1f}s')
+    if isinstance(runners[c], TFFRunner):
+      compiled_with[c] = config.graph_optimization
+      if compiled_with[c] == 'auto':
+        compiled_with[c] = ('runtime' if compilation_lib.has_convolutions(
+            runners[c].process.next) else 'tff')
 
   # All contenders start from the same model (the TFF initial weights).
   init = None
@@ -448,7 +476,8 @@ def run_benchmark(config: BenchmarkConfig, log: Callable[[str], None] = print
         median_round_s=median,
         round_s=measured,
         gradient_evaluations_per_round=gradient_evaluations_per_round(
-            c, config.local_steps) * config.clients_per_round)
+            c, config.local_steps) * config.clients_per_round,
+        graph_optimization=compiled_with.get(c))
 
   def ratio(a, b):
     if a in results and b in results:
@@ -510,6 +539,67 @@ def run_benchmark(config: BenchmarkConfig, log: Callable[[str], None] = print
           (k, ratio(*k.split('/'))) for k in ratios),
       compute_ratios=compute_ratios,
       memory=memory,
+      environment=environment_info())
+
+
+def run_compilation_ab(config: BenchmarkConfig, contexts: dict,
+                       log: Callable[[str], None] = print) -> dict:
+  """Same-process A/B of compilations: `contexts` maps a name (e.g.
+  'runtime', 'tff') to an open `execution.ExecutionContext`; every TFF
+  contender of `config.contenders` is built and run under each, alternating
+  which goes first, on the same batches. Returns per contender the median
+  round under each and the median of the per-round ratios (first name /
+  second name)."""
+  from tensorflow_federated.python.core.impl.context_stack import context_stack_impl  # pylint: disable=g-import-not-at-top
+  names = list(contexts)
+  if len(names) != 2:
+    raise ValueError(f'expected two contexts, got {names}')
+  contenders = [c for c in config.contenders if not c.startswith('floor_')]
+  task = make_task(config.task, num_clients=config.num_clients,
+                   examples_per_client=config.examples_per_client,
+                   seed=config.seed)
+  previous = context_stack_impl.context_stack.current
+  runners = {}
+  try:
+    for name in names:
+      context_stack_impl.context_stack.set_default_context(
+          contexts[name].context)
+      for c in contenders:
+        runners[(name, c)] = build_contender(c, task, config)
+    times = collections.defaultdict(list)
+    client_ids = list(task.clients)
+    for r in range(config.warmup_rounds + config.rounds):
+      cohort = task_lib.sample_clients(client_ids, config.clients_per_round,
+                                       config.seed, r)
+      for c in contenders:
+        datasets = client_datasets(
+            task, cohort,
+            num_batches=batches_per_round(c, config.local_steps),
+            batch_size=config.batch_size, seed=config.seed, round_num=r,
+            autotune=config.tf_data_autotune)
+        for name in (names if r % 2 else names[::-1]):
+          context_stack_impl.context_stack.set_default_context(
+              contexts[name].context)
+          t0 = time.perf_counter()
+          runners[(name, c)].run_round(datasets)
+          times[(name, c)].append(time.perf_counter() - t0)
+      log(f'round {r}: ' + ', '.join(
+          f'{c}[{n}]={times[(n, c)][-1]:.3f}s' for c in contenders
+          for n in names))
+  finally:
+    context_stack_impl.context_stack.set_default_context(previous)
+  out = collections.OrderedDict()
+  for c in contenders:
+    a = times[(names[0], c)][config.warmup_rounds:]
+    b = times[(names[1], c)][config.warmup_rounds:]
+    out[c] = collections.OrderedDict(
+        [(f'{names[0]}_median_round_s', statistics.median(a)),
+         (f'{names[1]}_median_round_s', statistics.median(b)),
+         (f'{names[0]}/{names[1]}',
+          statistics.median(x / y for x, y in zip(a, b)))])
+  return collections.OrderedDict(
+      config=dataclasses.asdict(config) | {'contenders': contenders},
+      task_note=task.data_note, compilation_ab=out,
       environment=environment_info())
 
 
@@ -589,7 +679,11 @@ def markdown_table(report: dict) -> str:
       f"ratios (contenders interleaved in every round); TFF worker and floor "
       f"run {cfg['max_concurrent_computation_calls']} clients at a time; "
       f"TFF graphs compiled with graph_optimization="
-      f"'{cfg.get('graph_optimization', 'tff')}'.",
+      f"'{cfg.get('graph_optimization', 'tff')}'"
+      + (' (' + ', '.join(f"{c}: {r['graph_optimization']}"
+                          for c, r in results.items()
+                          if r.get('graph_optimization')) + ')'
+         if cfg.get('graph_optimization') == 'auto' else '') + '.',
       '',
       '| contender | grad evals / round | median round (s) | vs FedAvg '
       '| vs FedAvg (TFF default loop) | TFF / pure-TF floor '

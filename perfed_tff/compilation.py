@@ -13,17 +13,25 @@ the client loop unfused, with TensorFlow's L0 graph optimizer.
 call-dominant form, cache ids) but skips both steps: the client loop stays a
 `tf.function` call whose body the worker optimizes with Grappler once per
 session, after placement -- as TensorFlow does for the same `tf.function`
-outside TFF. On the EMNIST CNN this brought TFF Per-FedAvg HF from 1.24x to
-1.13x of the pure-TF floor (README, Performance).
+outside TFF. On the EMNIST CNN this brought TFF Per-FedAvg HF from 1.26x to
+1.12x of the pure-TF floor (README, Performance).
+
+It does not pay everywhere. In same-process A/B runs (alternating rounds,
+BUILD_NOTES.md), TFF's static pass was faster on the Shakespeare char LSTM
+(FedAvg 12%, HF 2.5%) and on the digits MLP (4-15%). The gain comes from fusing convolutions with their
+bias and activation, so `'auto'` compiles a computation with `'runtime'` when
+its graphs contain convolution ops and with TFF's compilation otherwise.
 
 It is for CPU workers. TFF inlines statically because a dataset argument of
 a function call placed on a GPU cannot be copied there; `'auto'` therefore
-picks `'runtime'` only for a worker started by this process on a machine
-where TensorFlow sees no GPU, and TFF's own compilation (`'tff'`) otherwise.
+applies the rule above only for a worker started by this process on a
+machine where TensorFlow sees no GPU, and is TFF's compilation (`'tff'`)
+otherwise.
 """
 
 from __future__ import annotations
 
+import itertools
 from typing import Callable
 
 from absl import logging
@@ -31,11 +39,18 @@ import tensorflow as tf
 from tensorflow_federated.python.core.backends.native import compiler as native_compiler
 from tensorflow_federated.python.core.environments.tensorflow_backend import compiled_computation_transformations
 from tensorflow_federated.python.core.environments.tensorflow_backend import tensorflow_tree_transformations
+from tensorflow_federated.python.core.impl.compiler import building_blocks
+from tensorflow_federated.python.core.impl.compiler import transformation_utils
 from tensorflow_federated.python.core.impl.compiler import transformations
 from tensorflow_federated.python.core.impl.computation import computation_impl
 from tensorflow_federated.python.core.impl.context_stack import context_stack_impl
+from tensorflow_federated.python.tensorflow_libs import serialization_utils
 
 GRAPH_OPTIMIZATIONS = ('auto', 'runtime', 'tff')
+# Ops whose fusions (with BiasAdd and an activation) runtime Grappler brings.
+CONVOLUTION_OPS = frozenset([
+    'Conv2D', 'Conv3D', 'DepthwiseConv2dNative', 'Conv2DBackpropInput',
+    'Conv2DBackpropFilter'])
 
 
 def compile_with_runtime_grappler(
@@ -61,6 +76,36 @@ def compile_with_runtime_grappler(
       context_stack=context_stack_impl.context_stack)
 
 
+def has_convolutions(comp: computation_impl.ConcreteComputation) -> bool:
+  """Whether any TensorFlow graph of `comp` (functions included) has a
+  convolution op."""
+  found = []
+
+  def visit(block):
+    if (not found and isinstance(block, building_blocks.CompiledComputation)
+        and block.proto.WhichOneof('computation') == 'tensorflow'):
+      graph = serialization_utils.unpack_graph_def(
+          block.proto.tensorflow.graph_def)
+      nodes = itertools.chain(graph.node,
+                              *[f.node_def for f in graph.library.function])
+      if any(node.op in CONVOLUTION_OPS for node in nodes):
+        found.append(True)
+    return block, False
+
+  transformation_utils.transform_postorder(comp.to_building_block(), visit)
+  return bool(found)
+
+
+def compile_by_model_kind(
+    comp: computation_impl.ConcreteComputation,
+) -> computation_impl.ConcreteComputation:
+  """`'auto'` on a local CPU worker: runtime Grappler for computations with
+  convolutions, TFF's compilation for the rest (module docstring)."""
+  if has_convolutions(comp):
+    return compile_with_runtime_grappler(comp)
+  return native_compiler.desugar_and_transform_to_native(comp)
+
+
 def check_graph_optimization(graph_optimization: str) -> str:
   if graph_optimization not in GRAPH_OPTIMIZATIONS:
     raise ValueError(
@@ -71,13 +116,14 @@ def check_graph_optimization(graph_optimization: str) -> str:
 
 def resolve_graph_optimization(graph_optimization: str, *,
                                local_worker: bool) -> str:
-  """'runtime' or 'tff' for `graph_optimization` ('auto': 'runtime' for a
-  local worker on a machine without a visible GPU, else 'tff')."""
+  """The setting in force: `graph_optimization` itself, except that 'auto'
+  stays 'auto' (decided per computation) only for a local worker on a
+  machine without a visible GPU, and is 'tff' otherwise."""
   check_graph_optimization(graph_optimization)
   if graph_optimization != 'auto':
     return graph_optimization
   if local_worker and not tf.config.list_physical_devices('GPU'):
-    return 'runtime'
+    return 'auto'
   return 'tff'
 
 
@@ -85,7 +131,10 @@ def compiler_fn(graph_optimization: str, *, local_worker: bool
                 ) -> Callable[[computation_impl.ConcreteComputation],
                               computation_impl.ConcreteComputation]:
   """The `compiler_fn` of a TFF execution context for `graph_optimization`."""
-  if resolve_graph_optimization(
-      graph_optimization, local_worker=local_worker) == 'runtime':
+  resolved = resolve_graph_optimization(graph_optimization,
+                                        local_worker=local_worker)
+  if resolved == 'runtime':
     return compile_with_runtime_grappler
+  if resolved == 'auto':
+    return compile_by_model_kind
   return native_compiler.desugar_and_transform_to_native

@@ -304,8 +304,10 @@ class ExecutionContext:
       (TFF itself would retry forever).
     graph_optimization: where Grappler optimizes the TensorFlow graphs
       (`perfed_tff.compilation`): 'runtime' (in the worker, after placement;
-      fastest on CPU), 'tff' (TFF's static pass), or 'auto' ('runtime' for
-      a locally started worker when TensorFlow sees no GPU, else 'tff').
+      fastest for convolutional models on CPU), 'tff' (TFF's static pass),
+      or 'auto' (for a locally started worker when TensorFlow sees no GPU:
+      'runtime' for computations with convolutions, 'tff' for the rest;
+      otherwise 'tff'). `self.graph_optimization` is the resolved setting.
 
   Contexts nest: closing one reinstalls the context of the `ExecutionContext`
   that was current when it was opened (if still open).

@@ -110,3 +110,28 @@ def test_benchmark_script_runs(tmp_path):
   report = json.loads(out.read_text())
   assert set(report['ratios']) == {'per_fedavg_fo/fedavg',
                                    'per_fedavg_fo/floor_fo'}
+
+
+def test_compilation_ab_runs_each_contender_under_both_contexts(tff_context):
+  from perfed_tff import execution
+  config = _config('synthetic', contenders=('fedavg', 'per_fedavg_fo',
+                                            'floor_fo'))
+  with execution.ExecutionContext(graph_optimization='tff') as static:
+    report = benchmark.run_compilation_ab(
+        config, {'auto': tff_context, 'tff': static}, log=lambda _: None)
+  from tensorflow_federated.python.core.impl.context_stack import context_stack_impl
+  assert context_stack_impl.context_stack.current is tff_context.context
+  assert set(report['compilation_ab']) == {'fedavg', 'per_fedavg_fo'}
+  for r in report['compilation_ab'].values():
+    assert r['auto_median_round_s'] > 0 and r['tff_median_round_s'] > 0
+    assert math.isfinite(r['auto/tff'])
+
+
+def test_shakespeare_lstm_task_has_next_character_labels():
+  task = benchmark.make_task('shakespeare_lstm', num_clients=2,
+                             examples_per_client=8)
+  assert len(task.clients) == 2
+  x, y = task.clients['client_0000']
+  assert x.shape == (2, 80) and x.dtype == np.int32
+  np.testing.assert_array_equal(y[:, :-1], x[:, 1:])
+  assert x.min() >= 1   # no padding: every position is a real character

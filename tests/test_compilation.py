@@ -63,8 +63,20 @@ def test_runtime_compilation_keeps_grappler_on_in_function_calls():
   assert on_tff == 0
 
 
+def test_auto_picks_runtime_grappler_for_convolutional_models_only():
+  from perfed_tff.models import emnist
+  cnn = perfed_tff.build_per_fedavg(
+      emnist.emnist_cnn_model_fn(num_classes=10), variant='fo', alpha=0.1,
+      beta=0.1, local_steps=1)
+  assert compilation.has_convolutions(cnn.next)
+  assert not compilation.has_convolutions(_process().next)
+  on, total = _call_ops(compilation.compile_by_model_kind(cnn.next))
+  assert total >= 1 and on == total
+  assert _call_ops(compilation.compile_by_model_kind(_process().next))[0] == 0
+
+
 def test_both_compilations_compute_the_same_round(tff_context):
-  assert tff_context.graph_optimization == 'runtime'   # CPU test machine
+  assert tff_context.graph_optimization == 'auto'   # CPU test machine
   rng = np.random.default_rng(3)
   datasets = []
   for n in (23, 40):
@@ -78,7 +90,9 @@ def test_both_compilations_compute_the_same_round(tff_context):
     state = process.next(process.initialize(), datasets).state
     return [np.asarray(w) for w in process.get_model_weights(state).trainable]
 
-  runtime = one_round()
+  with execution.ExecutionContext(graph_optimization='runtime') as context:
+    assert context.graph_optimization == 'runtime'
+    runtime = one_round()
   with execution.ExecutionContext(graph_optimization='tff') as context:
     assert context.graph_optimization == 'tff'
     static = one_round()
@@ -89,7 +103,9 @@ def test_both_compilations_compute_the_same_round(tff_context):
 
 def test_auto_resolution(monkeypatch):
   assert compilation.resolve_graph_optimization(
-      'auto', local_worker=True) == 'runtime'
+      'auto', local_worker=True) == 'auto'
+  assert (compilation.compiler_fn('auto', local_worker=True) is
+          compilation.compile_by_model_kind)
   assert compilation.resolve_graph_optimization(
       'auto', local_worker=False) == 'tff'
   for explicit in ('runtime', 'tff'):
