@@ -338,11 +338,11 @@ class ExecutionContext:
       self.local_workers.append(worker)
       workers = [worker.address]
     self.addresses = list(workers)
-    self.graph_optimization = compilation.resolve_graph_optimization(
-        graph_optimization, local_worker=bool(self.local_workers))
-    context_kwargs = _context_kwargs(self.graph_optimization,
-                                     bool(self.local_workers))
     try:
+      self.graph_optimization = compilation.resolve_graph_optimization(
+          graph_optimization, local_worker=bool(self.local_workers))
+      context_kwargs = _context_kwargs(self.graph_optimization,
+                                       bool(self.local_workers))
       if len(self.addresses) == 1:
         factory = _executor_factory(
             self.addresses[0], default_num_clients, ready_timeout,
