@@ -193,6 +193,28 @@ def client_datasets(task: BenchmarkTask, client_ids: Sequence[str], *,
   return out
 
 
+def round_datasets(task: BenchmarkTask, config: 'BenchmarkConfig',
+                   contender: str, round_num: int) -> list[tf.data.Dataset]:
+  """The batch streams `contender` consumes in round `round_num`: the
+  round's cohort (a pure function of (seed, round)), `batches_per_round`
+  batches per client."""
+  cohort = task_lib.sample_clients(list(task.clients),
+                                   config.clients_per_round, config.seed,
+                                   round_num)
+  return client_datasets(
+      task, cohort,
+      num_batches=batches_per_round(contender, config.local_steps),
+      batch_size=config.batch_size, seed=config.seed, round_num=round_num,
+      autotune=config.tf_data_autotune)
+
+
+def _timed_round(runner, datasets) -> float:
+  """Seconds one round of `runner` takes on `datasets`."""
+  t0 = time.perf_counter()
+  runner.run_round(datasets)
+  return time.perf_counter() - t0
+
+
 # ----------------------------------------------------------------------------
 # The pure-TF floor.
 
@@ -448,20 +470,12 @@ def run_benchmark(config: BenchmarkConfig, log: Callable[[str], None] = print
         runners[c].set_weights(init)
 
   times = collections.defaultdict(list)
-  client_ids = list(task.clients)
   total = config.warmup_rounds + config.rounds
   for r in range(total):
-    cohort = task_lib.sample_clients(client_ids, config.clients_per_round,
-                                     config.seed, r)
     order = contenders[r % len(contenders):] + contenders[:r % len(contenders)]
     for c in order:
-      datasets = client_datasets(
-          task, cohort, num_batches=batches_per_round(c, config.local_steps),
-          batch_size=config.batch_size, seed=config.seed, round_num=r,
-          autotune=config.tf_data_autotune)
-      t0 = time.perf_counter()
-      runners[c].run_round(datasets)
-      times[c].append(time.perf_counter() - t0)
+      times[c].append(
+          _timed_round(runners[c], round_datasets(task, config, c, r)))
     log(f'round {r}: ' + ', '.join(f'{c}={times[c][-1]:.3f}s'
                                    for c in contenders))
 
@@ -509,17 +523,10 @@ def run_benchmark(config: BenchmarkConfig, log: Callable[[str], None] = print
   compute_ratios = collections.OrderedDict()
   if config.empty_rounds:
     for c in contenders:
-      empty_times = []
-      for r in range(config.empty_rounds + 1):
-        cohort = task_lib.sample_clients(client_ids, config.clients_per_round,
-                                         config.seed, r)
-        datasets = [d.take(0) for d in client_datasets(
-            task, cohort, num_batches=1, batch_size=config.batch_size,
-            seed=config.seed, round_num=r,
-            autotune=config.tf_data_autotune)]
-        t0 = time.perf_counter()
-        runners[c].run_round(datasets)
-        empty_times.append(time.perf_counter() - t0)
+      empty_times = [
+          _timed_round(runners[c], [d.take(0) for d in
+                                    round_datasets(task, config, c, r)])
+          for r in range(config.empty_rounds + 1)]
       results[c]['empty_round_s'] = statistics.median(empty_times[1:])
     for alg, floor in FLOOR_OF.items():
       if alg in results and floor in results:
@@ -567,22 +574,13 @@ def run_compilation_ab(config: BenchmarkConfig, contexts: dict,
       for c in contenders:
         runners[(name, c)] = build_contender(c, task, config)
     times = collections.defaultdict(list)
-    client_ids = list(task.clients)
     for r in range(config.warmup_rounds + config.rounds):
-      cohort = task_lib.sample_clients(client_ids, config.clients_per_round,
-                                       config.seed, r)
       for c in contenders:
-        datasets = client_datasets(
-            task, cohort,
-            num_batches=batches_per_round(c, config.local_steps),
-            batch_size=config.batch_size, seed=config.seed, round_num=r,
-            autotune=config.tf_data_autotune)
+        datasets = round_datasets(task, config, c, r)
         for name in (names if r % 2 else names[::-1]):
           context_stack_impl.context_stack.set_default_context(
               contexts[name].context)
-          t0 = time.perf_counter()
-          runners[(name, c)].run_round(datasets)
-          times[(name, c)].append(time.perf_counter() - t0)
+          times[(name, c)].append(_timed_round(runners[(name, c)], datasets))
       log(f'round {r}: ' + ', '.join(
           f'{c}[{n}]={times[(n, c)][-1]:.3f}s' for c in contenders
           for n in names))
@@ -616,16 +614,9 @@ def measure_memory(task, runners, config, log) -> dict:
   against the mean of rounds (10%, 20%] (the first 10% warm the allocator)."""
   c = config.memory_contender
   runner = runners.get(c) or build_contender(c, task, config)
-  client_ids = list(task.clients)
   samples = []
   for r in range(config.memory_rounds):
-    cohort = task_lib.sample_clients(client_ids, config.clients_per_round,
-                                     config.seed, 1000 + r)
-    datasets = client_datasets(
-        task, cohort, num_batches=batches_per_round(c, config.local_steps),
-        batch_size=config.batch_size, seed=config.seed, round_num=1000 + r,
-        autotune=config.tf_data_autotune)
-    runner.run_round(datasets)
+    runner.run_round(round_datasets(task, config, c, 1000 + r))
     samples.append(rss_bytes())
     if (r + 1) % 10 == 0:
       log(f'memory round {r + 1}: {samples[-1]}')
