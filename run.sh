@@ -33,7 +33,7 @@ setup_env() {
   # (see BUILD_NOTES.md), then TFF itself without its (unsatisfiable) pins.
   .venv/bin/python -m pip install -q -r requirements/lock.txt
   .venv/bin/python -m pip install -q --no-deps tensorflow-federated==0.87.0
-  .venv/bin/python -m pip install -q --no-deps -e .
+  .venv/bin/python -m pip install -q --no-deps -e ".[experiments,test]"
   echo "$want" > "$stamp"
 }
 
@@ -44,7 +44,7 @@ case "$cmd" in
     setup_env
     # Per-FedAvg (HF) and TFF's FedAvg on label-skewed digits (50 users with
     # 2 classes each, 10 unseen users), then personalized evaluation.
-    exec .venv/bin/python experiments/train.py --algorithm=per_fedavg_hf \
+    exec .venv/bin/python -m experiments.train --algorithm=per_fedavg_hf \
       --compare_fedavg --dataset=digits \
       --dataset_options=num_users=50,classes_per_user=2,num_unseen_users=10 \
       --rounds=20 --clients_per_round=10 --alpha=0.02 --beta=0.1 \

@@ -4,11 +4,13 @@ import setuptools
 
 setuptools.setup(
     name='perfed_tff',
-    version='0.1.0',
+    version='0.2.0',
     description=('Per-FedAvg (Fallah, Mokhtari & Ozdaglar, NeurIPS 2020) as a '
                  'TensorFlow Federated LearningProcess'),
     long_description=open('README.md', encoding='utf-8').read(),
     long_description_content_type='text/markdown',
+    # The library only; experiments/ (binaries, comparisons, plots, the
+    # benchmark) runs from a checkout: `python -m experiments.train`.
     packages=setuptools.find_packages(include=['perfed_tff', 'perfed_tff.*']),
     python_requires='>=3.9,<3.12',  # tensorflow-federated 0.87.0's own range
     install_requires=[
@@ -20,13 +22,13 @@ setuptools.setup(
         'absl-py>=1.0,<2',
         'grpcio~=1.46',
         'portpicker~=1.6',
-        'tqdm~=4.64',
-        'scikit-learn>=1.2',
-        'matplotlib>=3.7',
-        'psutil>=5.9',
+        'scikit-learn>=1.2',   # the offline digits dataset
     ],
     extras_require={
+        # Progress bars, plots and process memory for experiments/.
+        'experiments': ['tqdm~=4.64', 'matplotlib>=3.7', 'psutil>=5.9'],
         'test': ['pytest>=7', 'pytest-timeout>=2', 'nbclient>=0.8',
-                 'nbformat>=5.9', 'ipykernel>=6'],
+                 'nbformat>=5.9', 'ipykernel>=6', 'psutil>=5.9',
+                 'matplotlib>=3.7'],
     },
 )

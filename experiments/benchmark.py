@@ -1,6 +1,6 @@
 r"""Round-time benchmark: TFF FedAvg, Per-FedAvg FO/HF/MAML and a pure-TF floor.
 
-  PYTHONPATH=. timeout 3000 .venv/bin/python experiments/benchmark.py \
+  timeout 3000 .venv/bin/python -m experiments.benchmark \
       --task=emnist_cnn --clients_per_round=10 --local_steps=5 --batch_size=32 \
       --rounds=10 --output_json=/tmp/bench_emnist_cnn.json
   # digits MLP, plus resident memory over 100 rounds of HF:
@@ -12,7 +12,7 @@ scikit-learn digits, synthetic FedProx Synthetic(1, 1).
 
 Prints a Markdown table and writes JSON with the per-contender timings and the
 ratios Per-FedAvg / FedAvg and TFF / pure-TF floor (see
-`perfed_tff.benchmark`). All TFF computations run in an owned
+`experiments.benchmarking`). All TFF computations run in an owned
 `perfed_tff.ExecutionContext`, whose worker is stopped on exit.
 """
 
@@ -24,8 +24,8 @@ from absl import flags
 from absl import logging
 import tensorflow as tf
 
-from perfed_tff import benchmark
-from perfed_tff import execution
+from experiments import benchmarking as benchmark
+from perfed_tff.runtime import execution
 
 _TASK = flags.DEFINE_enum('task', 'emnist_cnn', list(benchmark.TASKS),
                           'Dataset/model.')
@@ -60,7 +60,7 @@ _INTER = flags.DEFINE_integer(
     'TF inter-op threads, this process and the TFF worker (0: TF default).')
 _GRAPH_OPTIMIZATION = flags.DEFINE_enum(
     'graph_optimization', 'auto', ['auto', 'runtime', 'tff'],
-    'Where Grappler optimizes the TFF graphs (perfed_tff.compilation): in '
+    'Where Grappler optimizes the TFF graphs (perfed_tff.runtime.compilation): in '
     'the worker at run time, TFF\'s static pass, or auto.')
 _COMPILATION_AB = flags.DEFINE_bool(
     'compilation_ab', False,

@@ -1,21 +1,22 @@
 """perfed_tff: Personalized Federated Averaging on TensorFlow Federated.
 
 `build_per_fedavg` returns a `tff.learning.templates.LearningProcess`; see
-`perfed_tff.process` and `perfed_tff.client_work` for the math. Attributes are
-imported lazily so that tools which never touch TensorFlow (flag validation,
-`python -m perfed_tff.worker`) start without its import cost.
+`perfed_tff.per_fedavg` and `perfed_tff.per_fedavg_client_work` for the math.
+Attributes are imported lazily, and importing has no side effects: TFF's
+default context is untouched until you open `perfed_tff.ExecutionContext()`.
 """
 
 import importlib
 
-__version__ = '0.1.0'
+__version__ = '0.2.0'
 
 _LAZY = {
-    'build_per_fedavg': ('perfed_tff.process', 'build_per_fedavg'),
-    'ExecutionContext': ('perfed_tff.execution', 'ExecutionContext'),
-    'Variant': ('perfed_tff.client_work', 'Variant'),
-    'build_personalized_evaluation': ('perfed_tff.evaluation',
+    'build_per_fedavg': ('perfed_tff.per_fedavg', 'build_per_fedavg'),
+    'build_algorithm': ('perfed_tff.algorithms', 'build_algorithm'),
+    'Variant': ('perfed_tff.per_fedavg_client_work', 'Variant'),
+    'build_personalized_evaluation': ('perfed_tff.personalization_eval',
                                       'build_personalized_evaluation'),
+    'ExecutionContext': ('perfed_tff.runtime.execution', 'ExecutionContext'),
 }
 __all__ = sorted(_LAZY)
 

@@ -18,10 +18,39 @@ from typing import Union
 
 import tensorflow_federated as tff
 
-from perfed_tff import client_work as client_work_lib
-from perfed_tff import process as process_lib
+from perfed_tff import checks
+from perfed_tff import per_fedavg as per_fedavg_lib
+from perfed_tff import per_fedavg_client_work as client_work_lib
 
 ALGORITHMS = ('fedavg', 'per_fedavg_fo', 'per_fedavg_hf', 'per_fedavg_maml')
+
+
+LABELS = {
+    'fedavg': 'FedAvg',
+    'per_fedavg_fo': 'Per-FedAvg (FO)',
+    'per_fedavg_hf': 'Per-FedAvg (HF)',
+    'per_fedavg_maml': 'Per-FedAvg (MAML)',
+}
+
+
+def check_algorithm(algorithm: str, name: str = 'algorithm') -> str:
+  """`algorithm` if it is one of ALGORITHMS, else `ArgumentError`."""
+  return checks.choice(name, algorithm, ALGORITHMS)
+
+
+def parse_algorithms(value, name: str = 'algorithms') -> tuple[str, ...]:
+  """'fedavg,per_fedavg_hf' (or a sequence) -> distinct checked names."""
+  items = value.split(',') if isinstance(value, str) else list(value)
+  items = [str(a).strip() for a in items if str(a).strip()]
+  if not items:
+    raise checks.ArgumentError(name, f'must name at least one of '
+                               f'{list(ALGORITHMS)}')
+  for a in items:
+    check_algorithm(a, name)
+  if len(set(items)) != len(items):
+    raise checks.ArgumentError(name, f'lists an algorithm more than once: '
+                               f'{items}')
+  return tuple(items)
 
 
 def variant_of(algorithm: str) -> client_work_lib.Variant | None:
@@ -30,13 +59,6 @@ def variant_of(algorithm: str) -> client_work_lib.Variant | None:
   if algorithm == 'fedavg':
     return None
   return client_work_lib.Variant(algorithm[len('per_fedavg_'):])
-
-
-def check_algorithm(algorithm: str) -> str:
-  if algorithm not in ALGORITHMS:
-    raise ValueError(f'`algorithm` must be one of {list(ALGORITHMS)}, got '
-                     f'{algorithm!r}.')
-  return algorithm
 
 
 def batches_per_round(algorithm: str, local_steps: int) -> int:
@@ -65,19 +87,18 @@ def build_algorithm(
   """
   variant = variant_of(algorithm)
   if variant is not None:
-    return process_lib.build_per_fedavg(
+    return per_fedavg_lib.build_per_fedavg(
         model_fn, variant=variant, alpha=alpha, beta=beta, delta=delta,
         local_steps=local_steps, client_weighting=client_weighting,
         model_aggregator=model_aggregator)
   # Same validation as Per-FedAvg, so a bad flag fails the same way.
-  process_lib.check_positive_float('alpha', alpha)
-  beta = process_lib.check_positive_float('beta', beta)
-  if local_steps < 1:
-    raise ValueError(f'`local_steps` must be an integer >= 1, got {local_steps!r}.')
+  checks.positive_float('alpha', alpha)
+  beta = checks.positive_float('beta', beta)
+  checks.integer('local_steps', local_steps, 1)
   return tff.learning.algorithms.build_weighted_fed_avg(
       model_fn,
       client_optimizer_fn=tff.learning.optimizers.build_sgdm(learning_rate=beta),
       server_optimizer_fn=tff.learning.optimizers.build_sgdm(learning_rate=1.0),
-      client_weighting=process_lib.check_weighting(client_weighting),
+      client_weighting=per_fedavg_lib.check_weighting(client_weighting),
       model_aggregator=model_aggregator,
       loop_implementation=tff.learning.LoopImplementation.DATASET_ITERATOR)

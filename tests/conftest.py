@@ -21,7 +21,7 @@ def _worker_children():
 
 @pytest.fixture(scope='session', autouse=True)
 def tff_context():
-  from perfed_tff import execution  # Imports TF/TFF once, here.
+  from perfed_tff.runtime import execution  # Imports TF/TFF once, here.
   with execution.ExecutionContext() as context:
     yield context
   execution.stop_all_workers()
@@ -29,7 +29,7 @@ def tff_context():
 
 def pytest_sessionfinish(session, exitstatus):
   try:
-    from perfed_tff import execution
+    from perfed_tff.runtime import execution
     execution.stop_all_workers()
   except ImportError:
     pass

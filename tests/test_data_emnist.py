@@ -46,7 +46,7 @@ def test_examples_match_the_file(cache_dir, name, classes):
 
 def test_unseen_clients(cache_dir):
   task = registry.load_task('emnist', cache_dir=cache_dir, seed=7,
-                            num_unseen_clients=1)
+                            num_unseen_users=1)
   train_ids, test_ids = task.unseen[0].client_ids, task.unseen[1].client_ids
   assert len(train_ids) == 1 and train_ids == test_ids
   assert sorted(task.client_ids + train_ids) == IDS
@@ -57,15 +57,15 @@ def test_unseen_clients(cache_dir):
   e = next(iter(task.unseen[1].create_tf_dataset_for_client(train_ids[0])))
   np.testing.assert_array_equal(e['x'][..., 0], fx.emnist_pixels(k, 6))
   again = registry.load_task('emnist', cache_dir=cache_dir, seed=7,
-                             num_unseen_clients=1)
+                             num_unseen_users=1)
   assert again.unseen[0].client_ids == train_ids
   half = registry.load_task('emnist62', cache_dir=cache_dir, unseen_fraction=0.5)
   assert len(half.client_ids) == 2 and len(half.unseen[0].client_ids) == 2
   with pytest.raises(ValueError, match='at most one of'):
-    registry.load_task('emnist', cache_dir=cache_dir, num_unseen_clients=1,
+    registry.load_task('emnist', cache_dir=cache_dir, num_unseen_users=1,
                        unseen_fraction=0.5)
   with pytest.raises(ValueError, match=r'must be in \[0, 4\)'):
-    registry.load_task('emnist', cache_dir=cache_dir, num_unseen_clients=4)
+    registry.load_task('emnist', cache_dir=cache_dir, num_unseen_users=4)
 
 
 def test_models():
@@ -102,7 +102,7 @@ def test_clients_are_created_lazily(tmp_path, monkeypatch):
                   'all_test')})
     created.clear()
     task = registry.load_task('emnist', cache_dir=str(cache),
-                              num_unseen_clients=population // 4)
+                              num_unseen_users=population // 4)
     counts[population] = len(created)
     assert len(task.client_ids) == population - population // 4
   assert counts[3400] == counts[4] <= 6

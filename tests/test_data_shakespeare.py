@@ -113,16 +113,9 @@ def test_model_shapes_and_mask():
 @pytest.mark.parametrize('algorithm', ['per_fedavg_hf', 'fedavg'])
 def test_round_end_to_end(task, algorithm):
   clients = [CUPID, 'THE_TRAGEDY_OF_KING_LEAR_KENT']
-  before, after, metrics = fx.run_round(task, algorithm, client_ids=clients)
-  assert metrics['num_examples'] == (12 if algorithm == 'per_fedavg_hf' else 4)
-  assert all(np.isfinite(w).all() for w in after)
-  assert any(not np.allclose(a, b) for a, b in zip(after, before))
   # Loss (and for FedAvg accuracy, token count) at the initial model on each
   # client's first batch, recomputed in NumPy with the padding mask.
-  model = task.keras_model_fn()
-  for w, v in zip(model.trainable_weights, before):  # Same layout, same init.
-    np.testing.assert_allclose(w.numpy(), v, atol=1e-6)
-    w.assign(v)
+  model, metrics = fx.run_checked_round(task, algorithm, clients)
   losses, correct, tokens = [], 0, 0
   for b in fx.first_batches(task, algorithm, client_ids=clients):
     logits = model(b['x']).numpy()

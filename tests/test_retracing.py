@@ -9,8 +9,8 @@ import collections
 
 import pytest
 
-from perfed_tff import benchmark
-from perfed_tff import client_work
+from experiments import benchmarking as benchmark
+from perfed_tff import per_fedavg_client_work as client_work
 
 CONFIG = benchmark.BenchmarkConfig(
     task='digits_mlp', clients_per_round=3, num_clients=8, local_steps=2,

@@ -112,6 +112,29 @@ def _client_data(x, y, index_sets, user_ids):
       for uid, idx in zip(user_ids, index_sets)})
 
 
+def vector_classification_task(name, train, test, unseen, *, input_dim: int,
+                               model: str, seed: int,
+                               hidden_units=mlp.PAPER_HIDDEN_UNITS
+                               ) -> task_lib.FederatedTask:
+  """A `FederatedTask` of flat [input_dim] float32 inputs and 10 classes with
+  the paper's MLP (`model='mlp'`) or softmax regression (`'linear'`)."""
+  if model == 'mlp':
+    hidden_units = tuple(hidden_units)
+    model_fn = mlp.mlp_model_fn((input_dim,), NUM_CLASSES,
+                                hidden_units=hidden_units, seed=seed)
+    keras_model_fn = lambda: mlp.create_mlp((input_dim,), NUM_CLASSES,
+                                            hidden_units=hidden_units, seed=seed)
+  else:
+    model_fn = linear.softmax_regression_model_fn(input_dim, NUM_CLASSES, seed)
+    keras_model_fn = lambda: linear.create_softmax_regression(
+        input_dim, NUM_CLASSES, seed)
+  return task_lib.FederatedTask(
+      name=name, train=train, test=test, unseen=unseen,
+      model_fn=model_fn, keras_model_fn=keras_model_fn,
+      loss_fn=mlp.loss_fn,
+      element_spec=mlp.element_spec((input_dim,)))
+
+
 def load_digits_task(*, num_users: int = 50, classes_per_user: int = 2,
                      num_unseen_users: int = 0, train_fraction: float = 0.8,
                      seed: int = 0, model: str = 'mlp',
@@ -137,19 +160,7 @@ def load_digits_task(*, num_users: int = 50, classes_per_user: int = 2,
   train, test = client_data(range(num_users))
   unseen = (client_data(range(num_users, num_users + num_unseen_users))
             if num_unseen_users else None)
-  if model == 'mlp':
-    hidden_units = tuple(hidden_units)
-    model_fn = mlp.mlp_model_fn((INPUT_DIM,), NUM_CLASSES,
-                                hidden_units=hidden_units, seed=seed)
-    keras_model_fn = lambda: mlp.create_mlp((INPUT_DIM,), NUM_CLASSES,
-                                            hidden_units=hidden_units, seed=seed)
-  else:
-    model_fn = linear.softmax_regression_model_fn(INPUT_DIM, NUM_CLASSES, seed)
-    keras_model_fn = lambda: linear.create_softmax_regression(
-        INPUT_DIM, NUM_CLASSES, seed)
-  return task_lib.FederatedTask(
-      name=f'digits(n={num_users},c={classes_per_user},{model})',
-      train=train, test=test, unseen=unseen,
-      model_fn=model_fn, keras_model_fn=keras_model_fn,
-      loss_fn=mlp.loss_fn,
-      element_spec=mlp.element_spec((INPUT_DIM,)))
+  return vector_classification_task(
+      f'digits(n={num_users},c={classes_per_user},{model})', train, test,
+      unseen, input_dim=INPUT_DIM, model=model, seed=seed,
+      hidden_units=hidden_units)

@@ -7,7 +7,7 @@
 becomes OrderedDict(x=pixels[..., None] [28, 28, 1] float32, y=label int32).
 
 Every writer's train split is its training data and its test split its held-out
-data (the same client ids in both). `num_unseen_clients` writers (a seeded
+data (the same client ids in both). `num_unseen_users` writers (a seeded
 choice) are removed from training and form the unseen population.
 
 Client datasets are SQL queries built only when a client is asked for
@@ -41,7 +41,7 @@ def to_xy(example) -> collections.OrderedDict:
 
 def load_emnist(*, only_digits: bool = True, cache_dir: Optional[str] = None,
                 model: str = 'cnn', seed: int = 0,
-                num_unseen_clients: Optional[int] = None,
+                num_unseen_users: Optional[int] = None,
                 unseen_fraction: Optional[float] = None,
                 download: bool = True,
                 download_timeout: float = offline.DEFAULT_DOWNLOAD_TIMEOUT
@@ -53,7 +53,7 @@ def load_emnist(*, only_digits: bool = True, cache_dir: Optional[str] = None,
     cache_dir: directory holding `emnist_all.sqlite` (`None`: `~/.tff`).
     model: 'cnn' (TFF's EMNIST CNN) or 'mlp' (the paper's 80-60 ELU MLP).
     seed: seeds the choice of unseen clients and the model initialization.
-    num_unseen_clients / unseen_fraction: clients held out of training.
+    num_unseen_users / unseen_fraction: clients held out of training.
     download: whether TFF may try to download a missing file.
     download_timeout: socket timeout (s) for that download.
 
@@ -74,7 +74,7 @@ def load_emnist(*, only_digits: bool = True, cache_dir: Optional[str] = None,
     raise ValueError(f'{name}: no client has both train and test examples in '
                      f'{offline.resolve_cache_dir(cache_dir)}/{FILENAME}.')
   num_unseen = unseen_lib.num_unseen_from(
-      len(client_ids), num_unseen_clients, unseen_fraction)
+      len(client_ids), num_unseen_users, unseen_fraction)
   seen, unseen_ids = unseen_lib.split_unseen(client_ids, num_unseen, seed)
 
   def client_data(source, ids):

@@ -89,7 +89,7 @@ def build_preprocess_fn(sequence_length: int = DEFAULT_SEQUENCE_LENGTH):
 
 def load_shakespeare(*, cache_dir: Optional[str] = None, seed: int = 0,
                      sequence_length: int = DEFAULT_SEQUENCE_LENGTH,
-                     num_unseen_clients: Optional[int] = None,
+                     num_unseen_users: Optional[int] = None,
                      unseen_fraction: Optional[float] = None,
                      lstm_units: int = shakespeare_models.LSTM_UNITS,
                      download: bool = True,
@@ -102,7 +102,7 @@ def load_shakespeare(*, cache_dir: Optional[str] = None, seed: int = 0,
     cache_dir: directory holding `shakespeare.sqlite` (`None`: `~/.tff`).
     seed: seeds the choice of unseen clients and the model initialization.
     sequence_length: L, tokens per example (TFF's default 80).
-    num_unseen_clients / unseen_fraction: roles held out of training.
+    num_unseen_users / unseen_fraction: roles held out of training.
     lstm_units: units of each LSTM layer (256 in McMahan et al.).
     download: whether TFF may try to download a missing file.
     download_timeout: socket timeout (s) for that download.
@@ -120,7 +120,7 @@ def load_shakespeare(*, cache_dir: Optional[str] = None, seed: int = 0,
     raise ValueError('Shakespeare: no client has both train and test examples '
                      f'in {offline.resolve_cache_dir(cache_dir)}/{FILENAME}.')
   num_unseen = unseen_lib.num_unseen_from(
-      len(client_ids), num_unseen_clients, unseen_fraction)
+      len(client_ids), num_unseen_users, unseen_fraction)
   seen, unseen_ids = unseen_lib.split_unseen(client_ids, num_unseen, seed)
 
   def client_data(source, ids):
@@ -140,4 +140,5 @@ def load_shakespeare(*, cache_dir: Optional[str] = None, seed: int = 0,
           VOCAB_SIZE, sequence_length, lstm_units=lstm_units, seed=seed),
       loss_fn=lambda: shakespeare_models.loss_fn(PAD),
       element_spec=shakespeare_models.element_spec(sequence_length),
-      shuffle_buffer=100)
+      shuffle_buffer=100,
+      ignore_label=PAD)

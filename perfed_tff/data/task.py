@@ -8,6 +8,7 @@ Every dataset (synthetic, digits, EMNIST, Shakespeare) is exposed the same way:
 * `unseen`: optional `(train, test)` pair of users never used in training.
 * `model_fn`: no-arg callable returning a `tff.learning.models.VariableModel`.
 * `keras_model_fn`: the Keras model behind it (for pure-TF code).
+* `ignore_label`: a label value that accuracy skips (Shakespeare's padding).
 
 `client_batches` turns one client's examples into the batch stream consumed by
 the client work (shuffled with a per-client, per-round seed, repeated as
@@ -36,6 +37,7 @@ class FederatedTask:
   element_spec: object   # spec of one *batch*: OrderedDict(x=..., y=...)
   unseen: Optional[tuple] = None   # (train ClientData, test ClientData)
   shuffle_buffer: int = 1000
+  ignore_label: Optional[int] = None  # label left out of accuracy (padding)
 
   @property
   def client_ids(self) -> Sequence[str]:

@@ -10,12 +10,12 @@ import tensorflow as tf
 import tensorflow_federated as tff
 
 
-def num_unseen_from(num_clients: int, num_unseen_clients: Optional[int],
+def num_unseen_from(num_clients: int, num_unseen_users: Optional[int],
                     unseen_fraction: Optional[float]) -> int:
-  """The number of unseen clients: `num_unseen_clients`, or
+  """The number of unseen clients: `num_unseen_users`, or
   round(`unseen_fraction` * `num_clients`); 0 when neither is given."""
-  if num_unseen_clients is not None and unseen_fraction is not None:
-    raise ValueError('give at most one of `num_unseen_clients` and '
+  if num_unseen_users is not None and unseen_fraction is not None:
+    raise ValueError('give at most one of `num_unseen_users` and '
                      '`unseen_fraction`.')
   if unseen_fraction is not None:
     if (isinstance(unseen_fraction, bool)
@@ -24,9 +24,9 @@ def num_unseen_from(num_clients: int, num_unseen_clients: Optional[int],
       raise ValueError(f'`unseen_fraction` must be in [0, 1), got '
                        f'{unseen_fraction!r}.')
     return int(round(unseen_fraction * num_clients))
-  n = 0 if num_unseen_clients is None else num_unseen_clients
+  n = 0 if num_unseen_users is None else num_unseen_users
   if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
-    raise ValueError(f'`num_unseen_clients` must be an int >= 0, got {n!r}.')
+    raise ValueError(f'`num_unseen_users` must be an int >= 0, got {n!r}.')
   return int(n)
 
 

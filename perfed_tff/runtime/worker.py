@@ -1,6 +1,6 @@
 r"""Serves TFF's C++ executor service (`worker_binary`) on this host.
 
-  python -m perfed_tff.worker --port=8000
+  python -m perfed_tff.runtime.worker --port=8000
 
 runs the `worker_binary` shipped in the tensorflow-federated wheel in place of
 this Python process (exec: signals, exit status and output are the worker's
@@ -19,11 +19,6 @@ import sys
 from absl import app
 from absl import flags
 
-_PORT = flags.DEFINE_integer('port', None, 'TCP port to serve on (1-65535).')
-_MAX_CALLS = flags.DEFINE_integer(
-    'max_concurrent_computation_calls', -1,
-    'Most parallel calls of one computation (clients run in parallel up to '
-    'this); <= 0: unlimited.')
 
 
 def worker_binary_path() -> str:
@@ -47,6 +42,16 @@ def worker_command(port: int, max_concurrent_computation_calls: int = -1
           f'--max_concurrent_computation_calls={max_concurrent_computation_calls}']
 
 
+def _define_flags():
+  """The binary's flags (defined only when run as a program)."""
+  global _PORT, _MAX_CALLS
+  _PORT = flags.DEFINE_integer('port', None, 'TCP port to serve on (1-65535).')
+  _MAX_CALLS = flags.DEFINE_integer(
+      'max_concurrent_computation_calls', -1,
+      'Most parallel calls of one computation (clients run in parallel up to '
+      'this); <= 0: unlimited.')
+
+
 def main(argv):
   if len(argv) > 1:
     print(f'worker: error: unexpected arguments {argv[1:]}', file=sys.stderr)
@@ -65,4 +70,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  _define_flags()
   app.run(main)

@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_federated as tff
 
-from perfed_tff import evaluation
+from perfed_tff import personalization_eval as evaluation
 from perfed_tff.models import linear
 
 DIM, CLASSES = 4, 3

@@ -12,7 +12,6 @@ import numpy as np
 import psutil
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TRAIN = os.path.join(ROOT, 'experiments', 'train.py')
 
 # Small and fast: synthetic data (30 users), softmax regression.
 BASE_FLAGS = ('--algorithm=per_fedavg_fo', '--dataset=synthetic',
@@ -30,20 +29,22 @@ def env():
 
 
 def command(*flags):
-  return [sys.executable, TRAIN, *BASE_FLAGS, *flags]
+  return [sys.executable, '-m', 'experiments.train', *BASE_FLAGS, *flags]
 
 
 def run(*flags, timeout=240):
   """Runs the binary to the end; returns CompletedProcess (text)."""
   return subprocess.run(command(*flags), env=env(), capture_output=True,
-                        text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+                        text=True, timeout=timeout, stdin=subprocess.DEVNULL,
+                        cwd=ROOT)
 
 
 def start(*flags, log_path):
   """Starts the binary in the background, output to `log_path`."""
   log = open(log_path, 'ab')
   return subprocess.Popen(command(*flags), env=env(), stdout=log,
-                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                          cwd=ROOT)
 
 
 def csv_rounds(path):

@@ -9,7 +9,7 @@ import time
 import portpicker
 import pytest
 
-from tests import test_train_binary_helpers as h
+from tests import binary_helpers as h
 
 pytestmark = pytest.mark.slow
 ROUNDS = '--rounds=12'
@@ -26,7 +26,7 @@ def baseline(tmp_path_factory):
 
 def _start_worker(port, log_path):
   return subprocess.Popen(
-      [sys.executable, '-m', 'perfed_tff.worker', f'--port={port}'],
+      [sys.executable, '-m', 'perfed_tff.runtime.worker', f'--port={port}'],
       env=h.env(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
       stderr=open(log_path, 'ab'))
 

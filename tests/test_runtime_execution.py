@@ -1,4 +1,4 @@
-"""`perfed_tff.execution`: nested contexts, two-worker mergeable execution,
+"""`perfed_tff.runtime.execution`: nested contexts, two-worker mergeable execution,
 and a bounded wait (clear error) when a worker dies."""
 
 import time
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import tensorflow_federated as tff
 
-from perfed_tff import execution
+from perfed_tff.runtime import execution
 from tensorflow_federated.python.core.impl.context_stack import context_stack_impl
 
 

@@ -13,12 +13,13 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# Starts a worker (through the owned default context: no ExecutionContext is
-# opened explicitly), prints its pid, then ends as `MODE` says.
+# Opens an ExecutionContext without closing it (the one line a library user
+# writes), prints its worker's pid, then ends as `MODE` says.
 SCRIPT = textwrap.dedent('''
     import os, sys, time, psutil
     import tensorflow as tf, tensorflow_federated as tff
-    import perfed_tff.process  # installs the owned default context
+    import perfed_tff
+    perfed_tff.ExecutionContext()
     @tff.tensorflow.computation(tf.float32)
     def add_one(x):
       return x + 1
@@ -78,3 +79,34 @@ def test_worker_stops_when_python_is_signalled(sig):
   proc.send_signal(sig)
   proc.communicate(timeout=120)
   assert _gone(pids), f'worker survived {sig!r}'
+
+
+IMPORT_SCRIPT = textwrap.dedent('''
+    import psutil
+    import tensorflow_federated as tff
+    from tensorflow_federated.python.core.impl.context_stack import context_stack_impl
+    before = context_stack_impl.context_stack.current
+    import perfed_tff
+    from perfed_tff import algorithms, personalization_eval
+    from perfed_tff.program import training_loop
+    from perfed_tff.runtime import execution
+    from perfed_tff.models import linear
+    process = perfed_tff.build_per_fedavg(
+        linear.softmax_regression_model_fn(4, 3, 0), variant='hf',
+        alpha=0.1, beta=0.1, local_steps=1)
+    fedavg = algorithms.build_algorithm(
+        'fedavg', linear.softmax_regression_model_fn(4, 3, 0), alpha=0.1,
+        beta=0.1, local_steps=1)
+    assert context_stack_impl.context_stack.current is before, 'context replaced'
+    workers = [p for p in psutil.Process().children(recursive=True)
+               if 'worker_binary' in ' '.join(p.cmdline())]
+    assert not workers, workers
+    print('UNTOUCHED')
+''')
+
+
+def test_import_and_build_start_no_worker_and_keep_tffs_context():
+  env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL='3')
+  r = subprocess.run([sys.executable, '-c', IMPORT_SCRIPT], env=env,
+                     capture_output=True, text=True, timeout=240)
+  assert r.returncode == 0 and 'UNTOUCHED' in r.stdout, r.stderr[-3000:]

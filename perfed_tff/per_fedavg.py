@@ -1,8 +1,12 @@
 """`build_per_fedavg`: Per-FedAvg as a `tff.learning.templates.LearningProcess`.
 
+Personalized Federated Averaging: Fallah, Mokhtari & Ozdaglar, "Personalized
+Federated Learning with Theoretical Guarantees: A Model-Agnostic
+Meta-Learning Approach", NeurIPS 2020, https://arxiv.org/abs/2002.07948.
+
 Composed like `tff.learning.algorithms.build_weighted_fed_avg`: broadcast the
 global model w, run Per-FedAvg client work (tau local MAML steps, see
-`perfed_tff.client_work`), aggregate the client updates w - w_i with a weighted
+`perfed_tff.per_fedavg_client_work`), aggregate the client updates w - w_i with a weighted
 `tff.aggregators` factory (mean by default) and apply them with plain SGD at
 learning rate 1, so the new global model is the (weighted) average of the
 client models, sum_i p_i w_i with sum_i p_i = 1. Non-finite aggregates are
@@ -11,47 +15,40 @@ rejected by the finalizer and leave w unchanged.
 
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Callable, Optional, Union
 
 import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
-from perfed_tff import client_work as client_work_lib
-from perfed_tff import execution  # noqa: F401  (replaces TFF's unowned default context)
+from perfed_tff import checks
+from perfed_tff import per_fedavg_client_work as client_work_lib
 
 ClientWeighting = tff.learning.ClientWeighting
 
 
-def check_positive_float(name: str, value) -> float:
-  if (isinstance(value, bool) or not isinstance(value, numbers.Real)
-      or not math.isfinite(value) or value <= 0):
-    raise ValueError(f'`{name}` must be a finite number > 0, got {value!r}.')
-  return float(value)
-
-
-def _check_variant(variant) -> client_work_lib.Variant:
+def check_variant(variant) -> client_work_lib.Variant:
+  """'fo' | 'hf' | 'maml' (any case) or a `Variant` -> `Variant`."""
   try:
     return client_work_lib.Variant(
         variant.lower() if isinstance(variant, str) else variant)
   except ValueError:
-    raise ValueError(
-        f'`variant` must be one of {[v.value for v in client_work_lib.Variant]}'
-        f', got {variant!r}.') from None
+    raise checks.ArgumentError(
+        'variant', f'must be one of {[v.value for v in client_work_lib.Variant]}'
+        f', got {variant!r}') from None
 
 
 def check_weighting(client_weighting) -> ClientWeighting:
+  """'uniform' | 'num_examples' or a `tff.learning.ClientWeighting`."""
   if isinstance(client_weighting, ClientWeighting):
     return client_weighting
   names = {'uniform': ClientWeighting.UNIFORM,
            'num_examples': ClientWeighting.NUM_EXAMPLES}
   if isinstance(client_weighting, str) and client_weighting.lower() in names:
     return names[client_weighting.lower()]
-  raise ValueError(
-      '`client_weighting` must be a tff.learning.ClientWeighting or one of '
-      f"{sorted(names)}, got {client_weighting!r}.")
+  raise checks.ArgumentError(
+      'client_weighting', 'must be a tff.learning.ClientWeighting or one of '
+      f'{sorted(names)}, got {client_weighting!r}')
 
 
 def initial_model_weights_computation(model_fn) -> tff.Computation:
@@ -121,7 +118,7 @@ def build_per_fedavg(
 
   Each sampled client runs tau = `local_steps` MAML steps from the global model
   w: w~ = w - alpha g_D(w), then w <- w - beta * (meta-gradient at w~ on D'),
-  with the Hessian term on D'' for HF/MAML (see `perfed_tff.client_work`).
+  with the Hessian term on D'' for HF/MAML (see `perfed_tff.per_fedavg_client_work`).
   The server sets w to the average of the returned client models.
 
   Client data: a `tf.data.Dataset` of batches; local step t consumes the next
@@ -153,14 +150,11 @@ def build_per_fedavg(
     ValueError: on an unknown variant or client weighting, alpha/beta/delta
       <= 0, or local_steps < 1.
   """
-  variant = _check_variant(variant)
-  alpha = check_positive_float('alpha', alpha)
-  beta = check_positive_float('beta', beta)
-  delta = check_positive_float('delta', delta)
-  if (isinstance(local_steps, bool) or not isinstance(local_steps, numbers.Integral)
-      or local_steps < 1):
-    raise ValueError(f'`local_steps` must be an integer >= 1, got {local_steps!r}.')
-  local_steps = int(local_steps)
+  variant = check_variant(variant)
+  alpha = checks.positive_float('alpha', alpha)
+  beta = checks.positive_float('beta', beta)
+  delta = checks.positive_float('delta', delta)
+  local_steps = checks.integer('local_steps', local_steps, 1)
   client_weighting = check_weighting(client_weighting)
   if metrics_aggregator is not None and not callable(metrics_aggregator):
     raise TypeError('`metrics_aggregator` must be callable, got '

@@ -42,11 +42,11 @@ from tensorflow_federated.python.core.impl.execution_contexts import async_execu
 from tensorflow_federated.python.core.impl.execution_contexts import sync_execution_context
 from tensorflow_federated.python.core.impl.types import placements
 from tensorflow_federated.python.core.environments.tensorflow_frontend import tensorflow_computation
-from tensorflow_federated.python.core.impl.context_stack import context_base
 from tensorflow_federated.python.core.impl.context_stack import context_stack_impl
 from tensorflow_federated.python.core.impl.context_stack import runtime_error_context
 
-from perfed_tff import compilation
+from perfed_tff.runtime import compilation
+from perfed_tff.runtime.worker import worker_binary_path
 
 _GRPC_MAX_MESSAGE_BYTES = 2 * 1000 * 1000 * 1000
 _GRPC_OPTIONS = [
@@ -55,17 +55,6 @@ _GRPC_OPTIONS = [
     ('grpc.max_send_message_length', _GRPC_MAX_MESSAGE_BYTES),
 ]
 _PR_SET_PDEATHSIG = 1
-
-
-def worker_binary_path() -> str:
-  """Path of the `worker_binary` shipped inside the tensorflow-federated wheel."""
-  path = os.path.join(os.path.dirname(tff.__file__), 'data', 'worker_binary')
-  if not os.path.isfile(path):
-    raise RuntimeError(
-        f'TFF worker binary not found at {path}; is tensorflow-federated '
-        '0.87.0 installed for this interpreter?'
-    )
-  return path
 
 
 def _die_with_parent():  # Runs in the child between fork and exec.
@@ -191,7 +180,7 @@ def wait_until_ready(stub, address: str, timeout: float) -> None:
     if time.monotonic() > deadline:
       raise WorkerUnavailableError(
           f'TFF worker at {address} did not become ready within '
-          f'{timeout:.0f}s; is `python -m perfed_tff.worker --port=PORT` '
+          f'{timeout:.0f}s; is `python -m perfed_tff.runtime.worker --port=PORT` '
           'running there?'
       )
     time.sleep(0.05)
@@ -287,7 +276,7 @@ class ExecutionContext:
 
   With no `workers`, starts one local `worker_binary` (like TFF's default C++
   context). With `workers=['host:port', ...]`, connects to running workers
-  (see `python -m perfed_tff.worker`); with more than one, each round's clients
+  (see `python -m perfed_tff.runtime.worker`); with more than one, each round's clients
   are split across them by TFF's mergeable-computation context.
 
   Use as a context manager, or call `close()`; either way, workers started here
@@ -303,7 +292,7 @@ class ExecutionContext:
       wait for it to come back before `WorkerUnavailableError` is raised
       (TFF itself would retry forever).
     graph_optimization: where Grappler optimizes the TensorFlow graphs
-      (`perfed_tff.compilation`): 'runtime' (in the worker, after placement;
+      (`perfed_tff.runtime.compilation`): 'runtime' (in the worker, after placement;
       fastest for convolutional models on CPU), 'tff' (TFF's static pass),
       or 'auto' (for a locally started worker when TensorFlow sees no GPU:
       'runtime' for computations with convolutions, 'tff' for the rest;
@@ -393,32 +382,3 @@ class ExecutionContext:
 
   def __exit__(self, *exc_info) -> None:
     self.close()
-
-
-def _is_tff_import_default(context) -> bool:
-  """True for the context `import tensorflow_federated` installs (TFF's local
-  C++ context, whose worker would be unowned)."""
-  factory = getattr(context, '_executor_factory', None)
-  stack_fn = getattr(factory, '_executor_stack_fn', None)
-  return (getattr(stack_fn, '__qualname__', '') ==
-          'local_cpp_executor_factory.<locals>.stack_fn')
-
-
-class _OwnedOnFirstUseContext(context_base.SyncContext):
-  """Stands in for TFF's import-time default: the first invocation opens an
-  owned `ExecutionContext` (worker stopped at exit and on SIGTERM/SIGINT),
-  which then serves every later invocation."""
-
-  def invoke(self, comp, arg):
-    return ExecutionContext().context.invoke(comp, arg)
-
-
-def install_owned_default_context() -> None:
-  """Replaces TFF's import-time default context (and only that one) so that
-  code which never opens an `ExecutionContext` still gets an owned worker."""
-  if _is_tff_import_default(context_stack_impl.context_stack.current):
-    context_stack_impl.context_stack.set_default_context(
-        _OwnedOnFirstUseContext())
-
-
-install_owned_default_context()

@@ -1,4 +1,4 @@
-"""`perfed_tff.compilation`: runtime-Grappler compilation keeps the client loop
+"""`perfed_tff.runtime.compilation`: runtime-Grappler compilation keeps the client loop
 a function call with Grappler enabled, computes the same round as TFF's own
 compilation, and 'auto' falls back to TFF's compilation where it must."""
 
@@ -13,8 +13,8 @@ from tensorflow_federated.python.core.impl.compiler import transformation_utils
 from tensorflow_federated.python.tensorflow_libs import serialization_utils
 
 import perfed_tff
-from perfed_tff import compilation
-from perfed_tff import execution
+from perfed_tff.runtime import compilation
+from perfed_tff.runtime import execution
 from perfed_tff.models import linear
 
 DIM, CLASSES = 4, 3
@@ -121,5 +121,5 @@ def test_auto_resolution(monkeypatch):
 
 
 def test_unknown_graph_optimization_is_rejected_before_a_worker_starts():
-  with pytest.raises(ValueError, match='graph_optimization must be one of'):
+  with pytest.raises(ValueError, match='`graph_optimization` must be one of'):
     execution.ExecutionContext(graph_optimization='xla')

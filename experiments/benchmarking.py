@@ -15,7 +15,7 @@ Contenders:
   (slower on CPU; reported for reference).
 * `per_fedavg_{fo,hf,maml}`: `perfed_tff.build_per_fedavg`, same tau, batch.
 * `floor_{fo,hf,maml}`: a plain `tf.function` with no TFF at all that runs
-  `perfed_tff.client_work.build_client_update` -- the very client loop of the
+  `perfed_tff.per_fedavg_client_work.build_client_update` -- the very client loop of the
   TFF process, on the same `VariableModel` -- for each client of the cohort,
   at most `max_concurrent_computation_calls` clients at a time (as the TFF
   worker is configured), then averages the client models exactly like the
@@ -50,8 +50,8 @@ import tensorflow as tf
 import tensorflow_federated as tff
 
 from perfed_tff import algorithms as algorithms_lib
-from perfed_tff import client_work as client_work_lib
-from perfed_tff import compilation as compilation_lib
+from perfed_tff import per_fedavg_client_work as client_work_lib
+from perfed_tff.runtime import compilation as compilation_lib
 from perfed_tff.data import task as task_lib
 
 TASKS = ('emnist_cnn', 'emnist_mlp', 'digits_mlp', 'synthetic',
@@ -374,7 +374,7 @@ class BenchmarkConfig:
   max_concurrent_computation_calls: int = 2
   # Recorded with the results; like the concurrency, the caller's
   # ExecutionContext applies it ('auto', 'runtime' or 'tff' as resolved by
-  # `perfed_tff.compilation`; each TFF contender's is in its results).
+  # `perfed_tff.runtime.compilation`; each TFF contender's is in its results).
   graph_optimization: str = 'auto'
   # tf.data autotuning of the client pipelines, for every contender alike
   # (see `client_datasets`).

@@ -1,235 +1,31 @@
-"""FedAvg vs Per-FedAvg (FO, HF, MAML) on the same data, model and budget.
+"""Tables and plots of comparison results (Markdown, CSV, PNG).
 
-`run_comparison(config)` trains every algorithm of `config.algorithms` for every
-seed with
-
-* the same task (data split and model) per seed,
-* the same rounds, clients per round, local steps tau, batch size,
-* the same client sampling (`task.sample_clients(client_ids, n, seed, round)`)
-  and the same per-client batch seeds (`task.derive_seed(seed, round, client)`),
-
-and evaluates every algorithm's global model (`process.get_model_weights`) with
-one `perfed_tff.evaluation.build_personalized_evaluation` computation (k SGD
-steps at alpha on the client's train data, then its test data) on the seen and
-the unseen users. FedAvg (TFF's `build_weighted_fed_avg`) + k steps of
-fine-tuning is the baseline, as in the paper.
-
-`write_outputs` writes the results table (Markdown and CSV, mean +- std over
-seeds), accuracy-versus-round curves and a bar chart (PNG). `run_sweep` repeats
-a comparison over heterogeneity levels (Synthetic(a, b), or the classes per
-user of the digits split) and `plot_sweep` draws the personalization gain
-against heterogeneity.
+Results are the JSON-able dicts `experiments.comparison` builds from the runs'
+metric files: `{'config', 'task', 'runs': [{'algorithm', 'seed', 'curve':
+[[round, {'seen': summary, 'unseen': summary}], ...], 'final': ...}]}`, a
+sweep `{'sweep', 'levels', 'results'}` or a grid `{'grid', 'config', 'rows'}`.
+Accuracies are fractions in CSV and JSON, percentages in Markdown and plots.
+matplotlib is an optional extra (`pip install perfed_tff[experiments]`).
 """
 
 from __future__ import annotations
 
 import collections
 import csv
-import dataclasses
 import json
 import os
-import time
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
-import tensorflow as tf
 
-from perfed_tff import algorithms as algorithms_lib
-from perfed_tff import evaluation as evaluation_lib
-from perfed_tff.data import registry
-from perfed_tff.data import task as task_lib
+from perfed_tff.algorithms import LABELS
 
 POPULATIONS = ('seen', 'unseen')
-IGNORE_LABEL = {'shakespeare': 0}  # padding id, not counted in accuracy
-LABELS = {
-    'fedavg': 'FedAvg',
-    'per_fedavg_fo': 'Per-FedAvg (FO)',
-    'per_fedavg_hf': 'Per-FedAvg (HF)',
-    'per_fedavg_maml': 'Per-FedAvg (MAML)',
-}
 
 
-@dataclasses.dataclass
-class CompareConfig:
-  """One comparison: data, model, training budget and evaluation protocol."""
-  dataset: str = 'digits'               # digits | synthetic | emnist | shakespeare
-  num_users: int = 50                   # training (seen) users
-  num_unseen_users: int = 10            # never sampled for training
-  classes_per_user: int = 2             # digits/emnist label skew
-  train_fraction: float = 0.75          # per-user train/test split
-  synthetic_alpha: float = 1.0
-  synthetic_beta: float = 1.0
-  cache_dir: Optional[str] = None       # TFF cache (emnist/shakespeare)
-  model: Optional[str] = None           # registry model name (None: default)
-  algorithms: Sequence[str] = algorithms_lib.ALGORITHMS
-  seeds: Sequence[int] = (0, 1, 2)
-  rounds: int = 100
-  clients_per_round: int = 10
-  local_steps: int = 5                  # tau
-  batch_size: int = 10
-  alpha: float = 0.02                   # inner / personalization step
-  beta: float = 0.02                    # outer step (FedAvg's client lr)
-  delta: float = 1e-3
-  client_weighting: str = 'uniform'
-  eval_steps: Sequence[int] = (1, 5)    # k adaptation steps measured
-  adapt_batch_size: Optional[int] = 10  # None: full-batch adaptation steps
-  eval_every: int = 10                  # rounds between curve points
-  max_eval_clients: Optional[int] = None  # cap per population (large datasets)
-
-  def to_dict(self) -> dict:
-    d = dataclasses.asdict(self)
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
-
-  def heterogeneity_label(self) -> str:
-    if self.dataset == 'synthetic':
-      return f'Synthetic({self.synthetic_alpha:g},{self.synthetic_beta:g})'
-    if self.dataset == 'digits':
-      return f'{self.classes_per_user} classes/user'
-    return self.dataset
-
-
-# --------------------------------------------------------------------------
-# Tasks.
-
-
-def load_task(config: CompareConfig, seed: int) -> task_lib.FederatedTask:
-  """The task of `config` for `seed` (the split depends on the seed), from
-  `perfed_tff.data.registry`; options a dataset does not take are dropped
-  (e.g. emnist/shakespeare use their natural split: no num_users)."""
-  options = {
-      'num_users': config.num_users,
-      'classes_per_user': config.classes_per_user,
-      'num_unseen_users': config.num_unseen_users,
-      'num_unseen_clients': config.num_unseen_users,  # emnist, shakespeare
-      'train_fraction': config.train_fraction,
-      'alpha': config.synthetic_alpha, 'beta': config.synthetic_beta,
-  }
-  if config.model is not None:
-    options['model'] = config.model
-  accepted = registry.dataset_options(config.dataset)
-  kwargs = {k: v for k, v in options.items() if k in accepted}
-  return registry.load_task(config.dataset, cache_dir=config.cache_dir,
-                            seed=seed, **kwargs)
-
-
-# --------------------------------------------------------------------------
-# Training and evaluation.
-
-
-def training_client_data(task: task_lib.FederatedTask, algorithm: str,
-                         config: CompareConfig, seed: int, round_num: int):
-  """(client ids, batch streams) of one training round: the same clients and
-  batch seeds for every algorithm; only `task.train` is ever read."""
-  return task_lib.round_client_data(
-      task, clients_per_round=config.clients_per_round,
-      num_batches=algorithms_lib.batches_per_round(algorithm,
-                                                   config.local_steps),
-      batch_size=config.batch_size, seed=seed, round_num=round_num)
-
-
-def _eval_client_ids(client_ids, config: CompareConfig, seed: int, name: str):
-  ids = list(client_ids)
-  if config.max_eval_clients is None or len(ids) <= config.max_eval_clients:
-    return ids
-  rng = np.random.default_rng(task_lib.derive_seed(seed, 'eval', name))
-  return sorted(rng.choice(ids, config.max_eval_clients, replace=False).tolist())
-
-
-def evaluate(evaluation, weights, task, config: CompareConfig, seed: int
-             ) -> dict:
-  """{'seen': summary, 'unseen': summary} of the global `weights`."""
-  seen_ids = _eval_client_ids(task.test.client_ids, config, seed, 'seen')
-  unseen_ids = (None if task.unseen is None else
-                _eval_client_ids(task.unseen[1].client_ids, config, seed,
-                                 'unseen'))
-  results = evaluation_lib.evaluate_task(
-      evaluation, weights, task, adapt_batch_size=config.adapt_batch_size,
-      seed=seed, seen_client_ids=seen_ids, unseen_client_ids=unseen_ids)
-  return {pop: r.summary() for pop, r in results.items()}
-
-
-@dataclasses.dataclass
-class RunResult:
-  algorithm: str
-  seed: int
-  curve: list          # [(round, {'seen': summary, 'unseen': summary})]
-  final: dict          # {'seen': summary, 'unseen': summary}
-  train_seconds: float
-  eval_seconds: float
-  sampled_clients: list  # client ids per round (for audits)
-
-  def to_dict(self):
-    return dataclasses.asdict(self)
-
-
-def train_and_evaluate(task: task_lib.FederatedTask, algorithm: str,
-                       config: CompareConfig, seed: int, evaluation,
-                       log: Callable[[str], None] = print) -> RunResult:
-  """Trains `algorithm` for `config.rounds` rounds; evaluates the global model
-  every `config.eval_every` rounds and at the end (both populations)."""
-  process = algorithms_lib.build_algorithm(
-      algorithm, task.model_fn, alpha=config.alpha, beta=config.beta,
-      delta=config.delta, local_steps=config.local_steps,
-      client_weighting=config.client_weighting)
-  state = process.initialize()
-  curve, sampled = [], []
-  train_s = eval_s = 0.0
-
-  def eval_now(round_num):
-    nonlocal eval_s
-    t = time.perf_counter()
-    summary = evaluate(evaluation, process.get_model_weights(state), task,
-                       config, seed)
-    eval_s += time.perf_counter() - t
-    curve.append((round_num, summary))
-    return summary
-
-  if config.eval_every:
-    eval_now(0)
-  for round_num in range(config.rounds):
-    t = time.perf_counter()
-    ids, data = training_client_data(task, algorithm, config, seed, round_num)
-    sampled.append(ids)
-    output = process.next(state, data)
-    state = output.state
-    train_s += time.perf_counter() - t
-    done = round_num + 1
-    if config.eval_every and (done % config.eval_every == 0
-                              or done == config.rounds):
-      s = eval_now(done)
-      log(f'  {algorithm} seed={seed} round {done}: seen acc '
-          f'{s["seen"]["step_0"]["accuracy_mean"]:.3f} -> '
-          f'{s["seen"]["step_1"]["accuracy_mean"]:.3f} (1 step)')
-  if not curve or curve[-1][0] != config.rounds:
-    eval_now(config.rounds)
-  result = RunResult(algorithm, seed, curve, curve[-1][1], train_s, eval_s,
-                     sampled)
-  result.model_weights = process.get_model_weights(state)  # Not serialized.
-  return result
-
-
-def run_comparison(config: CompareConfig, log: Callable[[str], None] = print
-                   ) -> dict:
-  """Runs every algorithm for every seed; returns a JSON-able dict with the
-  config and every run's curve and final evaluation."""
-  for a in config.algorithms:
-    algorithms_lib.check_algorithm(a)
-  runs = []
-  for seed in config.seeds:
-    tf.keras.utils.set_random_seed(seed)
-    task = load_task(config, seed)
-    evaluation = evaluation_lib.build_personalized_evaluation(
-        task.model_fn, alpha=config.alpha,
-        adaptation_steps=tuple(config.eval_steps),
-        ignore_label=IGNORE_LABEL.get(config.dataset))
-    for algorithm in config.algorithms:
-      t = time.perf_counter()
-      run = train_and_evaluate(task, algorithm, config, seed, evaluation, log)
-      log(f'{algorithm} seed={seed}: {time.perf_counter() - t:.0f}s '
-          f'(train {run.train_seconds:.0f}s, eval {run.eval_seconds:.0f}s)')
-      runs.append(run.to_dict())
-  return {'config': config.to_dict(), 'task': task.name, 'runs': runs}
-
+def step_key(k: int) -> str:
+  """Name of the metrics after k adaptation steps ('step_0' = no adaptation)."""
+  return f'step_{k}'
 
 # --------------------------------------------------------------------------
 # Tables.
@@ -258,7 +54,7 @@ def final_metric(results, algorithm, population, step, metric='accuracy_mean',
                  round_num: Optional[int] = None) -> np.ndarray:
   """One value per seed, at the end (or at `round_num` of the curve)."""
   return np.array([
-      _at(r, round_num)[population][evaluation_lib.step_key(step)][metric]
+      _at(r, round_num)[population][step_key(step)][metric]
       for r in results['runs'] if r['algorithm'] == algorithm])
 
 
@@ -339,6 +135,8 @@ def gains(results, baseline='fedavg', step=1,
   """Per algorithm and population: accuracy after `step` steps minus the
   baseline's after `step` steps (per seed, then mean/std), in points."""
   out = {}
+  if baseline not in _algorithms(results):
+    return out  # Nothing to compare against.
   for a in _algorithms(results):
     if a == baseline:
       continue
@@ -361,8 +159,9 @@ def _gain_lines(results, round_num) -> list[str]:
     return []
   lines = ['Gain over FedAvg after 1 step (points; per-seed difference, mean ± '
            'std over seeds):', '']
-  for (a, pop), (m, s, _) in g.items():
-    lines.append(f'- {LABELS.get(a, a)}, {pop}: {m:+.1f} ± {s:.1f}')
+  for (a, pop), (m, s, d) in g.items():
+    spread = f'± {s:.1f}' if d.size > 1 else '(one seed: no spread)'
+    lines.append(f'- {LABELS.get(a, a)}, {pop}: {m:+.1f} {spread}')
   return lines + ['']
 
 
@@ -386,7 +185,7 @@ def plot_curves(results, path: str, step: int = 1) -> str:
       runs = [r for r in results['runs'] if r['algorithm'] == a]
       rounds = np.array([c[0] for c in runs[0]['curve']])
       for k, style in ((step, '-'), (0, '--')):
-        key = evaluation_lib.step_key(k)
+        key = step_key(k)
         vals = 100 * np.array([[c[1][pop][key]['accuracy_mean']
                                 for c in r['curve']] for r in runs])
         m, s = vals.mean(0), vals.std(0)
@@ -476,42 +275,6 @@ def write_outputs(results, output_dir: str, prefix: str,
   return paths
 
 
-# --------------------------------------------------------------------------
-# Heterogeneity sweep.
-
-
-def parse_levels(sweep: str, text: str) -> list:
-  """'synthetic': '0,0;0.5,0.5;1,1' -> [(0,0), ...];
-  'classes_per_user': '1,2,5,10' -> [1, 2, 5, 10]."""
-  if sweep == 'synthetic':
-    return [tuple(float(v) for v in part.split(','))
-            for part in text.split(';') if part.strip()]
-  if sweep == 'classes_per_user':
-    return [int(v) for v in text.split(',') if v.strip()]
-  raise ValueError(f'unknown sweep {sweep!r}')
-
-
-def sweep_config(base: CompareConfig, sweep: str, level) -> CompareConfig:
-  if sweep == 'synthetic':
-    return dataclasses.replace(base, dataset='synthetic',
-                               synthetic_alpha=level[0],
-                               synthetic_beta=level[1])
-  return dataclasses.replace(base, classes_per_user=int(level))
-
-
-def run_sweep(base: CompareConfig, sweep: str, levels: Sequence,
-              log: Callable[[str], None] = print) -> dict:
-  """One comparison per heterogeneity level (ordered from most similar users
-  to most heterogeneous is the caller's choice)."""
-  out = {'sweep': sweep, 'levels': [], 'results': []}
-  for level in levels:
-    config = sweep_config(base, sweep, level)
-    log(f'== {config.heterogeneity_label()}')
-    out['levels'].append(config.heterogeneity_label())
-    out['results'].append(run_comparison(config, log))
-  return out
-
-
 def sweep_rows(sweep_results, baseline='fedavg', step=1) -> list[dict]:
   """Per level, algorithm and population (points, mean/std over seeds):
   accuracy of the global model and after `step` step(s); personalization
@@ -524,8 +287,11 @@ def sweep_rows(sweep_results, baseline='fedavg', step=1) -> list[dict]:
       for pop in _populations(res):
         after = 100 * final_metric(res, a, pop, step)
         before = 100 * final_metric(res, a, pop, 0)
-        base_after = 100 * final_metric(res, baseline, pop, step)
-        base_global = 100 * final_metric(res, baseline, pop, 0)
+        if baseline in _algorithms(res):
+          base_after = 100 * final_metric(res, baseline, pop, step)
+          base_global = 100 * final_metric(res, baseline, pop, 0)
+        else:  # No baseline run: its columns are n/a.
+          base_after = base_global = np.full_like(after, np.nan)
         row = dict(level=label, algorithm=a, population=pop)
         for name, v in (('acc_global', before), (f'acc_{step}step', after),
                         ('personalization_gain', after - base_global),
@@ -615,53 +381,13 @@ def write_sweep_outputs(sweep_results, output_dir: str, prefix: str) -> dict:
           'plot': plot_sweep(sweep_results, base + '.png')}
 
 
-# --------------------------------------------------------------------------
-# Hyperparameter grid (run on tuning seeds, disjoint from reported seeds).
-
-
-def run_grid(base: CompareConfig, alphas: Sequence[float],
-             betas: Sequence[float], log: Callable[[str], None] = print
-             ) -> dict:
-  """Every algorithm of `base` at every (alpha, beta), for every seed of
-  `base.seeds`, final evaluation only. FedAvg's training does not use alpha:
-  it is trained once per beta and fine-tuned at every alpha."""
-  rows = []
-  for seed in base.seeds:
-    task = load_task(base, seed)
-    evaluations = {a: evaluation_lib.build_personalized_evaluation(
-        task.model_fn, alpha=a, adaptation_steps=tuple(base.eval_steps),
-        ignore_label=IGNORE_LABEL.get(base.dataset)) for a in alphas}
-    for beta in betas:
-      for algorithm in base.algorithms:
-        if algorithm == 'fedavg':
-          config = dataclasses.replace(base, alpha=alphas[0], beta=beta,
-                                       eval_every=0)
-          run = train_and_evaluate(task, algorithm, config, seed,
-                                   evaluations[alphas[0]], log=lambda s: None)
-          for a in alphas:
-            res = evaluate(evaluations[a], run.model_weights, task,
-                           dataclasses.replace(config, alpha=a), seed)
-            rows.append(dict(alg=algorithm, alpha=a, beta=beta, seed=seed,
-                             res=res))
-        else:
-          for a in alphas:
-            config = dataclasses.replace(base, alpha=a, beta=beta,
-                                         eval_every=0)
-            run = train_and_evaluate(task, algorithm, config, seed,
-                                     evaluations[a], log=lambda s: None)
-            rows.append(dict(alg=algorithm, alpha=a, beta=beta, seed=seed,
-                             res=run.final))
-        log(f'grid seed={seed} beta={beta:g} {algorithm} done')
-  return {'grid': True, 'config': base.to_dict(), 'rows': rows}
-
-
 def grid_table(grid_results, step: int = 1) -> str:
   """Markdown: accuracy after `step` step(s), seen / unseen, mean over
   seeds, one row per (alpha, algorithm), one column per beta."""
   rows = grid_results['rows']
   values = collections.defaultdict(list)
   for r in rows:
-    key = evaluation_lib.step_key(step)
+    key = step_key(step)
     values[(r['alg'], r['alpha'], r['beta'])].append(
         [r['res'][p][key]['accuracy_mean'] for p in POPULATIONS
          if p in r['res']])
@@ -696,47 +422,6 @@ def write_grid_outputs(grid_results, output_dir: str, prefix: str) -> dict:
   with open(base + '.md', 'w') as f:
     f.write('\n'.join(md))
   return {'json': base + '.json', 'md': base + '.md'}
-
-
-def default_prefix(config: CompareConfig, sweep: str) -> str:
-  """Output file prefix of a run: dataset and heterogeneity, sweep or grid."""
-  if sweep == 'grid':
-    return f'grid_{config.dataset}_{config.rounds}rounds'
-  if sweep != 'none':
-    return f'sweep_{sweep}'
-  if config.dataset == 'digits':
-    return f'{config.dataset}_{config.classes_per_user}cpu'
-  if config.dataset == 'synthetic':
-    return f'synthetic_{config.synthetic_alpha:g}_{config.synthetic_beta:g}'
-  return config.dataset
-
-
-DEFAULT_SWEEP_LEVELS = {'synthetic': '0,0;0.25,0.25;0.5,0.5;1,1',
-                        'classes_per_user': '1,2,3,5,10'}
-
-
-def run_experiment(config: CompareConfig, *, sweep: str = 'none',
-                   sweep_levels: Optional[str] = None,
-                   grid_alphas: Sequence[float] = (0.02, 0.05, 0.1),
-                   grid_betas: Sequence[float] = (0.02, 0.05, 0.1),
-                   output_dir: str, prefix: Optional[str] = None,
-                   table_rounds: Sequence[int] = (),
-                   command: str = '') -> dict:
-  """Runs a comparison (`sweep='none'`), a heterogeneity sweep
-  ('synthetic' | 'classes_per_user') or an alpha x beta grid ('grid') in the
-  current TFF context, writes its outputs and returns their paths."""
-  start = time.perf_counter()
-  prefix = prefix or default_prefix(config, sweep)
-  if sweep == 'none':
-    results = run_comparison(config)
-  elif sweep == 'grid':
-    results = run_grid(config, grid_alphas, grid_betas)
-  else:
-    levels = parse_levels(sweep, sweep_levels or DEFAULT_SWEEP_LEVELS[sweep])
-    results = run_sweep(config, sweep, levels)
-  results['command'] = command
-  results['wall_seconds'] = time.perf_counter() - start
-  return write_results(results, output_dir, prefix, table_rounds)
 
 
 def write_results(results: dict, output_dir: str, prefix: str,

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from tests import test_train_binary_helpers as h
+from tests import binary_helpers as h
 
 
 def _bad(tmp_path, *flags):
@@ -52,7 +52,7 @@ def test_corrupt_and_incompatible_checkpoints(tmp_path):
   # Other settings: refused, checkpoint untouched.
   line = _bad(tmp_path, '--beta=0.1', '--rounds=4')
   assert 'was written by a different run: beta=0.05 (this run: 0.1)' in line
-  assert sorted(os.listdir(ckpt)) == ['program_state_2']
+  assert sorted(os.listdir(ckpt)) == ['program_state_0', 'program_state_2']
   # A corrupt latest checkpoint: refused, left as it is.
   bad = ckpt / 'program_state_3'
   bad.mkdir()
@@ -61,11 +61,12 @@ def test_corrupt_and_incompatible_checkpoints(tmp_path):
   assert 'program_state_3 is corrupt or unreadable' in line
   assert 'left untouched' in line
   assert (bad / 'saved_model.pb').read_bytes() == b'not a SavedModel'
-  assert sorted(os.listdir(ckpt)) == ['program_state_2', 'program_state_3']
+  assert sorted(os.listdir(ckpt)) == ['program_state_0', 'program_state_2',
+                                      'program_state_3']
 
 
 def test_worker_module_needs_a_port():
-  r = subprocess.run([sys.executable, '-m', 'perfed_tff.worker'], env=h.env(),
+  r = subprocess.run([sys.executable, '-m', 'perfed_tff.runtime.worker'], env=h.env(),
                      capture_output=True, text=True, timeout=120)
   assert r.returncode == 2
   assert '--port: required' in r.stderr

@@ -47,8 +47,8 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
-from perfed_tff import client_work as client_work_lib
-from perfed_tff import process as process_lib
+from perfed_tff import checks
+from perfed_tff import per_fedavg_client_work as client_work_lib
 from perfed_tff.data import task as task_lib
 
 PERCENTILES = (10, 50, 90)
@@ -114,7 +114,7 @@ def build_client_evaluation(model_fn, model_weights_type, data_type, *,
   out stops adapting (its later steps repeat the last weights) and reports
   how many steps it took in `num_adaptation_steps`.
   """
-  alpha = process_lib.check_positive_float('alpha', alpha)
+  alpha = checks.positive_float('alpha', alpha)
   steps = _check_steps(adaptation_steps)
   max_steps = steps[-1]
 
@@ -208,7 +208,7 @@ def build_personalized_evaluation(model_fn: Callable[[], tff.learning.models.Var
     a list with one such structure per client.
   """
   steps = _check_steps(adaptation_steps)
-  alpha = process_lib.check_positive_float('alpha', alpha)
+  alpha = checks.positive_float('alpha', alpha)
   with tf.Graph().as_default():
     input_spec = model_fn().input_spec
   element_type = tff.types.tensorflow_to_type(input_spec)

@@ -1,4 +1,8 @@
-"""Checkpoints of a training run on `tff.program.FileProgramStateManager`.
+"""Checkpoints of a training run: a `tff.program.FileProgramStateManager`.
+
+`CheckpointManager` is a `tff.program.ProgramStateManager`, so any TFF loop
+(`tff.simulation.run_training_process`, `tff.learning.programs.train_model`)
+can save and resume with it; `version` is the last completed round.
 
 A checkpoint (one SavedModel directory `program_state_<round>`, written to a
 temporary directory and renamed, so a kill never leaves half of one) holds
@@ -49,28 +53,34 @@ def run_sync(coro):
     return pool.submit(asyncio.run, coro).result()
 
 
-_run = run_sync
-
-
 def leaf_specs(state) -> list[list]:
   """[[shape, dtype], ...] of the flattened `state`."""
   return [[list(np.shape(x)), np.asarray(x).dtype.name]
           for x in tree.flatten(state)]
 
 
-class CheckpointManager:
-  """Saves and restores `(state, round_num)` under `root_dir`.
+class CheckpointManager(tff.program.FileProgramStateManager):
+  """Saves and restores a `LearningProcess` state, version = round.
+
+  On top of `tff.program.FileProgramStateManager` (which cannot save a raw
+  LearningProcess state in TFF 0.87, so the state is flattened here), every
+  checkpoint records `metadata` (the run's settings that must not change on
+  resume) and the shapes/dtypes of the state tensors; `load` checks both and
+  raises `CheckpointError` (leaving the checkpoint untouched) on a mismatch
+  or a corrupt file.
 
   Args:
     root_dir: directory of the checkpoints (created when missing).
-    keep_total: how many of the latest checkpoints to keep (the first is
-      kept too).
+    metadata: JSON-able settings of this run.
+    keep_total: how many of the latest checkpoints to keep.
   """
 
-  def __init__(self, root_dir: str, *, keep_total: int = 3):
+  def __init__(self, root_dir: str, *, metadata: Mapping[str, Any],
+               keep_total: int = 3):
+    super().__init__(root_dir, prefix=PREFIX, keep_total=keep_total,
+                     keep_first=False)
     self.root_dir = root_dir
-    self._manager = tff.program.FileProgramStateManager(
-        root_dir, prefix=PREFIX, keep_total=keep_total, keep_first=False)
+    self.metadata = json.loads(json.dumps(dict(metadata), sort_keys=True))
     self._remove_partial_saves()
 
   def _remove_partial_saves(self) -> None:
@@ -81,51 +91,37 @@ class CheckpointManager:
       if pattern.match(name):
         shutil.rmtree(os.path.join(self.root_dir, name), ignore_errors=True)
 
-  def versions(self) -> list[int]:
-    return _run(self._manager.get_versions()) or []
-
   def latest_round(self) -> Optional[int]:
-    versions = self.versions()
-    return versions[-1] if versions else None
+    versions = run_sync(self.get_versions())
+    return max(versions) if versions else None
 
   def path(self, round_num: int) -> str:
     return os.path.join(self.root_dir, f'{PREFIX}{round_num}')
 
-  def save(self, state, round_num: int, metadata: Mapping[str, Any]) -> str:
-    """Writes the checkpoint of `round_num` (after that round); returns its
-    path."""
-    metadata = dict(metadata, state_leaves=leaf_specs(state))
+  async def save(self, program_state, version: int) -> None:
+    metadata = dict(self.metadata, state_leaves=leaf_specs(program_state))
     # A list: TF 2.14's SavedModel cannot trace dict/tuple wrappers here.
-    program_state = [np.int64(round_num),
-                     json.dumps(metadata, sort_keys=True),
-                     [np.asarray(x) for x in tree.flatten(state)]]
-    _run(self._manager.save(program_state, round_num))
-    return self.path(round_num)
+    flat = [np.int64(version), json.dumps(metadata, sort_keys=True),
+            [np.asarray(x) for x in tree.flatten(program_state)]]
+    await super().save(flat, version)
 
-  def load_latest(self, template_state, metadata: Mapping[str, Any]
-                  ) -> Optional[tuple[Any, int]]:
-    """Latest `(state, round_num)`, or None when there is no checkpoint.
-
-    Args:
-      template_state: the process's initial state (gives structure, shapes
-        and dtypes).
-      metadata: this run's settings; every key must match the checkpoint's.
+  async def load(self, version: int, structure):
+    """The state saved at round `version`, shaped like `structure`.
 
     Raises:
+      tff.program.ProgramStateNotFoundError: no such checkpoint.
       CheckpointError: the checkpoint cannot be read or belongs to a
         different run (other settings or model).
     """
-    round_num = self.latest_round()
-    if round_num is None:
-      return None
-    path = self.path(round_num)
+    path = self.path(version)
+    if not os.path.isdir(path):
+      raise tff.program.ProgramStateNotFoundError(version)
     hint = ('it was left untouched; move it away or choose another '
             '--root_output_dir')
     try:
-      # FileProgramStateManager.load needs the saved structure up front; the
+      # The saved structure is needed up front by the parent's `load`; the
       # number of leaves is only checked below, with a clearer message.
-      loaded = _run(file_utils.read_saved_model(path))
-      saved_round, raw, saved_leaves = loaded
+      saved_round, raw, saved_leaves = await file_utils.read_saved_model(path)
       raw = raw.numpy() if hasattr(raw, 'numpy') else raw
       saved_round = int(np.asarray(saved_round))
       saved_meta = json.loads(raw.decode() if isinstance(raw, bytes) else raw)
@@ -136,24 +132,23 @@ class CheckpointManager:
           f'checkpoint {path} is corrupt or unreadable '
           f'({type(e).__name__}: {str(e).splitlines()[0] if str(e) else e}); '
           f'{hint}.') from e
-    if saved_round != round_num:
+    if saved_round != version:
       raise CheckpointError(f'checkpoint {path} says it is round '
                             f'{saved_round}; {hint}.')
     mismatched = [
         f'{k}={saved_meta.get(k)!r} (this run: {v!r})'
-        for k, v in metadata.items() if saved_meta.get(k) != v]
+        for k, v in self.metadata.items() if saved_meta.get(k) != v]
     if mismatched:
       raise CheckpointError(
           f'checkpoint {path} was written by a different run: '
           f'{", ".join(mismatched)}; {hint}.')
-    want = leaf_specs(template_state)
+    want = leaf_specs(structure)
     got = [[list(x.shape), x.dtype.name] for x in leaves]
     if want != got:
       raise CheckpointError(
           f'checkpoint {path} does not fit this model: its state tensors are '
           f'{_describe(got)}, this model needs {_describe(want)}; {hint}.')
-    state = tree.unflatten_as(template_state, leaves)
-    return state, round_num
+    return tree.unflatten_as(structure, leaves)
 
 
 def _describe(specs) -> str:

@@ -1,4 +1,4 @@
-"""`python -m perfed_tff.worker`: command line and a served worker."""
+"""`python -m perfed_tff.runtime.worker`: command line and a served worker."""
 
 import subprocess
 import sys
@@ -6,14 +6,14 @@ import sys
 import portpicker
 import pytest
 
-from perfed_tff import execution
-from perfed_tff import worker
-from tests import test_train_binary_helpers as h
+from perfed_tff.runtime import execution
+from perfed_tff.runtime import worker
+from tests import binary_helpers as h
 
 
 def test_worker_command_uses_the_wheels_binary():
   cmd = worker.worker_command(8000, 4)
-  assert cmd == [execution.worker_binary_path(), '--port=8000',
+  assert cmd == [worker.worker_binary_path(), '--port=8000',
                  '--max_concurrent_computation_calls=4']
   with pytest.raises(ValueError, match='--port: must be an integer in'):
     worker.worker_command(0)
@@ -21,7 +21,7 @@ def test_worker_command_uses_the_wheels_binary():
 
 def test_served_worker_accepts_a_context():
   port = portpicker.pick_unused_port()
-  proc = subprocess.Popen([sys.executable, '-m', 'perfed_tff.worker',
+  proc = subprocess.Popen([sys.executable, '-m', 'perfed_tff.runtime.worker',
                            f'--port={port}'], env=h.env(),
                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE)

@@ -46,6 +46,8 @@ from tensorflow_federated.python.core.impl.computation import computation_impl
 from tensorflow_federated.python.core.impl.context_stack import context_stack_impl
 from tensorflow_federated.python.tensorflow_libs import serialization_utils
 
+from perfed_tff import checks
+
 GRAPH_OPTIMIZATIONS = ('auto', 'runtime', 'tff')
 # Ops whose fusions (with BiasAdd and an activation) runtime Grappler brings.
 CONVOLUTION_OPS = frozenset([
@@ -107,11 +109,8 @@ def compile_by_model_kind(
 
 
 def check_graph_optimization(graph_optimization: str) -> str:
-  if graph_optimization not in GRAPH_OPTIMIZATIONS:
-    raise ValueError(
-        f'graph_optimization must be one of {GRAPH_OPTIMIZATIONS}, got '
-        f'{graph_optimization!r}')
-  return graph_optimization
+  return checks.choice('graph_optimization', graph_optimization,
+                       GRAPH_OPTIMIZATIONS)
 
 
 def resolve_graph_optimization(graph_optimization: str, *,

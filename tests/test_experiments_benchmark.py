@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from perfed_tff import benchmark
+from experiments import benchmarking as benchmark
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(clients_per_round=3, num_clients=6, examples_per_client=40,
@@ -97,14 +97,14 @@ def test_benchmark_script_runs(tmp_path):
   out = tmp_path / 'bench.json'
   env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL='2')
   proc = subprocess.run(
-      [sys.executable, os.path.join(ROOT, 'experiments', 'benchmark.py'),
+      [sys.executable, '-m', 'experiments.benchmark',
        '--task=synthetic', '--clients_per_round=2', '--num_clients=4',
        '--local_steps=1', '--batch_size=8', '--rounds=1', '--warmup_rounds=1',
        '--contenders=fedavg,per_fedavg_fo,floor_fo', '--empty_rounds=1',
        '--max_concurrent_computation_calls=1',
        f'--output_json={out}'],
       stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=600,
-      env=env)
+      env=env, cwd=ROOT)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert '| per_fedavg_fo |' in proc.stdout
   report = json.loads(out.read_text())
@@ -113,7 +113,7 @@ def test_benchmark_script_runs(tmp_path):
 
 
 def test_compilation_ab_runs_each_contender_under_both_contexts(tff_context):
-  from perfed_tff import execution
+  from perfed_tff.runtime import execution
   config = _config('synthetic', contenders=('fedavg', 'per_fedavg_fo',
                                             'floor_fo'))
   with execution.ExecutionContext(graph_optimization='tff') as static:

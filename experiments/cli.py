@@ -1,0 +1,126 @@
+"""The flags every experiment binary shares: one per `TrainingConfig` field.
+
+`define_training_flags(exclude=...)` defines them (a binary leaves out the
+fields it replaces, e.g. compare.py's --algorithms/--seeds for --algorithm/
+--seed); `training_config(**overrides)` builds the config; `fail` prints the
+one-line error and exits (2 for a usage error); `parse_flags` makes absl's own
+flag errors one line with exit 2 too.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from absl import flags
+
+from perfed_tff import checks
+from perfed_tff.program import config as config_lib
+
+FLAGS = flags.FLAGS
+_D = config_lib.TrainingConfig()
+
+_HELP = {
+    'algorithm': "One of 'fedavg', 'per_fedavg_fo', 'per_fedavg_hf', "
+                 "'per_fedavg_maml'.",
+    'dataset': "One of 'emnist', 'emnist62', 'shakespeare', 'digits', "
+               "'synthetic'.",
+    'dataset_options': 'Dataset options, key=value,... (e.g. num_users=50,'
+                       'classes_per_user=2,num_unseen_users=10).',
+    'cache_dir': 'Existing directory with the dataset files '
+                 '(emnist_all.sqlite, shakespeare.sqlite).',
+    'rounds': 'Total training rounds, >= 1.',
+    'clients_per_round': 'Clients sampled per round, 1..population.',
+    'alpha': 'Inner (personalization) step, > 0.',
+    'beta': "Outer (meta) step, > 0 (FedAvg's client learning rate).",
+    'delta': 'HF finite-difference radius, > 0.',
+    'local_steps': 'Local steps per round (tau), >= 1.',
+    'batch_size': 'Client batch size, >= 1.',
+    'client_weighting': "'uniform' (the paper) or 'num_examples'.",
+    'seed': 'Seed of data split, model, sampling and shuffling, >= 0.',
+    'root_output_dir': 'Writable directory for the run folders.',
+    'checkpoint_every': 'Checkpoint every N rounds (and at the end), >= 1.',
+    'keep_checkpoints': 'Latest checkpoints kept, >= 1.',
+    'eval_every': 'Personalized evaluation at round 0, every N rounds and at '
+                  'the end; 0 disables it.',
+    'eval_clients': 'Clients evaluated per population; 0: all.',
+    'eval_steps': 'Adaptation steps k the evaluation measures (ints >= 1).',
+    'adapt_batch_size': 'Batch of each adaptation step (default: '
+                        '--batch_size).',
+    'compare_fedavg': 'Also train FedAvg with the same settings and print a '
+                      'side-by-side summary.',
+    'workers': 'host:port,... of TFF workers (python -m '
+               'perfed_tff.runtime.worker); empty: one local worker.',
+    'worker_timeout': 'Seconds to wait for an unreachable worker, > 0.',
+    'graph_optimization': "Where Grappler optimizes the TFF graphs: 'runtime' "
+                          "(in the worker), 'tff' (TFF's static pass) or "
+                          "'auto'.",
+    'progress': 'Progress bar; --noprogress logs one line per round.',
+}
+
+
+def define_training_flags(exclude=()) -> None:
+  """Defines one flag per `TrainingConfig` field not in `exclude`."""
+  for name, help_text in _HELP.items():
+    if name in exclude:
+      continue
+    default = getattr(_D, name)
+    if name == 'dataset_options':
+      flags.DEFINE_string(name, '', help_text)
+    elif name in ('workers',):
+      flags.DEFINE_string(name, '', help_text)
+    elif name == 'eval_steps':
+      flags.DEFINE_list(name, [str(k) for k in default], help_text)
+    elif name == 'adapt_batch_size':
+      flags.DEFINE_integer(name, None, help_text)
+    elif isinstance(default, bool):
+      flags.DEFINE_bool(name, default, help_text)
+    elif isinstance(default, int):
+      flags.DEFINE_integer(name, default, help_text)
+    elif isinstance(default, float):
+      flags.DEFINE_float(name, default, help_text)
+    else:
+      flags.DEFINE_string(name, default, help_text)
+
+
+def training_config(**overrides) -> config_lib.TrainingConfig:
+  """The config of the defined flags (and `overrides`), validated.
+
+  Raises:
+    checks.ArgumentError: a bad value.
+  """
+  values = {}
+  for name in _HELP:
+    if name in overrides:
+      values[name] = overrides[name]
+    elif name in FLAGS:
+      values[name] = FLAGS[name].value
+  if 'eval_steps' in values and not isinstance(values['eval_steps'], tuple):
+    values['eval_steps'] = checks.int_list('eval_steps', values['eval_steps'],
+                                           1)
+  return config_lib.validate(config_lib.TrainingConfig(**values))
+
+
+def program_name() -> str:
+  return os.path.basename(sys.argv[0] or 'perfed_tff')
+
+
+def fail(message: str, status: int = checks.EXIT_USAGE):
+  print(f'{program_name()}: error: {message}', file=sys.stderr, flush=True)
+  sys.exit(status)
+
+
+def parse_flags(argv):
+  """absl flags parser whose errors are one line and exit 2."""
+  try:
+    rest = FLAGS(argv)
+  except flags.Error as e:
+    fail(str(e).splitlines()[0])
+  if len(rest) > 1:
+    fail(f'unexpected arguments {rest[1:]}')
+  return rest
+
+
+def log(line: str) -> None:
+  print(f'{time.strftime("%H:%M:%S")} {line}', file=sys.stderr, flush=True)

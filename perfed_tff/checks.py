@@ -1,0 +1,157 @@
+"""Argument checks shared by the library, the training program and the CLIs.
+
+Every check raises `ArgumentError` (a `ValueError`) that names the argument.
+Library callers see `` `alpha` must be a finite number > 0, got 0.0. ``; the
+binaries print `e.flag_message` (``--alpha: must be ...``) and exit with
+`EXIT_USAGE`. This module imports no TensorFlow.
+"""
+
+from __future__ import annotations
+
+import ast
+import math
+import numbers
+import os
+from typing import Iterable, Optional
+
+EXIT_USAGE = 2
+
+
+class ArgumentError(ValueError):
+  """A bad argument. `name`: the argument (= flag) name; `reason`: why."""
+
+  def __init__(self, name: str, reason: str):
+    super().__init__(f'`{name}` {reason}.')
+    self.name = name
+    self.reason = reason
+
+  @property
+  def flag_message(self) -> str:
+    return f'--{self.name}: {self.reason}'
+
+
+def positive_float(name: str, value) -> float:
+  if (isinstance(value, bool) or not isinstance(value, numbers.Real)
+      or not math.isfinite(value) or value <= 0):
+    raise ArgumentError(name, f'must be a finite number > 0, got {value!r}')
+  return float(value)
+
+
+def integer(name: str, value, minimum: int,
+            maximum: Optional[int] = None) -> int:
+  if (isinstance(value, bool) or not isinstance(value, numbers.Integral)
+      or value < minimum or (maximum is not None and value > maximum)):
+    bound = (f'>= {minimum}' if maximum is None
+             else f'in {minimum}..{maximum}')
+    raise ArgumentError(name, f'must be an integer {bound}, got {value!r}')
+  return int(value)
+
+
+def fraction(name: str, value, *, low_open: bool = True,
+             high_open: bool = True) -> float:
+  """A number in (0, 1) (ends included when `*_open` is False)."""
+  ok = (not isinstance(value, bool) and isinstance(value, numbers.Real)
+        and math.isfinite(value)
+        and (value > 0 if low_open else value >= 0)
+        and (value < 1 if high_open else value <= 1))
+  if not ok:
+    interval = f'{"(" if low_open else "["}0, 1{")" if high_open else "]"}'
+    raise ArgumentError(name, f'must be in {interval}, got {value!r}')
+  return float(value)
+
+
+def choice(name: str, value, choices: Iterable[str]) -> str:
+  choices = list(choices)
+  if value not in choices:
+    raise ArgumentError(name, f'must be one of {choices}, got {value!r}')
+  return value
+
+
+def writable_dir(name: str, path) -> str:
+  """`path` is (or can be created as) a writable directory."""
+  if not path or not isinstance(path, (str, os.PathLike)):
+    raise ArgumentError(name, f'must be a directory path, got {path!r}')
+  path = os.path.abspath(os.path.expanduser(os.fspath(path)))
+  probe = path
+  while not os.path.exists(probe):
+    parent = os.path.dirname(probe)
+    if parent == probe:
+      break
+    probe = parent
+  if not os.path.isdir(probe):
+    raise ArgumentError(name, f'{probe} exists and is not a directory '
+                        f'(needed for {path})')
+  if not os.access(probe, os.W_OK | os.X_OK):
+    raise ArgumentError(name, f'directory {probe} is not writable (needed for '
+                        f'{path}); pass a writable directory')
+  return path
+
+
+def existing_dir(name: str, path) -> Optional[str]:
+  """`path` is None/empty (not given) or an existing directory."""
+  if path is None or path == '':
+    return None
+  path = os.path.expanduser(os.fspath(path))
+  if not os.path.isdir(path):
+    raise ArgumentError(name, f'directory {path!r} does not exist; pass an '
+                        'existing directory or leave it unset')
+  return os.path.abspath(path)
+
+
+def worker_addresses(name: str, value) -> tuple[str, ...]:
+  """'host:port,host:port' (or a sequence of such) -> tuple of addresses."""
+  if value is None or value == '' or value == ():
+    return ()
+  items = value.split(',') if isinstance(value, str) else list(value)
+  addresses = []
+  for item in items:
+    item = str(item).strip()
+    host, sep, port = item.rpartition(':')
+    ok = bool(sep) and bool(host) and port.isdigit() and 0 < int(port) < 65536
+    if not ok:
+      raise ArgumentError(name, 'must be a comma-separated list of host:port '
+                          f'(port 1-65535), got {item!r}')
+    addresses.append(item)
+  if len(set(addresses)) != len(addresses):
+    raise ArgumentError(name, f'lists a worker more than once: {value!r}')
+  return tuple(addresses)
+
+
+def key_values(name: str, text) -> dict:
+  """'key=value,key=value' (or a mapping) -> dict; values are Python
+  literals when they parse, else strings."""
+  if not text:
+    return {}
+  if isinstance(text, dict):
+    return dict(text)
+  out = {}
+  for item in str(text).split(','):
+    key, sep, value = item.partition('=')
+    key = key.strip()
+    if not sep or not key.isidentifier():
+      raise ArgumentError(name, 'must be a comma-separated list of key=value, '
+                          f'got {item!r}')
+    try:
+      out[key] = ast.literal_eval(value.strip())
+    except (ValueError, SyntaxError):
+      out[key] = value.strip()
+  return out
+
+
+def int_list(name: str, values, minimum: int = 0) -> tuple[int, ...]:
+  """A non-empty list of distinct integers >= minimum ('1,2,3' or a sequence)."""
+  if isinstance(values, str):
+    values = [v for v in values.split(',') if v.strip()]
+  out = []
+  for v in values:
+    try:
+      out.append(int(str(v).strip()) if isinstance(v, str) else v)
+    except ValueError:
+      raise ArgumentError(name, f'must be integers, got {v!r}') from None
+  if not out:
+    raise ArgumentError(name, 'must not be empty')
+  for v in out:
+    integer(name, v, minimum)
+  if len(set(out)) != len(out):
+    raise ArgumentError(name, f'lists a value more than once: {out}')
+  return tuple(int(v) for v in out)

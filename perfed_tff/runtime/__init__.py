@@ -1,0 +1,29 @@
+"""Everything that touches TFF's runtime internals: execution contexts that own
+their C++ workers (`execution`), how computations are compiled for the worker
+(`compilation`) and the worker binary (`python -m perfed_tff.runtime.worker`).
+
+Open the project's context with one line before running computations:
+
+    with perfed_tff.runtime.ExecutionContext():   # or ExecutionContext() once
+      state = process.initialize()
+
+Nothing here runs at import time; TFF's own default context is left as is
+until an `ExecutionContext` is opened.
+"""
+
+import importlib
+
+_LAZY = {
+    'ExecutionContext': ('perfed_tff.runtime.execution', 'ExecutionContext'),
+    'WorkerProcess': ('perfed_tff.runtime.execution', 'WorkerProcess'),
+    'WorkerUnavailableError': ('perfed_tff.runtime.execution',
+                               'WorkerUnavailableError'),
+}
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name):
+  if name in _LAZY:
+    module, attr = _LAZY[name]
+    return getattr(importlib.import_module(module), attr)
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
