@@ -46,6 +46,9 @@ _HELP = {
                   'the end; 0 disables it.',
     'eval_clients': 'Clients evaluated per population; 0: all.',
     'eval_steps': 'Adaptation steps k the evaluation measures (ints >= 1).',
+    'eval_protocols': "Evaluation protocols: 'heldout' (the step on the "
+                      "user's train data; default) and/or 'paper' (the step "
+                      "on its test data, as the paper is quoted).",
     'adapt_batch_size': 'Batch of each adaptation step (default: '
                         '--batch_size).',
     'compare_fedavg': 'Also train FedAvg with the same settings and print a '
@@ -70,7 +73,7 @@ def define_training_flags(exclude=()) -> None:
       flags.DEFINE_string(name, '', help_text)
     elif name in ('workers',):
       flags.DEFINE_string(name, '', help_text)
-    elif name == 'eval_steps':
+    elif name in ('eval_steps', 'eval_protocols'):
       flags.DEFINE_list(name, [str(k) for k in default], help_text)
     elif name == 'adapt_batch_size':
       flags.DEFINE_integer(name, None, help_text)

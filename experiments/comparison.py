@@ -48,8 +48,11 @@ class Comparison:
 
   def config_for(self, algorithm: str, seed: int,
                  run_dir: str) -> config_lib.TrainingConfig:
+    # A comparison always evaluates the final model (eval_every=0: only at
+    # round 0 and at the end).
     return dataclasses.replace(
         self.base, algorithm=algorithm, seed=seed, compare_fedavg=False,
+        eval_every=self.base.eval_every or self.base.rounds,
         root_output_dir=os.path.join(run_dir, 'runs', f'seed_{seed}'),
         **dict(self.step_sizes.get(algorithm, {})))
 
@@ -156,7 +159,7 @@ def run_grid(comparison: Comparison, alphas: Sequence[float],
   for beta in betas:
     for alpha in alphas:
       base = dataclasses.replace(comparison.base, alpha=alpha, beta=beta,
-                                 eval_every=max(comparison.base.rounds, 1))
+                                 eval_every=0)
       cell = run_comparison(
           dataclasses.replace(comparison, base=base, step_sizes={}),
           os.path.join(run_dir, f'alpha_{alpha:g}_beta_{beta:g}'), write)

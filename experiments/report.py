@@ -20,7 +20,7 @@ import numpy as np
 
 from perfed_tff.algorithms import LABELS
 
-POPULATIONS = ('seen', 'unseen')
+POPULATIONS = ('seen', 'unseen', 'seen_paper', 'unseen_paper')
 
 
 def step_key(k: int) -> str:

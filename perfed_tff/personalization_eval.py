@@ -8,9 +8,14 @@ For each evaluation client, starting from the global model w:
            stochastic gradient on the user's data"); loss and accuracy of w_k on
            the client's test data, for every k in `adaptation_steps`.
 
-Adaptation never reads the test data: the computation takes
-`OrderedDict(train_data=..., test_data=...)` per client, the SGD steps iterate
-`train_data` only, and `test_data` is only ever passed to the metric loop.
+Adaptation never reads the test data (protocol 'heldout', the default): the
+computation takes `OrderedDict(train_data=..., test_data=...)` per client, the
+SGD steps iterate `train_data` only, and `test_data` is only ever passed to
+the metric loop. Protocol 'paper' is the paper's own evaluation as it is
+quoted (the test-time step on a batch of the user's *test* data, then the
+test data): `evaluate_population(..., protocol='paper')` builds the
+adaptation batches from the test split instead, so the train split is not
+read at all; results under it are labelled as such wherever they appear.
 
 `build_personalized_evaluation` returns a federated computation
 
@@ -335,24 +340,35 @@ def summarize(result: PopulationResult) -> collections.OrderedDict:
   return out
 
 
+PROTOCOLS = ('heldout', 'paper')
+
+
+def check_protocol(protocol: str) -> str:
+  return checks.choice('eval_protocols', protocol, PROTOCOLS)
+
+
 def evaluate_population(evaluation: tff.Computation, model_weights,
                         train_data: tff.simulation.datasets.ClientData,
                         test_data: tff.simulation.datasets.ClientData,
                         client_ids: Optional[Sequence[str]] = None, *,
                         adapt_batch_size: Optional[int] = 32, seed: int = 0,
-                        eval_batch_size: int = 256) -> PopulationResult:
+                        eval_batch_size: int = 256,
+                        protocol: str = 'heldout') -> PopulationResult:
   """Runs `evaluation` (from `build_personalized_evaluation`) on clients.
 
-  Adaptation batches come from `train_data` (seeded by
-  `derive_seed(seed, 'personalization', client_id)`, the same for every
-  algorithm), metrics from `test_data`. Returns per-client results.
+  Adaptation batches come from `train_data` (protocol 'heldout') or from
+  `test_data` (protocol 'paper'), seeded by `derive_seed(seed,
+  'personalization', client_id)` (the same for every algorithm); metrics
+  from `test_data`. Returns per-client results.
   """
+  check_protocol(protocol)
   steps = evaluation.adaptation_steps
   if client_ids is None:
     client_ids = list(test_data.client_ids)
   client_ids = list(client_ids)
+  adapt_data = test_data if protocol == 'paper' else train_data
   inputs = [
-      client_input(train_data.create_tf_dataset_for_client(cid),
+      client_input(adapt_data.create_tf_dataset_for_client(cid),
                    test_data.create_tf_dataset_for_client(cid),
                    num_steps=max(steps), adapt_batch_size=adapt_batch_size,
                    seed=task_lib.derive_seed(seed, 'personalization', cid),
@@ -367,18 +383,22 @@ def evaluate_task(evaluation: tff.Computation, model_weights,
                   adapt_batch_size: Optional[int] = 32, seed: int = 0,
                   seen_client_ids: Optional[Sequence[str]] = None,
                   unseen_client_ids: Optional[Sequence[str]] = None,
-                  eval_batch_size: int = 256) -> collections.OrderedDict:
-  """Both populations: 'seen' (training clients' held-out test data) and
-  'unseen' (never-trained clients, when the task has them)."""
+                  eval_batch_size: int = 256,
+                  protocols: Sequence[str] = ('heldout',)
+                  ) -> collections.OrderedDict:
+  """Both populations under each protocol: 'seen' (training clients'
+  held-out test data) and 'unseen' (never-trained clients, when the task has
+  them); under protocol 'paper' they are named 'seen_paper' and
+  'unseen_paper'."""
   out = collections.OrderedDict()
-  out['seen'] = evaluate_population(
-      evaluation, model_weights, task.train, task.test, seen_client_ids,
-      adapt_batch_size=adapt_batch_size, seed=seed,
-      eval_batch_size=eval_batch_size)
-  if task.unseen is not None:
-    unseen_train, unseen_test = task.unseen
-    out['unseen'] = evaluate_population(
-        evaluation, model_weights, unseen_train, unseen_test,
-        unseen_client_ids, adapt_batch_size=adapt_batch_size, seed=seed,
-        eval_batch_size=eval_batch_size)
+  for protocol in protocols:
+    suffix = '' if protocol == 'heldout' else f'_{protocol}'
+    populations = [('seen', task.train, task.test, seen_client_ids)]
+    if task.unseen is not None:
+      populations.append(('unseen', *task.unseen, unseen_client_ids))
+    for name, train, test, ids in populations:
+      out[name + suffix] = evaluate_population(
+          evaluation, model_weights, train, test, ids,
+          adapt_batch_size=adapt_batch_size, seed=seed,
+          eval_batch_size=eval_batch_size, protocol=protocol)
   return out

@@ -8,6 +8,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_federated as tff
 
+import perfed_tff
 from perfed_tff import personalization_eval as evaluation
 from perfed_tff.models import linear
 
@@ -236,3 +237,39 @@ def test_empty_test_client_left_out_of_summary():
 def test_rejects_bad_arguments(model_fn, kwargs):
   with pytest.raises(ValueError):
     evaluation.build_personalized_evaluation(model_fn, **kwargs)
+
+
+class _ReadLog:
+  """A ClientData stand-in that records which split each dataset came from."""
+
+  def __init__(self, client_data, log, name):
+    self._cd, self._log, self._name = client_data, log, name
+
+  @property
+  def client_ids(self):
+    return self._cd.client_ids
+
+  def create_tf_dataset_for_client(self, cid):
+    self._log.append(self._name)
+    return self._cd.create_tf_dataset_for_client(cid)
+
+
+@pytest.mark.parametrize('protocol,reads', [
+    ('heldout', {'train': 3, 'test': 3}),   # step on train, metrics on test
+    ('paper', {'test': 6}),                 # step and metrics on test
+])
+def test_protocol_decides_where_the_step_data_come_from(protocol, reads):
+  """By construction: the default never reads test data for the step; the
+  paper protocol never reads the train split at all."""
+  import collections as _c  # pylint: disable=g-import-not-at-top
+  from perfed_tff.data import synthetic  # pylint: disable=g-import-not-at-top
+  task = synthetic.load_synthetic(num_users=3, seed=0)
+  log = []
+  ev = evaluation.build_personalized_evaluation(task.model_fn, alpha=0.1)
+  weights = perfed_tff.build_per_fedavg(
+      task.model_fn, variant='fo', alpha=0.1, beta=0.1, local_steps=1)
+  weights = weights.get_model_weights(weights.initialize())
+  evaluation.evaluate_population(
+      ev, weights, _ReadLog(task.train, log, 'train'),
+      _ReadLog(task.test, log, 'test'), protocol=protocol)
+  assert dict(_c.Counter(log)) == reads

@@ -15,6 +15,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 from perfed_tff import algorithms
 from perfed_tff import checks
+from perfed_tff import personalization_eval
 from perfed_tff.data import registry
 from perfed_tff.runtime import compilation
 
@@ -42,6 +43,10 @@ class TrainingConfig:
   eval_clients: evaluate at most this many clients per population; 0: all.
   eval_steps: adaptation steps k measured by the evaluation (k SGD steps at
     alpha on the client's train data; 1 is the paper's protocol).
+  eval_protocols: 'heldout' (the step on the user's train data, metrics on
+    its held-out test data; the default) and/or 'paper' (the step on a batch
+    of its test data, as the paper is quoted; populations 'seen_paper',
+    'unseen_paper').
   adapt_batch_size: batch of each adaptation step; None: `batch_size`.
   compare_fedavg: `run` also trains FedAvg with the same settings.
   workers: 'host:port' of running TFF workers; empty: one local worker.
@@ -69,6 +74,7 @@ class TrainingConfig:
   eval_every: int = 10
   eval_clients: int = 100
   eval_steps: Sequence[int] = (1,)
+  eval_protocols: Sequence[str] = ('heldout',)
   adapt_batch_size: Optional[int] = None
   compare_fedavg: bool = False
   workers: Sequence[str] = ()
@@ -126,6 +132,7 @@ def validate(config: TrainingConfig) -> TrainingConfig:
       eval_every=checks.integer('eval_every', config.eval_every, 0),
       eval_clients=checks.integer('eval_clients', config.eval_clients, 0),
       eval_steps=checks.int_list('eval_steps', config.eval_steps, 1),
+      eval_protocols=_protocols(config.eval_protocols),
       adapt_batch_size=(None if adapt is None else
                         checks.integer('adapt_batch_size', adapt, 1)),
       worker_timeout=checks.positive_float('worker_timeout',
@@ -144,6 +151,17 @@ def validate(config: TrainingConfig) -> TrainingConfig:
         'dataset_options', f'unknown option(s) {unknown} for dataset '
         f'{config.dataset!r}; accepted: {list(accepted)}')
   return dataclasses.replace(config, **changes)
+
+
+def _protocols(value) -> tuple[str, ...]:
+  items = value.split(',') if isinstance(value, str) else list(value)
+  items = tuple(str(p).strip() for p in items if str(p).strip())
+  if not items or len(set(items)) != len(items):
+    raise checks.ArgumentError(
+        'eval_protocols', f'must list distinct protocols, got {value!r}')
+  for p in items:
+    personalization_eval.check_protocol(p)
+  return items
 
 
 def load_task(config: TrainingConfig):

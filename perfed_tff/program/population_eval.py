@@ -1,7 +1,9 @@
 """Personalized evaluation of a run's global model on its populations.
 
 'seen' = the training users' held-out test data, 'unseen' = users never
-sampled for training (when the task has them). Each population is capped at
+sampled for training (when the task has them); with the 'paper' protocol also
+'seen_paper' / 'unseen_paper' (the step on test data, see
+`perfed_tff.personalization_eval`). Each population is capped at
 `config.eval_clients` clients by `sample_eval_clients`, a seeded choice that
 is the same for every algorithm and every round of a run.
 """
@@ -49,7 +51,8 @@ def build_evaluate_fn(config: config_lib.TrainingConfig,
     results = personalization_eval.evaluate_task(
         computation, model_weights, task,
         adapt_batch_size=config.effective_adapt_batch_size, seed=config.seed,
-        seen_client_ids=seen, unseen_client_ids=unseen)
+        seen_client_ids=seen, unseen_client_ids=unseen,
+        protocols=config.eval_protocols)
     return {population: r.summary() for population, r in results.items()}
 
   return evaluate
