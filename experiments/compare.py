@@ -43,6 +43,10 @@ cli.define_training_flags(exclude=('algorithm', 'seed', 'compare_fedavg'))
 flags.DEFINE_list('algorithms', list(algorithms.ALGORITHMS),
                   'Algorithms to compare.')
 flags.DEFINE_list('seeds', ['0', '1', '2'], 'Seeds (ints >= 0).')
+flags.DEFINE_string('step_sizes', '',
+                    "Per-algorithm step sizes, 'algorithm:alpha=A,beta=B;...' "
+                    "(others use --alpha/--beta), e.g. 'fedavg:alpha=0.1;"
+                    "per_fedavg_hf:alpha=0.02,beta=0.05'.")
 flags.DEFINE_string('sweep_levels', None,
                     "Heterogeneity sweep: dataset options per level, "
                     "'k=v,k=v;k=v,...' (e.g. 'classes_per_user=1;"
@@ -77,13 +81,35 @@ def _number(name, value):
     raise checks.ArgumentError(name, f'must be numbers, got {value!r}') from None
 
 
+def parse_step_sizes(text: str, names) -> dict:
+  """'alg:alpha=A,beta=B;...' -> {alg: {'alpha': A, 'beta': B}}."""
+  out = {}
+  for part in text.split(';'):
+    if not part.strip():
+      continue
+    name, sep, values = part.partition(':')
+    name = name.strip()
+    if not sep or name not in names:
+      raise checks.ArgumentError('step_sizes', f'must be algorithm:alpha=A,'
+                                 f'beta=B;... for algorithms in {list(names)}'
+                                 f', got {part!r}')
+    sizes = checks.key_values('step_sizes', values)
+    if not sizes or set(sizes) - {'alpha', 'beta'}:
+      raise checks.ArgumentError('step_sizes', f'sets only alpha and beta, '
+                                 f'got {part!r}')
+    out[name] = {k: checks.positive_float('step_sizes', v)
+                 for k, v in sizes.items()}
+  return out
+
+
 def build_comparison():
   from experiments import comparison  # pylint: disable=g-import-not-at-top
   base = cli.training_config(algorithm='fedavg', seed=0)
+  names = algorithms.parse_algorithms(FLAGS.algorithms)
   return comparison.Comparison(
-      base=base,
-      algorithms=algorithms.parse_algorithms(FLAGS.algorithms),
-      seeds=checks.int_list('seeds', FLAGS.seeds, 0))
+      base=base, algorithms=names,
+      seeds=checks.int_list('seeds', FLAGS.seeds, 0),
+      step_sizes=parse_step_sizes(FLAGS.step_sizes, names))
 
 
 def _command() -> str:

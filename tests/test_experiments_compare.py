@@ -250,6 +250,20 @@ def test_compare_cli_bad_flags(tmp_path):
       "'per_fedavg_fo', 'per_fedavg_hf', 'per_fedavg_maml'], got 'sgd'")
   r = _compare(tmp_path, '--seeds=0,x')
   assert r.returncode == 2 and '--seeds: must be integers' in r.stderr
+  r = _compare(tmp_path, '--algorithms=fedavg', '--step_sizes=per_fedavg_hf:alpha=1')
+  assert r.returncode == 2 and '--step_sizes: must be algorithm:' in r.stderr
+
+
+def test_per_algorithm_step_sizes(tmp_path):
+  spec = comparison.Comparison(
+      base=_base(tmp_path, rounds=1), algorithms=('fedavg', 'per_fedavg_fo'),
+      seeds=(0,), step_sizes={'per_fedavg_fo': {'alpha': 0.2, 'beta': 0.3}})
+  results = comparison.run_comparison(spec, str(tmp_path / 'cmp'),
+                                      write=lambda s: None)
+  sizes = {r['algorithm']: (r['alpha'], r['beta']) for r in results['runs']}
+  assert sizes == {'fedavg': (0.05, 0.05), 'per_fedavg_fo': (0.2, 0.3)}
+  assert results['config']['step_sizes'] == {
+      'per_fedavg_fo': {'alpha': 0.2, 'beta': 0.3}}
 
 
 @pytest.mark.slow
