@@ -17,6 +17,12 @@ _LAZY = {
     'build_personalized_evaluation': ('perfed_tff.personalization_eval',
                                       'build_personalized_evaluation'),
     'ExecutionContext': ('perfed_tff.runtime.execution', 'ExecutionContext'),
+    'ProgramContext': ('perfed_tff.runtime.program_context', 'ProgramContext'),
+    'RoundDataSource': ('perfed_tff.runtime.program_context',
+                        'RoundDataSource'),
+    'TrainModelStateManager': ('perfed_tff.runtime.program_context',
+                               'TrainModelStateManager'),
+    'export': ('perfed_tff.export', None),
 }
 __all__ = sorted(_LAZY)
 
@@ -24,7 +30,9 @@ __all__ = sorted(_LAZY)
 def __getattr__(name):
   if name in _LAZY:
     module, attr = _LAZY[name]
-    value = getattr(importlib.import_module(module), attr)
+    value = importlib.import_module(module)
+    if attr is not None:
+      value = getattr(value, attr)
     globals()[name] = value
     return value
   raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

@@ -61,12 +61,15 @@ def variant_of(algorithm: str) -> client_work_lib.Variant | None:
   return client_work_lib.Variant(algorithm[len('per_fedavg_'):])
 
 
-def batches_per_round(algorithm: str, local_steps: int) -> int:
-  """Batches a client consumes in one round: tau for FedAvg, 2 tau (FO) or
-  3 tau (HF, MAML) for Per-FedAvg."""
+def batches_per_round(algorithm: str, local_steps: int, *,
+                      inner_steps: int = 1) -> int:
+  """Batches a client consumes in one round: tau for FedAvg; for Per-FedAvg
+  tau (nu + 1) (FO) or tau (2 nu + 1) (HF, MAML), nu = `inner_steps` (2 tau
+  and 3 tau for the paper's nu = 1)."""
   variant = variant_of(algorithm)
-  per_step = 1 if variant is None else client_work_lib.batches_per_step(variant)
-  return per_step * local_steps
+  if variant is None:
+    return local_steps
+  return client_work_lib.batches_per_step(variant, inner_steps) * local_steps
 
 
 def build_algorithm(
@@ -79,26 +82,54 @@ def build_algorithm(
     local_steps: int,
     client_weighting: Union[str, tff.learning.ClientWeighting] = 'uniform',
     model_aggregator=None,
+    inner_steps: int = 1,
+    client_optimizer_fn=None,
+    server_optimizer_fn=None,
+    model_distributor=None,
+    metrics_aggregator=None,
 ) -> tff.learning.templates.LearningProcess:
   """Builds `algorithm` (one of ALGORITHMS) for `model_fn`.
 
   For fedavg, alpha and delta are unused in training (alpha is the step of the
-  personalized evaluation); the client takes tau SGD steps at beta.
+  personalized evaluation); the client takes tau SGD steps at beta (or with
+  `client_optimizer_fn`), and inner_steps must be 1. For Per-FedAvg, a given
+  `client_optimizer_fn` replaces SGD at beta. The model aggregator follows
+  `perfed_tff.per_fedavg.check_model_aggregator` for every algorithm
+  (unweighted means adapted, sums rejected).
   """
   variant = variant_of(algorithm)
   if variant is not None:
     return per_fedavg_lib.build_per_fedavg(
-        model_fn, variant=variant, alpha=alpha, beta=beta, delta=delta,
-        local_steps=local_steps, client_weighting=client_weighting,
-        model_aggregator=model_aggregator)
+        model_fn, variant=variant, alpha=alpha,
+        beta=None if client_optimizer_fn is not None else beta, delta=delta,
+        local_steps=local_steps, inner_steps=inner_steps,
+        client_weighting=client_weighting,
+        client_optimizer_fn=client_optimizer_fn,
+        server_optimizer_fn=server_optimizer_fn,
+        model_distributor=model_distributor,
+        model_aggregator=model_aggregator,
+        metrics_aggregator=metrics_aggregator)
   # Same validation as Per-FedAvg, so a bad flag fails the same way.
   checks.positive_float('alpha', alpha)
   beta = checks.positive_float('beta', beta)
   checks.integer('local_steps', local_steps, 1)
+  checks.integer('inner_steps', inner_steps, 1, 1)
+  client_optimizer = (
+      tff.learning.optimizers.build_sgdm(learning_rate=beta)
+      if client_optimizer_fn is None else
+      per_fedavg_lib.check_optimizer('client_optimizer_fn', client_optimizer_fn))
+  server_optimizer = (
+      tff.learning.optimizers.build_sgdm(learning_rate=1.0)
+      if server_optimizer_fn is None else
+      per_fedavg_lib.check_optimizer('server_optimizer_fn', server_optimizer_fn))
   return tff.learning.algorithms.build_weighted_fed_avg(
       model_fn,
-      client_optimizer_fn=tff.learning.optimizers.build_sgdm(learning_rate=beta),
-      server_optimizer_fn=tff.learning.optimizers.build_sgdm(learning_rate=1.0),
+      client_optimizer_fn=client_optimizer,
+      server_optimizer_fn=server_optimizer,
       client_weighting=per_fedavg_lib.check_weighting(client_weighting),
-      model_aggregator=model_aggregator,
+      model_distributor=model_distributor,
+      model_aggregator=(None if model_aggregator is None else
+                        per_fedavg_lib.check_model_aggregator(
+                            model_aggregator)),
+      metrics_aggregator=metrics_aggregator,
       loop_implementation=tff.learning.LoopImplementation.DATASET_ITERATOR)

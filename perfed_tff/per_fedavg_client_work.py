@@ -4,11 +4,14 @@ One local step at weights w on the client's next batches D, D' (, D''):
 
   inner (personalization) step:  w~ = w - alpha * g_D(w)
   outer gradient at w~ on D':     g  = g_D'(w~)
-  FO:    w <- w - beta * g
-  HF:    w <- w - beta * (g - alpha * h),
+  FO:    direction = g
+  HF:    direction = g - alpha * h,
          h = [g_D''(w + delta*g) - g_D''(w - delta*g)] / (2*delta)
-  MAML:  w <- w - beta * (g - alpha * H_D''(w) g)   (Hessian-vector product
-         by nested tapes; the Hessian is never formed)
+  MAML:  direction = g - alpha * H_D''(w) g   (Hessian-vector product by
+         nested tapes; the Hessian is never formed)
+  outer (meta) step: w <- w - beta * direction, or, with a client optimizer
+         (`tff.learning.optimizers.Optimizer`), its step on the "gradient"
+         `direction` (the optimizer state lives for the client's tau steps).
 
 g_B(v) is the gradient of the mean loss on batch B at weights v. The client
 runs `local_steps` (tau) steps, consuming its batches strictly in order (D, D'
@@ -17,10 +20,31 @@ full step. It returns `ClientResult(update = w_0 - w_tau, update_weight)`;
 a client that completed no step, or whose weights became non-finite, returns a
 zero update with weight 0.
 
+Multi-step adaptation (`inner_steps` nu >= 1; generalised Per-FedAvg, Jamali,
+Saber & Bae 2025, https://arxiv.org/abs/2504.21327): the meta-objective is the
+loss after nu SGD steps at alpha,
+
+  F(w) = f(w_nu; D'),  w_0 = w,  w_{j+1} = w_j - alpha * g_{D_j}(w_j),
+  grad F(w) = (I - alpha H_0)(I - alpha H_1) ... (I - alpha H_{nu-1}) g_D'(w_nu),
+
+applied right to left: v = g_D'(w_nu); for j = nu-1 down to 0:
+v <- v - alpha * H_j v, with H_j the Hessian at w_j on its own batch D''_j
+(FO drops the H terms, HF replaces H_j v by the central difference
+[g_{D''_j}(w_j + delta v) - g_{D''_j}(w_j - delta v)] / (2 delta), MAML takes
+the exact Hessian-vector product). A step consumes, in this order,
+D_0..D_{nu-1}, D', D''_0..D''_{nu-1}: nu + 1 batches (FO) or 2 nu + 1 (HF,
+MAML). nu = 1 is the paper's step above, computed by the very same
+operations.
+
 The curvature term (h, or H g) is evaluated in inference mode
 (`training=False`), so that the two finite-difference gradients of HF see the
 same function even for models with dropout; for models without stochastic
 layers this is the plain training loss.
+
+Training metrics: `loss` = f(w; D) and `personalized_loss` = f(w~; D')
+(w~ = w_nu), means over the local steps, example and step counts, and the
+model's own metrics (e.g. accuracy) accumulated over the batches D at w and,
+prefixed `personalized_`, over the batches D' at w~.
 """
 
 from __future__ import annotations
@@ -36,6 +60,11 @@ import tensorflow_federated as tff
 ModelFn = Union[Callable[[], tff.learning.models.VariableModel],
                 tff.learning.models.FunctionalModel]
 
+# Keys of the unfinalized model metrics inside the client metrics.
+MODEL_METRICS = 'model'
+PERSONALIZED_MODEL_METRICS = 'personalized_model'
+PERSONALIZED_PREFIX = 'personalized_'
+
 
 class Variant(enum.Enum):
   """Which meta-gradient a local step uses."""
@@ -44,15 +73,20 @@ class Variant(enum.Enum):
   MAML = 'maml'  # exact Hessian-vector product
 
 
-def batches_per_step(variant: Variant) -> int:
-  """Number of batches one local step consumes (2 for FO, 3 otherwise)."""
-  return 2 if Variant(variant) is Variant.FO else 3
+def batches_per_step(variant: Variant, inner_steps: int = 1) -> int:
+  """Batches one local step consumes: nu + 1 for FO, 2 nu + 1 otherwise
+  (nu = `inner_steps`; 2 and 3 for the paper's nu = 1)."""
+  if Variant(variant) is Variant.FO:
+    return inner_steps + 1
+  return 2 * inner_steps + 1
 
 
-def gradient_evaluations_per_step(variant: Variant) -> int:
-  """Batch gradient evaluations per local step: FO 2, HF 4, MAML 3 (the HVP
-  costs about one extra gradient)."""
-  return {Variant.FO: 2, Variant.HF: 4, Variant.MAML: 3}[Variant(variant)]
+def gradient_evaluations_per_step(variant: Variant,
+                                  inner_steps: int = 1) -> int:
+  """Batch gradient evaluations per local step: FO nu + 1, HF 3 nu + 1,
+  MAML 2 nu + 1 (an HVP costs about one extra gradient); 2, 4, 3 for nu = 1."""
+  return {Variant.FO: inner_steps + 1, Variant.HF: 3 * inner_steps + 1,
+          Variant.MAML: 2 * inner_steps + 1}[Variant(variant)]
 
 
 def split_batch(batch):
@@ -77,34 +111,66 @@ def _axpy(a, xs, ys):
   return tuple(a * x + y for x, y in zip(xs, ys))
 
 
+def _num_rows(structure):
+  return tf.shape(tf.nest.flatten(structure)[0], out_type=tf.int64)[0]
+
+
 class _FunctionalOracle:
-  """Losses, gradients and HVPs of a `tff.learning.models.FunctionalModel`."""
+  """Losses, gradients and HVPs of a `tff.learning.models.FunctionalModel`.
+
+  Model metrics are functional: `tracked_loss_and_gradient` threads the
+  states of `model.update_metrics_state` (one at w on D, one at w~ on D').
+  """
 
   def __init__(self, model: tff.learning.models.FunctionalModel,
-               non_trainable):
+               non_trainable, track_metrics: bool = False):
     self._model = model
     self._non_trainable = non_trainable
+    self.tracks_metrics = bool(
+        track_metrics
+        and tf.nest.flatten(model.initialize_metrics_state()))
 
-  def _loss(self, trainable, batch, training):
+  def _forward(self, trainable, batch, training):
     x, y = split_batch(batch)
     output = self._model.predict_on_batch(
         (trainable, self._non_trainable), x, training)
     loss = self._model.loss(output=output, label=y)
-    num = tf.shape(tf.nest.flatten(output)[0], out_type=tf.int64)[0]
-    return loss, num
+    return loss, output, _num_rows(output), y
 
   def loss_and_gradient(self, trainable, batch, training=True):
     with tf.GradientTape() as tape:
       tape.watch(trainable)
-      loss, num = self._loss(trainable, batch, training)
+      loss, _, num, _ = self._forward(trainable, batch, training)
     return loss, _dense(tape.gradient(loss, trainable), trainable), num
+
+  def initial_metrics_state(self):
+    return collections.OrderedDict(
+        [(MODEL_METRICS, self._model.initialize_metrics_state()),
+         (PERSONALIZED_MODEL_METRICS, self._model.initialize_metrics_state())])
+
+  def tracked_loss_and_gradient(self, trainable, batch, metrics_state, which):
+    """`loss_and_gradient` (training mode) that also updates
+    `metrics_state[which]` with this batch's predictions."""
+    with tf.GradientTape() as tape:
+      tape.watch(trainable)
+      loss, output, num, y = self._forward(trainable, batch, True)
+    grads = _dense(tape.gradient(loss, trainable), trainable)
+    metrics_state = collections.OrderedDict(metrics_state)
+    metrics_state[which] = self._model.update_metrics_state(
+        metrics_state[which], labels=y,
+        batch_output=tff.learning.models.BatchOutput(
+            loss=loss, predictions=output, num_examples=num))
+    return loss, grads, num, metrics_state
+
+  def report_metrics(self, metrics_state):
+    return collections.OrderedDict(metrics_state)
 
   def hessian_vector_product(self, trainable, batch, vector):
     with tf.GradientTape() as outer:
       outer.watch(trainable)
       with tf.GradientTape() as inner:
         inner.watch(trainable)
-        loss, _ = self._loss(trainable, batch, False)
+        loss, _, _, _ = self._forward(trainable, batch, False)
       grads = _dense(inner.gradient(loss, trainable), trainable)
       grad_dot_v = _dot(grads, vector)
     return _dense(outer.gradient(grad_dot_v, trainable), trainable)
@@ -112,83 +178,210 @@ class _FunctionalOracle:
 
 class _VariableOracle:
   """The same for a `tff.learning.models.VariableModel`: weights are assigned
-  to the model's variables before each evaluation."""
+  to the model's variables before each evaluation.
 
-  def __init__(self, model: tff.learning.models.VariableModel):
+  `metrics_models` (optional): `OrderedDict(model=m, personalized_model=m')`,
+  two more instances of the same model whose forward passes are only those at
+  w on D and at w~ on D', so that their own (Keras) metric variables
+  accumulate exactly those batches; the curvature and later inner passes run
+  on `model`, whose metrics are never read.
+  """
+
+  def __init__(self, model: tff.learning.models.VariableModel,
+               metrics_models: Optional[Mapping[str, Any]] = None):
     self._model = model
     self._vars = tuple(model.trainable_variables)
+    self._metrics_models = (collections.OrderedDict(metrics_models)
+                            if metrics_models else None)
+    self.tracks_metrics = bool(self._metrics_models)
 
-  def _assign(self, trainable):
-    for v, t in zip(self._vars, trainable):
+  @staticmethod
+  def _assign(variables, trainable):
+    for v, t in zip(variables, trainable):
       v.assign(t)
 
-  def _loss(self, batch, training):
-    out = self._model.forward_pass(batch, training=training)
+  @staticmethod
+  def _loss(model, batch, training):
+    out = model.forward_pass(batch, training=training)
     if out.num_examples is not None:
       num = tf.cast(out.num_examples, tf.int64)
     else:
-      num = tf.shape(tf.nest.flatten(out.predictions)[0], out_type=tf.int64)[0]
+      num = _num_rows(out.predictions)
     return out.loss, num
 
-  def loss_and_gradient(self, trainable, batch, training=True):
-    self._assign(trainable)
+  def _loss_and_gradient(self, model, trainable, batch, training):
+    variables = tuple(model.trainable_variables)
+    self._assign(variables, trainable)
     with tf.GradientTape() as tape:
-      loss, num = self._loss(batch, training)
-    return loss, _dense(tape.gradient(loss, self._vars), self._vars), num
+      loss, num = self._loss(model, batch, training)
+    return loss, _dense(tape.gradient(loss, variables), variables), num
+
+  def loss_and_gradient(self, trainable, batch, training=True):
+    return self._loss_and_gradient(self._model, trainable, batch, training)
+
+  def initial_metrics_state(self):
+    # The metric state lives in the metrics models' variables; a token keeps
+    # the interface of the functional oracle.
+    return tf.constant(0, tf.int64)
+
+  def tracked_loss_and_gradient(self, trainable, batch, metrics_state, which):
+    loss, grads, num = self._loss_and_gradient(
+        self._metrics_models[which], trainable, batch, True)
+    return loss, grads, num, metrics_state + 1
+
+  def report_metrics(self, metrics_state):
+    del metrics_state
+    return collections.OrderedDict(
+        (which, model.report_local_unfinalized_metrics())
+        for which, model in self._metrics_models.items())
 
   def hessian_vector_product(self, trainable, batch, vector):
-    self._assign(trainable)
+    self._assign(self._vars, trainable)
     with tf.GradientTape() as outer:
       with tf.GradientTape() as inner:
-        loss, _ = self._loss(batch, False)
+        loss, _ = self._loss(self._model, batch, False)
       grads = _dense(inner.gradient(loss, self._vars), self._vars)
       grad_dot_v = _dot(grads, vector)
     return _dense(outer.gradient(grad_dot_v, self._vars), self._vars)
 
 
-def per_fedavg_local_step(oracle, w, batches, *, variant: Variant, alpha: float,
-                          beta: float, delta: float):
-  """One Per-FedAvg local step at trainable weights `w` (tuple of tensors).
+def meta_direction(oracle, w, batches, *, variant: Variant, alpha, delta,
+                   inner_steps: int = 1, metrics_state=None):
+  """The Per-FedAvg meta-gradient at `w`: grad F(w) (see the module doc).
 
-  Returns (new_w, loss at w on D, loss at w~ on D', examples used).
+  Args:
+    oracle: a `_FunctionalOracle` or `_VariableOracle`.
+    w: trainable weights, a tuple of tensors.
+    batches: the step's `batches_per_step(variant, inner_steps)` batches,
+      D_0..D_{nu-1}, D', D''_0..D''_{nu-1}.
+    variant: FO, HF or MAML.
+    alpha: inner step size (float or scalar tensor).
+    delta: HF's finite-difference radius (float or scalar tensor).
+    inner_steps: nu >= 1.
+    metrics_state: `oracle.initial_metrics_state()`-like state to update at w
+      on D_0 and at w_nu on D', or None.
+
+  Returns:
+    (direction, f(w; D_0), f(w_nu; D'), examples used, metrics_state).
   """
-  loss_d, grad_d, n_d = oracle.loss_and_gradient(w, batches[0])
-  w_tilde = _axpy(-alpha, grad_d, w)
-  loss_dp, g, n_dp = oracle.loss_and_gradient(w_tilde, batches[1])
-  examples = n_d + n_dp
-  if variant is Variant.FO:
-    direction = g
+  nu = inner_steps
+  inner, outer, curvature = batches[:nu], batches[nu], batches[nu + 1:]
+  if metrics_state is None:
+    loss_d, grad_d, n_d = oracle.loss_and_gradient(w, inner[0])
   else:
-    batch_dpp = batches[2]
+    loss_d, grad_d, n_d, metrics_state = oracle.tracked_loss_and_gradient(
+        w, inner[0], metrics_state, MODEL_METRICS)
+  path = [w]                       # w_0 .. w_nu
+  w_j = _axpy(-alpha, grad_d, w)
+  examples = n_d
+  for j in range(1, nu):
+    path.append(w_j)
+    _, grad_j, n_j = oracle.loss_and_gradient(w_j, inner[j])
+    w_j = _axpy(-alpha, grad_j, w_j)
+    examples += n_j
+  w_tilde = w_j
+  if metrics_state is None:
+    loss_dp, g, n_dp = oracle.loss_and_gradient(w_tilde, outer)
+  else:
+    loss_dp, g, n_dp, metrics_state = oracle.tracked_loss_and_gradient(
+        w_tilde, outer, metrics_state, PERSONALIZED_MODEL_METRICS)
+  examples = examples + n_dp
+  if variant is Variant.FO:
+    return g, loss_d, loss_dp, examples, metrics_state
+  v = g
+  for j in reversed(range(nu)):   # v <- (I - alpha H_j) v, right to left
+    batch_dpp = curvature[j]
     if variant is Variant.HF:
       _, g_plus, n_dpp = oracle.loss_and_gradient(
-          _axpy(delta, g, w), batch_dpp, training=False)
+          _axpy(delta, v, path[j]), batch_dpp, training=False)
       _, g_minus, _ = oracle.loss_and_gradient(
-          _axpy(-delta, g, w), batch_dpp, training=False)
+          _axpy(-delta, v, path[j]), batch_dpp, training=False)
       h = tuple((p - m) / (2.0 * delta) for p, m in zip(g_plus, g_minus))
     else:
-      h = oracle.hessian_vector_product(w, batch_dpp, g)
+      h = oracle.hessian_vector_product(path[j], batch_dpp, v)
       x, _ = split_batch(batch_dpp)
-      n_dpp = tf.shape(tf.nest.flatten(x)[0], out_type=tf.int64)[0]
-    direction = _axpy(-alpha, h, g)
+      n_dpp = _num_rows(x)
+    v = _axpy(-alpha, h, v)
     examples += n_dpp
-  new_w = _axpy(-beta, direction, w)
-  return new_w, loss_d, loss_dp, examples
+  return v, loss_d, loss_dp, examples, metrics_state
 
 
-def build_client_update(oracle, *, variant: Variant, alpha: float, beta: float,
-                        delta: float, local_steps: int):
-  """A `tf.function(initial_trainable, dataset)` running tau local steps.
+def per_fedavg_local_step(oracle, w, batches, *, variant: Variant, alpha,
+                          beta=None, delta, inner_steps: int = 1,
+                          optimizer=None, optimizer_state=None,
+                          metrics_state=None):
+  """One Per-FedAvg local step at trainable weights `w` (tuple of tensors).
+
+  The meta-gradient `meta_direction(...)` is applied as w - beta * direction
+  (`optimizer=None`) or by `optimizer.next(optimizer_state, w, direction)`.
+
+  Returns:
+    (new_w, f(w; D), f(w~; D'), examples used, optimizer_state,
+    metrics_state).
+  """
+  direction, loss_d, loss_dp, examples, metrics_state = meta_direction(
+      oracle, w, batches, variant=variant, alpha=alpha, delta=delta,
+      inner_steps=inner_steps, metrics_state=metrics_state)
+  if optimizer is None:
+    new_w = _axpy(-beta, direction, w)
+  else:
+    optimizer_state, new_w = optimizer.next(optimizer_state, w, direction)
+    new_w = tuple(new_w)
+  return new_w, loss_d, loss_dp, examples, optimizer_state, metrics_state
+
+
+def build_client_update(oracle, *, variant: Variant, alpha: float,
+                        beta: Optional[float] = None, delta: float,
+                        local_steps: int, inner_steps: int = 1,
+                        optimizer: Optional[
+                            tff.learning.optimizers.Optimizer] = None):
+  """A `tf.function(initial_trainable, dataset, hparams=None)` running tau
+  local steps.
+
+  Args:
+    oracle: a `_FunctionalOracle` or `_VariableOracle`.
+    variant: FO, HF or MAML.
+    alpha, delta: inner step size and HF radius used when `hparams` is None.
+    beta: outer step size, when `optimizer` is None (plain SGD).
+    local_steps: tau.
+    inner_steps: nu.
+    optimizer: a `tff.learning.optimizers.Optimizer` applying the
+      meta-gradient (initialized at the start of every client update);
+      `None`: SGD at `beta`.
+
+  The returned function's optional `hparams` is
+  `OrderedDict(alpha=, delta=, client_optimizer=optimizer hparams)` (tensors,
+  e.g. from the process state); None uses the build-time values.
 
   Returns (final trainable weights, metrics dict). The whole loop lives in one
   graph: batches are pulled with `get_next_as_optional`, so a client whose
   data run out stops after its last complete step.
   """
-  k = batches_per_step(variant)
+  k = batches_per_step(variant, inner_steps)
+  if optimizer is None:
+    if beta is None:
+      raise ValueError('`beta` is needed when no `optimizer` is given.')
+    optimizer = tff.learning.optimizers.build_sgdm(learning_rate=beta)
+  track = bool(getattr(oracle, 'tracks_metrics', False))
 
   @tf.function
-  def client_update(initial_trainable, dataset):
+  def client_update(initial_trainable, dataset, hparams=None):
+    if hparams is None:
+      inner_alpha, radius, optimizer_hparams = alpha, delta, None
+    else:
+      inner_alpha, radius = hparams['alpha'], hparams['delta']
+      optimizer_hparams = hparams['client_optimizer']
     w = tuple(initial_trainable)
+    optimizer_state = optimizer.initialize(
+        tuple(tf.TensorSpec(t.shape, t.dtype) for t in w))
+    if optimizer_hparams is not None:
+      optimizer_state = optimizer.set_hparams(optimizer_state,
+                                              optimizer_hparams)
+    optimizer_state = tf.nest.map_structure(tf.convert_to_tensor,
+                                            optimizer_state)
+    # A token when untracked: loop variables cannot be None.
+    metrics_state = (oracle.initial_metrics_state() if track
+                     else tf.constant(0, tf.int64))
     iterator = iter(dataset)
     steps = tf.constant(0, tf.int64)
     examples = tf.constant(0, tf.int64)
@@ -201,19 +394,27 @@ def build_client_update(oracle, *, variant: Variant, alpha: float, beta: float,
       if not complete:
         break
       batches = [o.get_value() for o in optionals]
-      w, loss_d, loss_dp, n = per_fedavg_local_step(
-          oracle, w, batches, variant=variant, alpha=alpha, beta=beta,
-          delta=delta)
+      w, loss_d, loss_dp, n, optimizer_state, new_metrics_state = (
+          per_fedavg_local_step(
+              oracle, w, batches, variant=variant, alpha=inner_alpha,
+              delta=radius, inner_steps=inner_steps, optimizer=optimizer,
+              optimizer_state=optimizer_state,
+              metrics_state=metrics_state if track else None))
+      if track:
+        metrics_state = new_metrics_state
       steps += 1
       examples += n
       loss_sum += tf.cast(loss_d, tf.float32)
       personalized_loss_sum += tf.cast(loss_dp, tf.float32)
+    # [sum, count] lists (not tuples): secure summation needs lists.
     metrics = collections.OrderedDict(
-        loss=(loss_sum, tf.cast(steps, tf.float32)),
-        personalized_loss=(personalized_loss_sum, tf.cast(steps, tf.float32)),
+        loss=[loss_sum, tf.cast(steps, tf.float32)],
+        personalized_loss=[personalized_loss_sum, tf.cast(steps, tf.float32)],
         num_examples=examples,
         num_steps=steps,
     )
+    if track:
+      metrics.update(oracle.report_metrics(metrics_state))
     return w, metrics
 
   return client_update
@@ -224,7 +425,7 @@ def _mean_finalizer(pair):
 
 
 def metric_finalizers() -> collections.OrderedDict:
-  """Finalizers of the client metrics, for `tff.learning.metrics` aggregators.
+  """Finalizers of the Per-FedAvg client metrics (without the model's own).
 
   loss: mean over local steps of f(w; D); personalized_loss: mean of
   f(w~; D'); num_examples / num_steps: totals; num_clients_without_step and
@@ -241,11 +442,55 @@ def metric_finalizers() -> collections.OrderedDict:
   )
 
 
+def build_metrics_finalizer(model_finalizer=None) -> Callable[..., Any]:
+  """One callable finalizing all client metrics (for `tff.learning.metrics`
+  aggregators, which accept a callable as `metric_finalizers`).
+
+  `model_finalizer`: the model's `metric_finalizers()` (VariableModel, an
+  OrderedDict of callables) or `finalize_metrics` (FunctionalModel). Its
+  results come out under the model's metric names (at w on D) and prefixed
+  `personalized_` (at w~ on D'); names that Per-FedAvg already reports
+  (`loss`, `num_examples`, `personalized_loss`) keep Per-FedAvg's meaning.
+  """
+  own = metric_finalizers()
+
+  def finalize_model(unfinalized):
+    if callable(model_finalizer):
+      return model_finalizer(unfinalized)
+    return collections.OrderedDict(
+        (name, fn(unfinalized[name])) for name, fn in model_finalizer.items())
+
+  def finalize(unfinalized):
+    out = collections.OrderedDict(
+        (name, fn(unfinalized[name])) for name, fn in own.items())
+    for key, prefix in ((MODEL_METRICS, ''),
+                        (PERSONALIZED_MODEL_METRICS, PERSONALIZED_PREFIX)):
+      if model_finalizer is None or key not in unfinalized:
+        continue
+      for name, value in finalize_model(unfinalized[key]).items():
+        if prefix + name not in out:
+          out[prefix + name] = value
+    return out
+
+  return finalize
+
+
 def _input_spec(model_fn: ModelFn):
   if isinstance(model_fn, tff.learning.models.FunctionalModel):
     return model_fn.input_spec
   with tf.Graph().as_default():
     return model_fn().input_spec
+
+
+def initial_hparams(*, alpha: float, delta: float,
+                    optimizer: tff.learning.optimizers.Optimizer
+                    ) -> collections.OrderedDict:
+  """The client work's state = its hyperparameters:
+  `OrderedDict(alpha, delta, client_optimizer=optimizer hparams)`."""
+  whimsy = optimizer.initialize(tf.TensorSpec([], tf.float32))
+  return collections.OrderedDict(
+      alpha=float(alpha), delta=float(delta),
+      client_optimizer=optimizer.get_hparams(whimsy))
 
 
 def build_per_fedavg_client_work(
@@ -254,15 +499,21 @@ def build_per_fedavg_client_work(
     *,
     variant: Variant,
     alpha: float,
-    beta: float,
+    beta: Optional[float] = None,
     delta: float,
     local_steps: int,
     uniform_weighting: bool,
     metrics_aggregator: Optional[Callable[..., tff.Computation]] = None,
+    inner_steps: int = 1,
+    client_optimizer: Optional[tff.learning.optimizers.Optimizer] = None,
 ) -> tff.learning.templates.ClientWorkProcess:
   """Builds the `ClientWorkProcess` running Per-FedAvg local steps.
 
   Arguments are validated by `perfed_tff.build_per_fedavg`; see there.
+  `client_optimizer` (default: SGD at `beta`) applies the meta-gradient.
+  State (= hyperparameters, `get_hparams`/`set_hparams`):
+  `OrderedDict(alpha, delta, client_optimizer=its hparams)`, read by every
+  client at every round (changing it needs no rebuild and no retrace).
   next_fn: <state@SERVER, ModelWeights@CLIENTS, {batches*}@CLIENTS> ->
   <state, ClientResult(update = w_0 - w_tau, update_weight)@CLIENTS,
   OrderedDict(train=metrics)@SERVER>.
@@ -273,19 +524,33 @@ def build_per_fedavg_client_work(
   data_type = tff.SequenceType(element_type)
   if metrics_aggregator is None:
     metrics_aggregator = tff.learning.metrics.sum_then_finalize
+  if client_optimizer is None:
+    client_optimizer = tff.learning.optimizers.build_sgdm(learning_rate=beta)
+  hparams = initial_hparams(alpha=alpha, delta=delta,
+                            optimizer=client_optimizer)
 
-  @tff.tensorflow.computation(model_weights_type, data_type)
-  def client_update(initial_weights, dataset):
+  @tff.federated_computation
+  def init_fn():
+    return tff.federated_value(hparams, tff.SERVER)
+
+  state_type = init_fn.type_signature.result.member
+
+  @tff.tensorflow.computation(state_type, model_weights_type, data_type)
+  def client_update(state, initial_weights, dataset):
     if functional:
       oracle = _FunctionalOracle(
-          model_fn, tuple(initial_weights.non_trainable))
+          model_fn, tuple(initial_weights.non_trainable), track_metrics=True)
     else:
-      oracle = _VariableOracle(model_fn())
+      oracle = _VariableOracle(
+          model_fn(), collections.OrderedDict(
+              [(MODEL_METRICS, model_fn()),
+               (PERSONALIZED_MODEL_METRICS, model_fn())]))
     update_fn = build_client_update(
-        oracle, variant=variant, alpha=alpha, beta=beta, delta=delta,
-        local_steps=local_steps)
+        oracle, variant=variant, alpha=alpha, delta=delta,
+        local_steps=local_steps, inner_steps=inner_steps,
+        optimizer=client_optimizer)
     initial = tuple(tf.nest.flatten(initial_weights.trainable))
-    final, metrics = update_fn(initial, dataset)
+    final, metrics = update_fn(initial, dataset, state)
     update = tuple(a - b for a, b in zip(initial, final))
     update, non_finite = _zero_if_non_finite(update)
     no_step = tf.equal(metrics['num_steps'], 0)
@@ -307,12 +572,22 @@ def build_per_fedavg_client_work(
             metrics)
 
   unfinalized_type = client_update.type_signature.result[1]
-  metrics_aggregation = metrics_aggregator(metric_finalizers(),
-                                           unfinalized_type)
+  if functional:
+    model_finalizer = model_fn.finalize_metrics
+  else:
+    with tf.Graph().as_default():
+      model_finalizer = model_fn().metric_finalizers()
+  metrics_aggregation = metrics_aggregator(
+      build_metrics_finalizer(model_finalizer), unfinalized_type)
 
-  @tff.federated_computation
-  def init_fn():
-    return tff.federated_value((), tff.SERVER)
+  @tff.tensorflow.computation(state_type)
+  def get_hparams_fn(state):
+    return state
+
+  @tff.tensorflow.computation(state_type, state_type)
+  def set_hparams_fn(state, new_hparams):
+    del state
+    return new_hparams
 
   @tff.federated_computation(
       init_fn.type_signature.result,
@@ -320,15 +595,18 @@ def build_per_fedavg_client_work(
       tff.FederatedType(data_type, tff.CLIENTS),
   )
   def next_fn(state, weights, client_data):
+    state_at_clients = tff.federated_broadcast(state)
     client_result, client_metrics = tff.federated_map(
-        client_update, (weights, client_data))
+        client_update, (state_at_clients, weights, client_data))
     train_metrics = metrics_aggregation(client_metrics)
     measurements = tff.federated_zip(
         collections.OrderedDict(train=train_metrics))
     return tff.templates.MeasuredProcessOutput(
         state, client_result, measurements)
 
-  return tff.learning.templates.ClientWorkProcess(init_fn, next_fn)
+  return tff.learning.templates.ClientWorkProcess(
+      init_fn, next_fn, get_hparams_fn=get_hparams_fn,
+      set_hparams_fn=set_hparams_fn)
 
 
 def _zero_if_non_finite(structure):

@@ -90,7 +90,11 @@ def _batch_metrics(model, batch, ignore_label=None):
   """(sum of per-example loss, correct predictions, label entries, examples)."""
   out = model.forward_pass(batch, training=False)
   _, y = client_work_lib.split_batch(batch)
-  predictions = out.predictions
+  return _metrics_of(out.predictions, out.loss, y, ignore_label)
+
+
+def _metrics_of(predictions, mean_loss, y, ignore_label=None):
+  """`_batch_metrics` from the predictions and mean loss of one batch."""
   num_examples = tf.cast(tf.shape(predictions)[0], tf.float32)
   labels = tf.reshape(tf.cast(y, tf.int64), tf.shape(predictions)[:-1])
   correct = tf.cast(tf.equal(tf.argmax(predictions, axis=-1), labels),
@@ -103,25 +107,57 @@ def _batch_metrics(model, batch, ignore_label=None):
     entries = tf.reduce_sum(mask)
   # The model's loss is a mean over the batch (here: all the client's test
   # examples); the sum is divided by the example count again by the caller.
-  loss = tf.cast(out.loss, tf.float32) * num_examples
+  loss = tf.cast(mean_loss, tf.float32) * num_examples
   return (tf.where(num_examples > 0, loss, 0.0), tf.reduce_sum(correct),
           entries, num_examples)
 
 
+_EVAL_BATCH = 256
+
+
+def _prepare(data, *, unbatched: bool, batch_size: Optional[int],
+             max_steps: int):
+  """(train batches, test batches) of a client input. Unbatched input (TFF's
+  `build_personalization_eval_computation` structure) is batched here: the
+  train examples in order into batches of `batch_size` (None: k full-batch
+  steps on all of them), the test examples in any batches."""
+  train, test = data['train_data'], data['test_data']
+  if not unbatched:
+    return train, test
+  if batch_size is None:
+    train = train.batch(_FULL_BATCH).repeat(max_steps).take(max_steps)
+  else:
+    train = train.batch(batch_size)
+  return train, test.batch(_EVAL_BATCH)
+
+
+_FULL_BATCH = 2**31 - 1
+
+
 def build_client_evaluation(model_fn, model_weights_type, data_type, *,
                             alpha: float, adaptation_steps: Sequence[int],
-                            ignore_label: Optional[int] = None
+                            ignore_label: Optional[int] = None,
+                            unbatched: bool = False,
+                            batch_size: Optional[int] = None,
                             ) -> tff.Computation:
   """The per-client `tff.tensorflow.computation(weights, data) -> metrics`.
 
-  `data` is `OrderedDict(train_data=batches, test_data=batches)`. The k-th
-  adaptation step uses the k-th train batch; a client whose train batches run
-  out stops adapting (its later steps repeat the last weights) and reports
-  how many steps it took in `num_adaptation_steps`.
+  `data` is `OrderedDict(train_data=batches, test_data=batches)`, or with
+  `unbatched=True` the same of single examples (batched here by
+  `batch_size`). The k-th adaptation step uses the k-th train batch; a client
+  whose train batches run out stops adapting (its later steps repeat the last
+  weights) and reports how many steps it took in `num_adaptation_steps`.
+  `model_fn` is a no-arg callable returning a VariableModel or a
+  `tff.learning.models.FunctionalModel`.
   """
   alpha = checks.positive_float('alpha', alpha)
   steps = _check_steps(adaptation_steps)
   max_steps = steps[-1]
+  if isinstance(model_fn, tff.learning.models.FunctionalModel):
+    return _build_functional_client_evaluation(
+        model_fn, model_weights_type, data_type, alpha=alpha, steps=steps,
+        ignore_label=ignore_label, unbatched=unbatched,
+        batch_size=batch_size)
 
   @tff.tensorflow.computation(model_weights_type, data_type)
   def client_eval(weights, data):
@@ -182,27 +218,128 @@ def build_client_evaluation(model_fn, model_weights_type, data_type, *,
           num_adaptation_examples=used,
           metrics=metrics)
 
-    return run(weights, data['train_data'], data['test_data'])
+    train_data, test_data = _prepare(data, unbatched=unbatched,
+                                     batch_size=batch_size,
+                                     max_steps=max_steps)
+    return run(weights, train_data, test_data)
 
   return client_eval
 
 
-def build_personalized_evaluation(model_fn: Callable[[], tff.learning.models.VariableModel],
+def _collect(before, num_test, losses, accuracies, taken, used, steps):
+  metrics = collections.OrderedDict()
+  metrics[step_key(0)] = before
+  for k in steps:
+    metrics[step_key(k)] = collections.OrderedDict(
+        loss=losses[k - 1], accuracy=accuracies[k - 1])
+  return collections.OrderedDict(
+      num_test_examples=tf.cast(num_test, tf.int64),
+      num_adaptation_steps=taken,
+      num_adaptation_examples=used,
+      metrics=metrics)
+
+
+def _build_functional_client_evaluation(model, model_weights_type, data_type,
+                                        *, alpha, steps, ignore_label,
+                                        unbatched, batch_size):
+  """`build_client_evaluation` for a `tff.learning.models.FunctionalModel`:
+  the same steps w_k = w_{k-1} - alpha g_{B_k}(w_{k-1}) on explicit weights."""
+  max_steps = steps[-1]
+
+  @tff.tensorflow.computation(model_weights_type, data_type)
+  def client_eval(weights, data):
+    non_trainable = tuple(weights.non_trainable)
+
+    def evaluate(trainable, test_batches):
+      x, y = client_work_lib.split_batch(test_batches)
+      predictions = model.predict_on_batch((trainable, non_trainable), x,
+                                           False)
+      loss = model.loss(output=predictions, label=y)
+      l, c, e, n = _metrics_of(predictions, loss, y, ignore_label)
+      return collections.OrderedDict(
+          loss=tf.math.divide_no_nan(l, n),
+          accuracy=tf.math.divide_no_nan(c, e)), n
+
+    def sgd_step(trainable, batch):
+      x, y = client_work_lib.split_batch(batch)
+      with tf.GradientTape() as tape:
+        tape.watch(trainable)
+        loss = model.loss(
+            output=model.predict_on_batch((trainable, non_trainable), x,
+                                          True), label=y)
+      grads = tape.gradient(loss, trainable)
+      new = tuple(w if g is None else w - alpha * tf.cast(
+          tf.convert_to_tensor(g), w.dtype) for w, g in zip(trainable, grads))
+      return new, tf.cast(tf.shape(tf.nest.flatten(x)[0])[0], tf.int64)
+
+    @tf.function
+    def run(trainable, train_data, test_data):
+      test_batches = _concatenate(test_data)
+      before, num_test = evaluate(trainable, test_batches)
+      losses = tf.TensorArray(tf.float32, size=max_steps)
+      accuracies = tf.TensorArray(tf.float32, size=max_steps)
+      iterator = iter(train_data)
+      taken = tf.constant(0, tf.int64)
+      used = tf.constant(0, tf.int64)
+      for k in tf.range(max_steps):
+        optional = iterator.get_next_as_optional()
+        if optional.has_value():
+          trainable, n = sgd_step(trainable, optional.get_value())
+          used += n
+          taken += 1
+        after, _ = evaluate(trainable, test_batches)
+        losses = losses.write(k, after['loss'])
+        accuracies = accuracies.write(k, after['accuracy'])
+      return _collect(before, num_test, losses.stack(), accuracies.stack(),
+                      taken, used, steps)
+
+    train_data, test_data = _prepare(data, unbatched=unbatched,
+                                     batch_size=batch_size,
+                                     max_steps=max_steps)
+    return run(tuple(weights.trainable), train_data, test_data)
+
+  return client_eval
+
+
+def _unbatched_spec(input_spec):
+  """The spec of one example (TFF's `_remove_batch_dim`), same containers."""
+  return tf.nest.map_structure(
+      lambda s: tf.TensorSpec(s.shape[1:], s.dtype), input_spec)
+
+
+INPUT_FORMATS = ('batched', 'unbatched')
+
+
+def build_personalized_evaluation(model_fn,
                                   *, alpha: float,
                                   adaptation_steps: Sequence[int] | int = (1,),
                                   ignore_label: Optional[int] = None,
+                                  input_format: str = 'batched',
+                                  batch_size: Optional[int] = None,
                                   ) -> tff.Computation:
   """Builds the personalized evaluation of Per-FedAvg (Fallah et al., 2020).
 
+  From the global model w, per client: w_k = w_{k-1} - alpha g_{B_k}(w_{k-1})
+  on the client's train batches B_1, B_2, ..., and the loss and accuracy of
+  w_0 = w and of every requested w_k on the client's test data.
+
   Args:
-    model_fn: no-arg callable returning a `tff.learning.models.VariableModel`
-      (the same `model_fn` the algorithms were trained with).
+    model_fn: no-arg callable returning a `tff.learning.models.VariableModel`,
+      or a `tff.learning.models.FunctionalModel` (the same `model_fn` the
+      algorithms were trained with).
     alpha: step size of the personalization SGD steps (the paper: the same
       alpha as Per-FedAvg's inner step), > 0.
     adaptation_steps: k values (ints >= 1) after which to measure; 1 is the
       paper's protocol. Step 0 (the global model) is always measured.
     ignore_label: label value left out of the accuracy (e.g. the padding id
       0 of Shakespeare); None counts every label entry.
+    input_format: 'batched' (each client's `train_data`/`test_data` are
+      datasets of batches; B_k is the k-th train batch) or 'unbatched'
+      (TFF's `tff.learning.algorithms.build_personalization_eval_computation`
+      client input: datasets of single examples; B_k is the k-th batch of
+      `batch_size` train examples in order).
+    batch_size: with 'unbatched', the adaptation batch size (None: every
+      step is a full-batch step on all the client's train examples).
 
   Returns:
     A `tff.Computation` with type signature
@@ -214,22 +351,29 @@ def build_personalized_evaluation(model_fn: Callable[[], tff.learning.models.Var
   """
   steps = _check_steps(adaptation_steps)
   alpha = checks.positive_float('alpha', alpha)
-  with tf.Graph().as_default():
-    input_spec = model_fn().input_spec
+  input_format = checks.choice('input_format', input_format, INPUT_FORMATS)
+  if batch_size is not None:
+    batch_size = checks.integer('batch_size', batch_size, 1)
+  if isinstance(model_fn, tff.learning.models.FunctionalModel):
+    input_spec = model_fn.input_spec
+  else:
+    with tf.Graph().as_default():
+      input_spec = model_fn().input_spec
+  if input_format == 'unbatched':
+    input_spec = _unbatched_spec(input_spec)
   element_type = tff.types.tensorflow_to_type(input_spec)
   data_type = tff.types.StructWithPythonType(
       [('train_data', tff.SequenceType(element_type)),
        ('test_data', tff.SequenceType(element_type))],
       collections.OrderedDict)
 
-  @tff.tensorflow.computation
-  def initial_weights():
-    return tff.learning.models.ModelWeights.from_model(model_fn())
-
+  from perfed_tff import per_fedavg  # pylint: disable=g-import-not-at-top
+  initial_weights = per_fedavg.initial_model_weights_computation(model_fn)
   model_weights_type = initial_weights.type_signature.result
   client_eval = build_client_evaluation(
       model_fn, model_weights_type, data_type, alpha=alpha,
-      adaptation_steps=steps, ignore_label=ignore_label)
+      adaptation_steps=steps, ignore_label=ignore_label,
+      unbatched=input_format == 'unbatched', batch_size=batch_size)
 
   @tff.federated_computation(
       tff.FederatedType(model_weights_type, tff.SERVER),
@@ -240,6 +384,8 @@ def build_personalized_evaluation(model_fn: Callable[[], tff.learning.models.Var
 
   personalized_evaluation.adaptation_steps = steps  # For the Python side.
   personalized_evaluation.alpha = alpha
+  personalized_evaluation.input_format = input_format
+  personalized_evaluation.batch_size = batch_size
   return personalized_evaluation
 
 
@@ -367,6 +513,10 @@ def evaluate_population(evaluation: tff.Computation, model_weights,
     client_ids = list(test_data.client_ids)
   client_ids = list(client_ids)
   adapt_data = test_data if protocol == 'paper' else train_data
+  unbatched = getattr(evaluation, 'input_format', 'batched') == 'unbatched'
+  if unbatched:
+    # The computation batches by its own batch_size: the same batches.
+    adapt_batch_size = evaluation.batch_size
   inputs = [
       client_input(adapt_data.create_tf_dataset_for_client(cid),
                    test_data.create_tf_dataset_for_client(cid),
@@ -374,6 +524,12 @@ def evaluate_population(evaluation: tff.Computation, model_weights,
                    seed=task_lib.derive_seed(seed, 'personalization', cid),
                    eval_batch_size=eval_batch_size)
       for cid in client_ids]
+  if unbatched:
+    inputs = [collections.OrderedDict(
+        train_data=(x['train_data'].take(1).unbatch()
+                    if adapt_batch_size is None
+                    else x['train_data'].unbatch()),
+        test_data=x['test_data'].unbatch()) for x in inputs]
   outputs = evaluation(model_weights, inputs)
   return _to_population(client_ids, outputs, (0,) + tuple(steps))
 

@@ -1,0 +1,80 @@
+"""`tff.learning.programs.train_model` runs Per-FedAvg in the project's
+execution context entered as a `tff.program.NativeFederatedContext`, with
+the project's CheckpointManager; the result equals a plain loop."""
+
+import asyncio
+
+import numpy as np
+import tensorflow_federated as tff
+
+from perfed_tff import algorithms
+from perfed_tff.data import synthetic
+from perfed_tff.data import task as task_lib
+from perfed_tff.program import checkpointing
+from perfed_tff.runtime import program_context
+
+ROUNDS, CLIENTS, BATCH, TAU = 3, 2, 8, 2
+
+
+def test_train_model_three_rounds_with_owned_worker_and_checkpoints(
+    tmp_path, tff_context):
+  task = synthetic.load_synthetic(num_users=6, seed=0)
+  process = algorithms.build_algorithm(
+      'per_fedavg_hf', task.model_fn, alpha=0.05, beta=0.05,
+      local_steps=TAU)
+  num_batches = algorithms.batches_per_round('per_fedavg_hf', TAU)
+  source = program_context.RoundDataSource(
+      task, clients_per_round=CLIENTS, num_batches=num_batches,
+      batch_size=BATCH, seed=0)
+  manager = checkpointing.CheckpointManager(
+      str(tmp_path / 'checkpoints'), metadata={'algorithm': 'per_fedavg_hf'},
+      keep_total=5)
+  states = program_context.TrainModelStateManager(manager, source)
+  metrics = tff.program.MemoryReleaseManager()
+  models = tff.program.MemoryReleaseManager()
+
+  def run():
+    asyncio.run(tff.learning.programs.train_model(
+        train_process=process, train_data_source=source,
+        train_per_round_clients=CLIENTS, train_total_rounds=ROUNDS,
+        program_state_manager=states, model_output_manager=models,
+        train_metrics_manager=metrics, evaluation_manager=None,
+        evaluation_periodicity=1))
+
+  with program_context.ProgramContext(tff_context) as ctx:
+    assert tff.framework.get_context_stack().current is ctx.federated_context
+    run()
+    run()   # Everything done: resumes from round 3 and trains no more.
+  # The session's synchronous context is back.
+  assert tff.framework.get_context_stack().current is tff_context.context
+  assert manager.latest_round() == ROUNDS
+  released = metrics.values()
+  assert sorted(released) == [1, 2, 3]
+  # train_model releases metrics['client_work']['train'] as 'model_metrics'.
+  train = released[ROUNDS]['model_metrics']
+  assert 'sparse_categorical_accuracy' in train
+  assert 'personalized_sparse_categorical_accuracy' in train
+
+  # The same rounds in a plain loop in the synchronous context.
+  state = process.initialize()
+  for r in range(1, ROUNDS + 1):
+    _, data = task_lib.round_client_data(
+        task, clients_per_round=CLIENTS, num_batches=num_batches,
+        batch_size=BATCH, seed=0, round_num=r)
+    state = process.next(state, data).state
+  want = process.get_model_weights(state).trainable
+  saved = checkpointing.run_sync(states.load(
+      ROUNDS, program_context_state(process, source)))
+  assert saved.round_number == ROUNDS
+  assert saved.data_iterator.round_num == ROUNDS + 1
+  got = process.get_model_weights(saved.state).trainable
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(g, w, atol=1e-6)
+  released_weights = models.values()
+  assert released_weights, 'train_model released the final model'
+
+
+def program_context_state(process, source):
+  from tensorflow_federated.python.learning.programs import training_program_logic  # pylint: disable=g-import-not-at-top
+  return training_program_logic.ProgramState(
+      process.initialize(), 0, None, source.iterator())
