@@ -4,14 +4,19 @@
 fields it replaces, e.g. compare.py's --algorithms/--seeds for --algorithm/
 --seed); `training_config(**overrides)` builds the config; `fail` prints the
 one-line error and exits (2 for a usage error); `parse_flags` makes absl's own
-flag errors one line with exit 2 too.
+flag errors one line with exit 2 too; `guard` runs a binary's work and turns
+every failure into one line and an exit status (2 usage, 1 failure, 128 +
+signal number for SIGINT/SIGTERM/SIGHUP).
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import signal
 import sys
 import time
+import traceback
 
 from absl import flags
 
@@ -60,6 +65,9 @@ _HELP = {
                           "(in the worker), 'tff' (TFF's static pass) or "
                           "'auto'.",
     'progress': 'Progress bar; --noprogress logs one line per round.',
+    'round_timeout': 'Seconds a training round or checkpoint write may take '
+                     '(evaluations 10x) before the run stops; 0: '
+                     'max(60, 20 x the median round), 600 until measured.',
 }
 
 
@@ -109,9 +117,81 @@ def program_name() -> str:
   return os.path.basename(sys.argv[0] or 'perfed_tff')
 
 
-def fail(message: str, status: int = checks.EXIT_USAGE):
+def fail(message: str, status: int = checks.EXIT_USAGE, *,
+         hard: bool = False):
+  """Prints `<program>: error: <message>` and exits with `status`. `hard`:
+  stop any worker this process started and leave with `os._exit`, skipping
+  interpreter teardown (where TensorFlow's threads can abort the process)."""
   print(f'{program_name()}: error: {message}', file=sys.stderr, flush=True)
-  sys.exit(status)
+  if not hard:
+    sys.exit(status)
+  for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    signal.signal(signum, signal.SIG_IGN)  # A second Ctrl-C changes nothing.
+  execution = sys.modules.get('perfed_tff.runtime.execution')
+  if execution is not None:
+    execution.stop_all_workers()
+  try:  # atexit work (TF's generated-code files, ...), not C++ teardown.
+    import atexit  # pylint: disable=g-import-not-at-top
+    atexit._run_exitfuncs()  # pylint: disable=protected-access
+  except Exception:  # pylint: disable=broad-except
+    pass
+  for stream in (sys.stdout, sys.stderr):
+    try:
+      stream.flush()
+    except (OSError, ValueError):
+      pass
+  os._exit(status)  # pylint: disable=protected-access
+
+
+def _first_line(error: BaseException) -> str:
+  """The most telling line of a (possibly multi-line gRPC/TF) message."""
+  lines = [l.strip() for l in str(error).splitlines() if l.strip()]
+  for line in lines:  # TF errors from a worker: "...Error: <what>" lines.
+    for marker in ('InvalidArgument', 'Received a label value', 'Error:'):
+      if marker in line:
+        return line[:300]
+  return (lines[0] if lines else type(error).__name__)[:300]
+
+
+def guard(work, resume_hint: str, traceback_dir=None):
+  """Runs `work()` and returns its result; any failure ends the process with
+  one line on stderr and its exit status (see the module docstring)."""
+  from perfed_tff.program import training_loop  # pylint: disable=g-import-not-at-top
+  from perfed_tff.runtime import execution  # pylint: disable=g-import-not-at-top
+  try:
+    return work()
+  except (checks.ArgumentError, training_loop.CheckpointError) as e:
+    fail(getattr(e, 'flag_message', str(e)), checks.EXIT_USAGE, hard=True)
+  except training_loop.NonFiniteLossError as e:
+    fail(str(e), 1, hard=True)
+  except execution.WorkerUnavailableError as e:
+    fail(f'{e} {resume_hint}', 1, hard=True)
+  except KeyboardInterrupt as e:
+    signum = getattr(e, 'signum', signal.SIGINT)
+    name = signal.Signals(signum).name
+    what = 'interrupted' if signum == signal.SIGINT else f'stopped by {name}'
+    if getattr(e, 'phase', None):
+      what += f' during {e.phase}'
+    fail(f'{what}; {resume_hint[0].lower()}{resume_hint[1:]}', 128 + signum,
+         hard=True)
+  except OSError as e:
+    where = f' ({e.filename})' if e.filename else ''
+    reason = e.strerror or str(e)
+    if e.errno == errno.ENOSPC:
+      reason = 'the disk is full'
+    fail(f'{reason}{where}; {resume_hint[0].lower()}{resume_hint[1:]}', 1,
+         hard=True)
+  except Exception as e:  # pylint: disable=broad-except
+    saved = ''
+    if traceback_dir and os.path.isdir(traceback_dir):
+      path = os.path.join(traceback_dir, 'error_traceback.txt')
+      try:
+        with open(path, 'w') as f:
+          traceback.print_exc(file=f)
+        saved = f' (traceback in {path})'
+      except OSError:
+        pass
+    fail(f'{type(e).__name__}: {_first_line(e)}{saved}', 1, hard=True)
 
 
 def parse_flags(argv):

@@ -27,7 +27,23 @@ Tables and plots can be rewritten from a saved JSON with --replot=PATH.
 
 import json
 import os
+import signal
 import sys
+
+
+def _exit_on_signal(signum, frame):
+  """Until main() installs the run's handlers: nothing was written yet."""
+  del frame
+  name = signal.Signals(signum).name
+  os.write(2, f'{os.path.basename(sys.argv[0])}: error: {name} during '
+              'start-up; nothing was written.\n'.encode())
+  os._exit(128 + signum)  # pylint: disable=protected-access
+
+
+if __name__ == '__main__':  # Not when imported (tests, notebooks).
+  for _signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    if signal.getsignal(_signum) != signal.SIG_IGN:
+      signal.signal(_signum, _exit_on_signal)
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
@@ -146,8 +162,10 @@ def run() -> dict:
   prefix = FLAGS.prefix or os.path.basename(run_dir)
   cli.log(f'run directory: {run_dir} (rerun the same command to resume)')
 
+  from perfed_tff.program import checkpointing  # pylint: disable=g-import-not-at-top
   from perfed_tff.program import training_loop  # pylint: disable=g-import-not-at-top
-  with training_loop.execution_context(spec.base):
+  with checkpointing.OutputDirLock(spec.base.root_output_dir), \
+      training_loop.execution_context(spec.base):
     if grid:
       def on_cell(partial):
         partial['command'] = _command()
@@ -170,18 +188,9 @@ def run() -> dict:
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  from perfed_tff.program import training_loop  # pylint: disable=g-import-not-at-top
   from perfed_tff.runtime import execution  # pylint: disable=g-import-not-at-top
-  try:
-    paths = run()
-  except (checks.ArgumentError, training_loop.CheckpointError) as e:
-    cli.fail(getattr(e, 'flag_message', str(e)))
-  except training_loop.NonFiniteLossError as e:
-    cli.fail(str(e), 1)
-  except execution.WorkerUnavailableError as e:
-    cli.fail(f'{e} Rerun the same command to resume.', 1)
-  except KeyboardInterrupt:
-    cli.fail('interrupted; rerun the same command to resume.', 130)
+  execution.install_interrupt_handlers()
+  paths = cli.guard(run, 'Rerun the same command to resume.')
   with open(paths['md']) as f:
     print(f.read())
   print(f'wrote {sorted(paths.values())}')

@@ -9,11 +9,30 @@ Rerunning the same command resumes from the latest checkpoint under
 clients run on TFF workers started by
 `python -m perfed_tff.runtime.worker --port=N`. All logic lives in
 `perfed_tff.program`; exit status 2 means a bad flag (or an unusable
-checkpoint), 1 a failed run, 130 an interrupted one.
+checkpoint, or a --root_output_dir in use by another run), 1 a failed run,
+130 an interrupted one (143 SIGTERM, 129 SIGHUP).
 """
 
 import math
 import os
+import signal
+import sys
+
+
+def _exit_on_signal(signum, frame):
+  """Until main() installs the run's handlers (TensorFlow is imported):
+  nothing has been written yet."""
+  del frame
+  name = signal.Signals(signum).name
+  os.write(2, f'{os.path.basename(sys.argv[0])}: error: {name} during '
+              'start-up; nothing was written.\n'.encode())
+  os._exit(128 + signum)  # pylint: disable=protected-access
+
+
+if __name__ == '__main__':  # Not when imported (tests, notebooks).
+  for _signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    if signal.getsignal(_signum) != signal.SIG_IGN:
+      signal.signal(_signum, _exit_on_signal)
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
@@ -22,7 +41,6 @@ from absl import flags
 from absl import logging
 
 from experiments import cli
-from perfed_tff import checks
 
 cli.define_training_flags()
 FLAGS = flags.FLAGS
@@ -73,19 +91,16 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   from perfed_tff.program import training_loop  # pylint: disable=g-import-not-at-top
   from perfed_tff.runtime import execution  # pylint: disable=g-import-not-at-top
-  try:
+  # SIGINT/SIGTERM/SIGHUP now raise `execution.Interrupted`: the run stops
+  # its workers, keeps its last checkpoint and `cli.guard` prints one line.
+  execution.install_interrupt_handlers()
+
+  def work():
     config = cli.training_config()
-    results = training_loop.run(config, write=cli.log)
-  except (checks.ArgumentError, training_loop.CheckpointError) as e:
-    cli.fail(getattr(e, 'flag_message', str(e)))
-  except training_loop.NonFiniteLossError as e:
-    cli.fail(str(e), 1)
-  except execution.WorkerUnavailableError as e:
-    cli.fail(f'{e} Rerun the same command to resume from the last '
-             'checkpoint.', 1)
-  except KeyboardInterrupt:
-    cli.fail('interrupted; rerun the same command to resume from the last '
-             'checkpoint.', 130)
+    return training_loop.run(config, write=cli.log)
+
+  results = cli.guard(work, 'Rerun the same command to resume from the last '
+                      'checkpoint.', traceback_dir=FLAGS.root_output_dir)
   for result in results:
     print(format_summary(result), flush=True)
   if len(results) > 1:

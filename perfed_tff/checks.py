@@ -37,6 +37,34 @@ def positive_float(name: str, value) -> float:
   return float(value)
 
 
+# Step sizes (alpha, beta, delta) must keep float32 updates meaningful: above
+# MAX_STEP_SIZE one step moves weights by more than float32 can resolve
+# sensibly (and 1e39 is inf in float32); below MIN_STEP_SIZE the step is lost
+# in float32 rounding of any weight of magnitude >= 1e-5 (and 1e-320 is a
+# float64 denormal that float32 flushes to 0).
+MIN_STEP_SIZE = 1e-12
+MAX_STEP_SIZE = 1e6
+
+
+def step_size(name: str, value) -> float:
+  """A float32-safe step size in [MIN_STEP_SIZE, MAX_STEP_SIZE]."""
+  value = positive_float(name, value)
+  if not MIN_STEP_SIZE <= value <= MAX_STEP_SIZE:
+    raise ArgumentError(name, f'must be in [{MIN_STEP_SIZE:g}, '
+                        f'{MAX_STEP_SIZE:g}] (a float32-safe step size), got '
+                        f'{value!r}')
+  return value
+
+
+def bounded_float(name: str, value, minimum: float, maximum: float) -> float:
+  """A finite number in [minimum, maximum]."""
+  if (isinstance(value, bool) or not isinstance(value, numbers.Real)
+      or not math.isfinite(value) or not minimum <= value <= maximum):
+    raise ArgumentError(name, f'must be a number in [{minimum:g}, '
+                        f'{maximum:g}], got {value!r}')
+  return float(value)
+
+
 def integer(name: str, value, minimum: int,
             maximum: Optional[int] = None) -> int:
   if (isinstance(value, bool) or not isinstance(value, numbers.Integral)
@@ -45,6 +73,14 @@ def integer(name: str, value, minimum: int,
              else f'in {minimum}..{maximum}')
     raise ArgumentError(name, f'must be an integer {bound}, got {value!r}')
   return int(value)
+
+
+def at_most(name: str, value, maximum):
+  """`value` (already checked to be a number) is <= `maximum`."""
+  if value > maximum:
+    raise ArgumentError(name, f'must be <= {maximum:g} (the meaningful '
+                        f'range), got {value!r}')
+  return value
 
 
 def fraction(name: str, value, *, low_open: bool = True,
@@ -81,10 +117,21 @@ def writable_dir(name: str, path) -> str:
   if not os.path.isdir(probe):
     raise ArgumentError(name, f'{probe} exists and is not a directory '
                         f'(needed for {path})')
-  if not os.access(probe, os.W_OK | os.X_OK):
+  if not os.access(probe, os.W_OK | os.X_OK) or not _can_create_in(probe):
     raise ArgumentError(name, f'directory {probe} is not writable (needed for '
                         f'{path}); pass a writable directory')
   return path
+
+
+def _can_create_in(directory: str) -> bool:
+  """Whether a directory can really be created in `directory` (`os.access`
+  says yes for root under /proc, /sys and read-only mounts)."""
+  import tempfile  # pylint: disable=g-import-not-at-top
+  try:
+    os.rmdir(tempfile.mkdtemp(prefix='.perfed_tff_probe_', dir=directory))
+    return True
+  except OSError:
+    return False
 
 
 def existing_dir(name: str, path) -> Optional[str]:
@@ -138,8 +185,10 @@ def key_values(name: str, text) -> dict:
   return out
 
 
-def int_list(name: str, values, minimum: int = 0) -> tuple[int, ...]:
-  """A non-empty list of distinct integers >= minimum ('1,2,3' or a sequence)."""
+def int_list(name: str, values, minimum: int = 0,
+             maximum: Optional[int] = None) -> tuple[int, ...]:
+  """A non-empty list of distinct integers in [minimum, maximum] ('1,2,3' or
+  a sequence)."""
   if isinstance(values, str):
     values = [v for v in values.split(',') if v.strip()]
   out = []
@@ -151,7 +200,7 @@ def int_list(name: str, values, minimum: int = 0) -> tuple[int, ...]:
   if not out:
     raise ArgumentError(name, 'must not be empty')
   for v in out:
-    integer(name, v, minimum)
+    integer(name, v, minimum, maximum)
   if len(set(out)) != len(out):
     raise ArgumentError(name, f'lists a value more than once: {out}')
   return tuple(int(v) for v in out)

@@ -20,31 +20,77 @@ BASE_FLAGS = ('--algorithm=per_fedavg_fo', '--dataset=synthetic',
               '--eval_every=0', '--checkpoint_every=2', '--worker_timeout=5')
 
 
-def env():
+def env(extra=None):
   e = dict(os.environ)
   e['PYTHONPATH'] = ROOT + os.pathsep + e.get('PYTHONPATH', '')
   e['TF_CPP_MIN_LOG_LEVEL'] = '2'
   e['CUDA_VISIBLE_DEVICES'] = ''
+  e.update(extra or {})
   return e
 
 
-def command(*flags):
-  return [sys.executable, '-m', 'experiments.train', *BASE_FLAGS, *flags]
+def command(*flags, module='experiments.train'):
+  base = BASE_FLAGS if module == 'experiments.train' else ()
+  return [sys.executable, '-m', module, *base, *flags]
 
 
-def run(*flags, timeout=240):
+def run(*flags, timeout=240, extra_env=None, module='experiments.train'):
   """Runs the binary to the end; returns CompletedProcess (text)."""
-  return subprocess.run(command(*flags), env=env(), capture_output=True,
-                        text=True, timeout=timeout, stdin=subprocess.DEVNULL,
-                        cwd=ROOT)
+  return subprocess.run(command(*flags, module=module), env=env(extra_env),
+                        capture_output=True, text=True, timeout=timeout,
+                        stdin=subprocess.DEVNULL, cwd=ROOT)
 
 
-def start(*flags, log_path):
+def start(*flags, log_path, extra_env=None, **popen_kwargs):
   """Starts the binary in the background, output to `log_path`."""
   log = open(log_path, 'ab')
-  return subprocess.Popen(command(*flags), env=env(), stdout=log,
+  return subprocess.Popen(command(*flags), env=env(extra_env), stdout=log,
                           stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                          cwd=ROOT)
+                          cwd=ROOT, **popen_kwargs)
+
+
+def error_lines(text, program='train.py'):
+  """The `<program>: error:` lines of a binary's output; a traceback (or a
+  C++ abort) fails the caller's test through `assert_one_error_line`."""
+  return [l for l in text.splitlines() if l.startswith(f'{program}: error')]
+
+
+def assert_one_error_line(text, program='train.py'):
+  """Exactly one error line and no traceback; returns the line."""
+  lines = error_lines(text, program)
+  assert len(lines) == 1, text[-3000:]
+  assert 'Traceback' not in text and 'terminate called' not in text, (
+      text[-3000:])
+  return lines[0]
+
+
+def tensorboard_steps(log_dir):
+  """[(tag, step)] of every summary in the event files under `log_dir`."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  out = []
+  for root, _, names in os.walk(log_dir):
+    for name in names:
+      if '.tfevents.' not in name:
+        continue
+      for raw in tf.data.TFRecordDataset(os.path.join(root, name)):
+        event = tf.compat.v1.Event.FromString(raw.numpy())
+        for value in event.summary.value:
+          out.append((os.path.relpath(root, log_dir), value.tag, event.step))
+  return out
+
+
+def snapshot(directory):
+  """{relative path: bytes (None for a folder)} of everything under
+  `directory`."""
+  out = {}
+  for root, dirs, names in os.walk(directory):
+    for name in dirs:
+      out[os.path.relpath(os.path.join(root, name), directory)] = None
+    for name in names:
+      path = os.path.join(root, name)
+      with open(path, 'rb') as f:
+        out[os.path.relpath(path, directory)] = f.read()
+  return out
 
 
 def csv_rounds(path):

@@ -34,6 +34,47 @@ def test_bad_flag(tmp_path, flags, expected):
   assert expected in _bad(tmp_path, *flags)
 
 
+def _garbage_csv(out):
+  metrics = out / 'per_fedavg_fo' / 'metrics'
+  metrics.mkdir(parents=True)
+  (metrics / 'train.csv').write_text('round,loss\n1,0.5\n##garbage##\n')
+
+
+def _file_as_run_folder(out):
+  (out / 'per_fedavg_fo').mkdir(parents=True)
+  (out / 'per_fedavg_fo' / 'checkpoints').write_text('not a folder')
+
+
+# A representative handful of tests/test_faults_program.py's BAD_INPUTS
+# (checked there in-process), end to end: exit 2, one line, no traceback,
+# nothing in the output directory changed.
+@pytest.mark.parametrize('flags,prepare,expected', [
+    (('--beta=1e300',), None, '--beta: must be in [1e-12, 1e+06] (a '
+     'float32-safe step size), got 1e+300'),
+    (('--dataset_options=num_unseen_users=-1',), None, '--dataset_options: '
+     'num_unseen_users must be an integer >= 0, got -1'),
+    (('--seed=18446744073709551616',), None, '--seed: must be an integer in '
+     '0..4294967295, got 18446744073709551616'),
+    (('--root_output_dir=/proc/perfed_tff_out',), None, '--root_output_dir: '
+     'directory /proc is not writable'),
+    ((), _garbage_csv, "train.csv line 3 is not a metrics row "
+     "(round='##garbage##'); it was left untouched"),
+    ((), _file_as_run_folder, 'per_fedavg_fo/checkpoints exists and is not a '
+     'directory'),
+], ids=['beta', 'unseen', 'seed', 'proc', 'csv', 'run_folder'])
+def test_bad_input_end_to_end(tmp_path, flags, prepare, expected):
+  out = tmp_path / 'out'
+  out.mkdir()
+  if prepare:
+    prepare(out)
+  before = h.snapshot(out)
+  r = h.run(f'--root_output_dir={out}', '--rounds=2', *flags, timeout=120)
+  line = h.assert_one_error_line(r.stderr)
+  assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+  assert expected in line, line
+  assert h.snapshot(out) == before  # Also: no lock file left.
+
+
 def test_output_dir_not_writable(tmp_path):
   blocker = tmp_path / 'a_file'
   blocker.write_text('')

@@ -1,6 +1,9 @@
 """Faults of `experiments/train.py` (subprocess, end to end): kill -9 and
-resume, two workers on loopback, a worker killed mid-run, SIGTERM."""
+resume, two workers on loopback, a worker killed or frozen mid-run, signals
+in every phase, the output-directory lock, divergence."""
 
+import os
+import re
 import signal
 import subprocess
 import sys
@@ -117,10 +120,193 @@ def test_signal_leaves_no_worker_binary(tmp_path, signum):
   assert workers, 'expected the binary to own a worker_binary'
   proc.send_signal(signum)
   proc.wait(timeout=60)
-  if signum == signal.SIGTERM:
-    assert proc.returncode == -signal.SIGTERM
-  else:
-    assert proc.returncode == 130
-    assert 'interrupted; rerun the same command' in (
-        tmp_path / 'log.txt').read_text()
+  text = (tmp_path / 'log.txt').read_text()
+  line = h.assert_one_error_line(text)
+  assert proc.returncode == 128 + signum
+  what = 'interrupted' if signum == signal.SIGINT else 'stopped by SIGTERM'
+  assert re.match(rf'train.py: error: {what}( during [^;]+)?; rerun the same '
+                  'command', line), line
   assert not h.wait_gone(workers), 'worker_binary left after the signal'
+
+
+# ------------------------------------------------------------ frozen worker
+
+def test_frozen_local_worker_ends_run_then_resume_is_exact(tmp_path,
+                                                           baseline):
+  """SIGSTOP on the local worker (a hung worker or a dead link): one line
+  naming it, exit 1, the worker killed, no worker log left in the temp
+  folder; rerunning resumes to the uninterrupted run's weights, and
+  TensorBoard holds every round once."""
+  out, temp = tmp_path / 'out', tmp_path / 'temp'
+  temp.mkdir()
+  csv_path = out / 'per_fedavg_fo' / 'metrics' / 'train.csv'
+  log = tmp_path / 'log.txt'
+  proc = h.start(ROUNDS, f'--root_output_dir={out}', log_path=log,
+                 extra_env={'TMPDIR': str(temp)})
+  h.wait_for_round(proc, csv_path, 5)
+  workers = h.worker_descendants(proc.pid)
+  assert len(workers) == 1
+  workers[0].send_signal(signal.SIGSTOP)
+  t0 = time.monotonic()
+  proc.wait(timeout=120)
+  waited = time.monotonic() - t0
+  text = log.read_text()
+  line = h.assert_one_error_line(text)
+  print(f'frozen local worker reported after {waited:.1f}s')
+  assert proc.returncode == 1, text[-3000:]
+  assert re.match(rf'train.py: error: local TFF worker at localhost:\d+ \(pid '
+                  rf'{workers[0].pid}\) is stopped \(frozen\) during round '
+                  r'\d+; stopped the run. Rerun the same command', line), line
+  assert waited < 30
+  assert not h.wait_gone(workers), 'the frozen worker was left behind'
+  assert not [n for n in os.listdir(temp) if n.startswith('tff_worker_')], (
+      'worker log left in the temp folder')
+  r = h.run(ROUNDS, f'--root_output_dir={out}', extra_env={'TMPDIR': str(temp)})
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert 'resumed from round' in r.stdout
+  assert h.csv_rounds(csv_path) == list(range(1, 13))
+  h.assert_weights_close(h.final_weights(out / 'per_fedavg_fo'), baseline,
+                         atol=1e-6)
+  steps = h.tensorboard_steps(out / 'per_fedavg_fo' / 'tensorboard')
+  assert len(steps) == len(set(steps)), 'a round is in TensorBoard twice'
+  assert {s for _, _, s in steps} == set(range(1, 13))
+  assert not [n for n in os.listdir(temp) if n.startswith('tff_worker_')]
+
+
+def test_frozen_remote_worker_ends_run_naming_it(tmp_path, two_workers):
+  ports, procs, _ = two_workers
+  workers = '--workers=' + ','.join(f'localhost:{p}' for p in ports)
+  csv_path = tmp_path / 'per_fedavg_fo' / 'metrics' / 'train.csv'
+  log = tmp_path / 'run.log'
+  proc = h.start('--rounds=100000', f'--root_output_dir={tmp_path}', workers,
+                 log_path=log)
+  h.wait_for_round(proc, csv_path, 3)
+  procs[ports[1]].send_signal(signal.SIGSTOP)
+  t0 = time.monotonic()
+  proc.wait(timeout=120)
+  waited = time.monotonic() - t0
+  text = log.read_text()
+  line = h.assert_one_error_line(text)
+  print(f'frozen remote worker reported after {waited:.1f}s')
+  assert proc.returncode == 1, text[-3000:]
+  assert (f'TFF worker at localhost:{ports[1]} did not answer a health check '
+          'within 5s') in line, line
+  assert waited < 40
+
+
+# ------------------------------------------------------------------ signals
+
+def _interrupt(proc, signum, log):
+  proc.send_signal(signum)
+  proc.wait(timeout=60)
+  text = log.read_text()
+  assert proc.returncode == 128 + signum, text[-3000:]
+  line = h.assert_one_error_line(text)
+  assert not h.worker_descendants(proc.pid)
+  log.unlink()
+  return line
+
+
+def test_signals_in_every_phase_then_resume_is_exact(tmp_path, baseline):
+  out = tmp_path / 'out'
+  run_dir = out / 'per_fedavg_fo'
+  csv_path = run_dir / 'metrics' / 'train.csv'
+  eval_csv = run_dir / 'metrics' / 'eval.csv'
+  log = tmp_path / 'log.txt'
+  flags = (ROUNDS, f'--root_output_dir={out}')
+  # Start-up (TensorFlow still importing): one line, nothing written.
+  proc = h.start(*flags, log_path=log)
+  time.sleep(1.0)
+  line = _interrupt(proc, signal.SIGINT, log)
+  assert line == ('train.py: error: SIGINT during start-up; nothing was '
+                  'written.'), line
+  assert not out.exists()
+  # Training.
+  proc = h.start(*flags, log_path=log)
+  h.wait_for_round(proc, csv_path, 3)
+  line = _interrupt(proc, signal.SIGINT, log)
+  assert re.match(r'train.py: error: interrupted( during [^;]+)?; rerun the '
+                  'same command to resume from the last checkpoint.', line)
+  # Evaluation (all 30 users, 5 adaptation lengths: most of a round's time).
+  evals = ('--eval_every=1', '--eval_clients=0', '--eval_steps=1,2,3,5,8')
+  for delay in (0.3, 0.6, 0.1):
+    proc = h.start(*flags, *evals, log_path=log)
+    start = max(h.csv_rounds(csv_path))
+    deadline = time.monotonic() + 180
+    while max(h.csv_rounds(eval_csv) or [0]) <= start:
+      assert proc.poll() is None and time.monotonic() < deadline
+      time.sleep(0.02)
+    time.sleep(delay)
+    line = _interrupt(proc, signal.SIGINT, log)
+    if 'during evaluation at round' in line:
+      break
+  assert re.match(r'train.py: error: interrupted during evaluation at round '
+                  r'\d+; rerun the same command', line), line
+  # Started with SIGINT ignored (a background job): Ctrl-C on its process
+  # group changes nothing, the worker keeps running; SIGHUP then stops it.
+  proc = h.start(*flags, log_path=log, start_new_session=True,
+                 preexec_fn=lambda: signal.signal(signal.SIGINT,
+                                                  signal.SIG_IGN))
+  reached = h.wait_for_round(proc, csv_path, max(h.csv_rounds(csv_path)) + 1)
+  workers = h.worker_descendants(proc.pid)
+  os.killpg(proc.pid, signal.SIGINT)
+  h.wait_for_round(proc, csv_path, reached + 1)
+  assert all(w.is_running() for w in workers)
+  line = _interrupt(proc, signal.SIGHUP, log)
+  assert re.match(r'train.py: error: stopped by SIGHUP( during [^;]+)?; rerun '
+                  'the same command', line), line
+  assert max(h.csv_rounds(csv_path)) < 12
+  # Each time the last complete checkpoint was kept: the resume is exact.
+  r = h.run(*flags)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert h.csv_rounds(csv_path) == list(range(1, 13))
+  h.assert_weights_close(h.final_weights(run_dir), baseline, atol=1e-6)
+  steps = h.tensorboard_steps(run_dir / 'tensorboard')
+  assert len(steps) == len(set(steps)), 'a round is in TensorBoard twice'
+
+
+# --------------------------------------------------------------------- lock
+
+def test_second_run_on_the_same_dir_refused_then_stale_lock_taken_over(
+    tmp_path):
+  out = tmp_path / 'out'
+  csv_path = out / 'per_fedavg_fo' / 'metrics' / 'train.csv'
+  proc = h.start('--rounds=100000', f'--root_output_dir={out}',
+                 log_path=tmp_path / 'first.log')
+  h.wait_for_round(proc, csv_path, 2)
+  for module, flags in (
+      ('experiments.train', ('--algorithm=fedavg', '--rounds=2')),
+      ('experiments.compare', ('--algorithms=fedavg', '--seeds=0',
+                               '--rounds=1', '--dataset=synthetic',
+                               '--eval_every=0', '--noprogress'))):
+    r = h.run(*flags, f'--root_output_dir={out}', module=module)
+    program = module.split('.')[1] + '.py'
+    line = h.assert_one_error_line(r.stderr, program)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert (f'--root_output_dir: {out} is in use by a running run (pid '
+            f'{proc.pid} on ') in line, line
+  assert sorted(os.listdir(out)) == ['.perfed_tff.lock', 'per_fedavg_fo']
+  reached = max(h.csv_rounds(csv_path))
+  h.wait_for_round(proc, csv_path, reached + 1)  # The first run goes on.
+  h.kill9(proc)
+  rounds = max(h.csv_rounds(csv_path)) + 1
+  r = h.run(f'--rounds={rounds}', f'--root_output_dir={out}')
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert (f'took over the lock of a run that is no longer running (pid '
+          f'{proc.pid}') in r.stderr
+  assert not (out / '.perfed_tff.lock').exists()
+
+
+# --------------------------------------------------------------- divergence
+
+@pytest.mark.parametrize('flags,text', [
+    (('--beta=1e6',), 'per_fedavg_fo: the training loss exploded to '),
+    (('--dataset=digits', '--algorithm=per_fedavg_hf', '--alpha=1e6',
+      '--beta=1e6'), 'per_fedavg_hf: no client update was usable (all '
+     'non-finite, or no client took a step) in rounds 1-3'),
+])
+def test_divergence_stops_with_exit_1(tmp_path, flags, text):
+  r = h.run('--rounds=10', f'--root_output_dir={tmp_path}', *flags)
+  line = h.assert_one_error_line(r.stderr)
+  assert r.returncode == 1, r.stderr[-3000:]
+  assert text in line and 'Likely too large: --beta=1e+06' in line, line

@@ -88,7 +88,18 @@ def load_tff_file(dataset: str, filename: str,
   directory = resolve_cache_dir(cache_dir)
   path = os.path.join(directory, filename)
   if os.path.isfile(path):
-    return load_fn(directory)
+    try:
+      return load_fn(directory)
+    except Exception as e:  # pylint: disable=broad-except
+      # An empty, truncated or foreign file (sqlite3.DatabaseError, ...):
+      # one line naming it; the file is left as it is.
+      raise DatasetUnavailableError(
+          dataset, filename, directory,
+          f'the file there cannot be read, replace it: {short_reason(e)}'
+      ) from None
+  if os.path.isdir(path):
+    raise DatasetUnavailableError(dataset, filename, directory,
+                                  f'{path} is a directory, not the file')
   if not download:
     raise DatasetUnavailableError(dataset, filename, directory,
                                   'download disabled')

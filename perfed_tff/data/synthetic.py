@@ -11,6 +11,9 @@ how different the users' models are, beta how different their inputs are;
 from __future__ import annotations
 
 import collections
+import math
+import numbers
+import os
 
 import numpy as np
 import tensorflow as tf
@@ -23,13 +26,64 @@ INPUT_DIM = 60
 NUM_CLASSES = 10
 
 
+# Bytes of one example (x float32 [60], y int32) and the share of physical
+# memory a population may take.
+EXAMPLE_BYTES = INPUT_DIM * 4 + 4
+MEMORY_SHARE = 0.5
+MAX_HETEROGENEITY = 100.0
+
+
+def _number(name, value, low, high, *, open_low=False, open_high=False):
+  ok = (not isinstance(value, bool) and isinstance(value, numbers.Real)
+        and math.isfinite(value) and (value > low if open_low else value >= low)
+        and (value < high if open_high else value <= high))
+  if not ok:
+    interval = (f'{"(" if open_low else "["}{low:g}, {high:g}'
+                f'{")" if open_high else "]"}')
+    raise ValueError(f'`{name}` must be a number in {interval}, got '
+                     f'{value!r}.')
+  return float(value)
+
+
+def _int(name, value, low):
+  if (isinstance(value, bool) or not isinstance(value, numbers.Integral)
+      or value < low):
+    raise ValueError(f'`{name}` must be an int >= {low}, got {value!r}.')
+  return int(value)
+
+
+def _physical_memory() -> int:
+  try:
+    return os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
+  except (ValueError, OSError, AttributeError):
+    return 0
+
+
+def check_population_memory(num_users: int,
+                            max_examples_per_user: int | None) -> None:
+  """Raises ValueError when `num_users` users of up to
+  `max_examples_per_user` examples (None: 1000 assumed) would take more
+  than MEMORY_SHARE of physical memory."""
+  need = num_users * (max_examples_per_user or 1000) * EXAMPLE_BYTES
+  have = _physical_memory()
+  if have and need > MEMORY_SHARE * have:
+    raise ValueError(
+        f'`num_users`: {num_users} users of up to '
+        f'{max_examples_per_user or 1000} examples need up to '
+        f'{need / 2**30:.1f} GiB, more than {MEMORY_SHARE:.0%} of this '
+        f"machine's {have / 2**30:.1f} GiB; use fewer users or a smaller "
+        'max_examples_per_user.')
+
+
 def generate_synthetic(alpha: float, beta: float, num_users: int, *, seed: int,
                        max_examples_per_user: int | None = 1000):
   """Returns a list of (x [n, 60] float32, y [n] int32) per user."""
-  if alpha < 0 or beta < 0:
-    raise ValueError(f'alpha and beta must be >= 0, got {alpha}, {beta}')
-  if num_users < 1:
-    raise ValueError(f'num_users must be >= 1, got {num_users}')
+  _number('alpha', alpha, 0, MAX_HETEROGENEITY)
+  _number('beta', beta, 0, MAX_HETEROGENEITY)
+  _int('num_users', num_users, 1)
+  if max_examples_per_user is not None:
+    _int('max_examples_per_user', max_examples_per_user, 2)
+  check_population_memory(num_users, max_examples_per_user)
   rng = np.random.default_rng(seed)
   sizes = rng.lognormal(4, 2, num_users).astype(np.int64) + 50
   if max_examples_per_user is not None:
@@ -59,7 +113,18 @@ def load_synthetic(alpha: float = 1.0, beta: float = 1.0, *,
                    ) -> task_lib.FederatedTask:
   """Synthetic(alpha, beta) as a `FederatedTask` with a train/test split per
   user (first `train_fraction` of each user's samples train), plus
-  `num_unseen_users` extra users for the unseen population."""
+  `num_unseen_users` extra users for the unseen population.
+
+  Raises:
+    ValueError: an argument out of range (alpha, beta in [0, 100]; users >=
+      1; unseen users >= 0; train_fraction in (0, 1) leaving every user a
+      test example; max_examples_per_user None or >= 2), or a population
+      that would not fit in memory.
+  """
+  _int('num_users', num_users, 1)
+  _int('num_unseen_users', num_unseen_users, 0)
+  _number('train_fraction', train_fraction, 0, 1, open_low=True,
+          open_high=True)
   users = generate_synthetic(alpha, beta, num_users + num_unseen_users,
                              seed=seed,
                              max_examples_per_user=max_examples_per_user)
@@ -69,6 +134,10 @@ def load_synthetic(alpha: float = 1.0, beta: float = 1.0, *,
     for k in indices:
       x, y = users[k]
       n_train = max(1, int(round(train_fraction * len(y))))
+      if n_train >= len(y):
+        raise ValueError(
+            f'`train_fraction`={train_fraction!r} leaves user {k} ({len(y)} '
+            'examples) no test example; use a smaller train_fraction.')
       train[f'user_{k:04d}'] = collections.OrderedDict(x=x[:n_train], y=y[:n_train])
       test[f'user_{k:04d}'] = collections.OrderedDict(x=x[n_train:], y=y[n_train:])
     return _client_data(train), _client_data(test)

@@ -24,10 +24,14 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import fcntl
 import json
 import os
 import re
 import shutil
+import socket
+import sys
+import time
 from typing import Any, Mapping, Optional
 
 import numpy as np
@@ -36,6 +40,7 @@ from tensorflow_federated.python.program import file_utils
 import tree
 
 PREFIX = 'program_state_'
+LOCK_NAME = '.perfed_tff.lock'
 
 
 class CheckpointError(RuntimeError):
@@ -103,7 +108,12 @@ class CheckpointManager(tff.program.FileProgramStateManager):
     # A list: TF 2.14's SavedModel cannot trace dict/tuple wrappers here.
     flat = [np.int64(version), json.dumps(metadata, sort_keys=True),
             [np.asarray(x) for x in tree.flatten(program_state)]]
-    await super().save(flat, version)
+    try:
+      await super().save(flat, version)
+    except BaseException:
+      # A full disk or an interrupt: no half-written `_temp` directory stays.
+      self._remove_partial_saves()
+      raise
 
   async def load(self, version: int, structure):
     """The state saved at round `version`, shaped like `structure`.
@@ -153,3 +163,82 @@ class CheckpointManager(tff.program.FileProgramStateManager):
 
 def _describe(specs) -> str:
   return '[' + ', '.join(f'{d}{tuple(s)}' for s, d in specs) + ']'
+
+
+class OutputDirLock:
+  """An exclusive lock on an output directory, held while a run writes there.
+
+  `<directory>/.perfed_tff.lock` is `flock`ed (the kernel drops the lock
+  when its process dies, even by SIGKILL) and holds the owner's pid, host,
+  command and start time; it is removed on release. A file left by a killed
+  run is taken over (`previous_owner` is its record). Re-entrant within a process (a comparison locks
+  the directory, then each of its runs does again).
+
+  Raises (on enter):
+    checks.ArgumentError (root_output_dir): another live process holds it.
+  """
+
+  _held: dict = {}  # path -> [fd, depth]
+
+  def __init__(self, directory: str, name: str = 'root_output_dir'):
+    self.directory = os.path.abspath(directory)
+    self.path = os.path.join(self.directory, LOCK_NAME)
+    self.name = name
+    self.previous_owner: Optional[dict] = None
+
+  def __enter__(self) -> 'OutputDirLock':
+    held = self._held.get(self.path)
+    if held is not None:
+      held[1] += 1
+      return self
+    from perfed_tff import checks  # pylint: disable=g-import-not-at-top
+    os.makedirs(self.directory, exist_ok=True)
+    while True:
+      fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+      try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      except OSError:
+        owner = _read_owner(fd)
+        os.close(fd)
+        who = (f'pid {owner.get("pid")} on {owner.get("host")}, '
+               f'{owner.get("command", "?")}, since '
+               f'{owner.get("started", "?")}' if owner else 'another process')
+        raise checks.ArgumentError(
+            self.name, f'{self.directory} is in use by a running run ({who}); '
+            'wait for it to finish or choose another directory') from None
+      try:  # The file may have been removed by its last owner meanwhile.
+        if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
+          break
+      except FileNotFoundError:
+        pass
+      os.close(fd)
+    self.previous_owner = _read_owner(fd) or None  # A killed run's, if any.
+    record = dict(pid=os.getpid(), host=socket.gethostname(),
+                  command=' '.join([os.path.basename(sys.argv[0] or 'python')]
+                                   + sys.argv[1:])[:300],
+                  started=time.strftime('%Y-%m-%d %H:%M:%S'))
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (json.dumps(record) + '\n').encode(), 0)
+    self._held[self.path] = [fd, 1]
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    held = self._held.get(self.path)
+    if held is None:
+      return
+    held[1] -= 1
+    if held[1] == 0:
+      del self._held[self.path]
+      try:
+        os.unlink(self.path)  # Still locked: no one else holds this file.
+      except OSError:
+        pass
+      os.close(held[0])  # Releases the flock.
+
+
+def _read_owner(fd: int) -> dict:
+  try:
+    text = os.pread(fd, 4096, 0).decode(errors='replace').strip()
+    return json.loads(text) if text else {}
+  except (OSError, ValueError):
+    return {}

@@ -20,6 +20,14 @@ from perfed_tff.data import registry
 from perfed_tff.runtime import compilation
 
 CLIENT_WEIGHTINGS = ('uniform', 'num_examples')
+# Upper ends of the meaningful ranges (beyond them a run never ends, or one
+# batch alone needs gigabytes).
+MAX_ROUNDS = 10**7
+MAX_LOCAL_STEPS = 10**4
+MAX_BATCH_SIZE = 10**6
+MAX_TIMEOUT = 7 * 24 * 3600.0
+# A population (or one batch) must fit in this share of physical memory.
+MEMORY_SHARE = 0.5
 # Settings a checkpoint must share with the run that resumes it.
 RESUME_KEYS = ('algorithm', 'dataset', 'dataset_options', 'alpha', 'beta',
                'delta', 'local_steps', 'batch_size', 'clients_per_round',
@@ -50,10 +58,14 @@ class TrainingConfig:
   adapt_batch_size: batch of each adaptation step; None: `batch_size`.
   compare_fedavg: `run` also trains FedAvg with the same settings.
   workers: 'host:port' of running TFF workers; empty: one local worker.
-  worker_timeout: seconds to wait for an unreachable worker.
+  worker_timeout: seconds to wait for an unreachable worker (and for a
+    worker to answer a health check).
   graph_optimization: where Grappler optimizes the TFF graphs
     (`perfed_tff.runtime.compilation`). Speed only.
   progress: show a progress bar (else one log line per round).
+  round_timeout: seconds a training round (or checkpoint write) may take
+    before the run stops; evaluations get 10x. 0: derived from the measured
+    rounds (`training_loop.ROUND_TIMEOUT_FACTOR`).
   """
   algorithm: str = 'per_fedavg_hf'
   dataset: str = 'synthetic'
@@ -81,6 +93,7 @@ class TrainingConfig:
   worker_timeout: float = 30.0
   graph_optimization: str = 'auto'
   progress: bool = True
+  round_timeout: float = 0.0
 
   def resume_metadata(self) -> dict:
     """The settings a checkpoint records and a resumed run must match."""
@@ -116,14 +129,19 @@ def validate(config: TrainingConfig) -> TrainingConfig:
   compilation.check_graph_optimization(config.graph_optimization)
   adapt = config.adapt_batch_size
   changes = dict(
-      alpha=checks.positive_float('alpha', config.alpha),
-      beta=checks.positive_float('beta', config.beta),
-      delta=checks.positive_float('delta', config.delta),
-      rounds=checks.integer('rounds', config.rounds, 1),
+      alpha=checks.step_size('alpha', config.alpha),
+      beta=checks.step_size('beta', config.beta),
+      delta=checks.step_size('delta', config.delta),
+      rounds=checks.at_most('rounds', checks.integer('rounds', config.rounds,
+                                                     1), MAX_ROUNDS),
       clients_per_round=checks.integer('clients_per_round',
                                        config.clients_per_round, 1),
-      local_steps=checks.integer('local_steps', config.local_steps, 1),
-      batch_size=checks.integer('batch_size', config.batch_size, 1),
+      local_steps=checks.at_most(
+          'local_steps', checks.integer('local_steps', config.local_steps, 1),
+          MAX_LOCAL_STEPS),
+      batch_size=checks.at_most(
+          'batch_size', checks.integer('batch_size', config.batch_size, 1),
+          MAX_BATCH_SIZE),
       seed=checks.integer('seed', config.seed, 0, 2**32 - 1),
       checkpoint_every=checks.integer('checkpoint_every',
                                       config.checkpoint_every, 1),
@@ -131,12 +149,19 @@ def validate(config: TrainingConfig) -> TrainingConfig:
                                       config.keep_checkpoints, 1),
       eval_every=checks.integer('eval_every', config.eval_every, 0),
       eval_clients=checks.integer('eval_clients', config.eval_clients, 0),
-      eval_steps=checks.int_list('eval_steps', config.eval_steps, 1),
+      eval_steps=checks.int_list('eval_steps', config.eval_steps, 1,
+                                 MAX_LOCAL_STEPS),
       eval_protocols=_protocols(config.eval_protocols),
-      adapt_batch_size=(None if adapt is None else
-                        checks.integer('adapt_batch_size', adapt, 1)),
-      worker_timeout=checks.positive_float('worker_timeout',
-                                           config.worker_timeout),
+      adapt_batch_size=(None if adapt is None else checks.at_most(
+          'adapt_batch_size', checks.integer('adapt_batch_size', adapt, 1),
+          MAX_BATCH_SIZE)),
+      worker_timeout=checks.bounded_float('worker_timeout',
+                                          config.worker_timeout, 0.1,
+                                          MAX_TIMEOUT),
+      round_timeout=(0.0 if config.round_timeout == 0 else
+                     checks.bounded_float('round_timeout',
+                                          config.round_timeout, 1.0,
+                                          MAX_TIMEOUT)),
       workers=checks.worker_addresses('workers', config.workers),
       root_output_dir=checks.writable_dir('root_output_dir',
                                           config.root_output_dir),
@@ -150,7 +175,76 @@ def validate(config: TrainingConfig) -> TrainingConfig:
     raise checks.ArgumentError(
         'dataset_options', f'unknown option(s) {unknown} for dataset '
         f'{config.dataset!r}; accepted: {list(accepted)}')
-  return dataclasses.replace(config, **changes)
+  _check_dataset_options(changes['dataset_options'])
+  config = dataclasses.replace(config, **changes)
+  check_output_paths(config)
+  if config.compare_fedavg and config.algorithm != 'fedavg':
+    check_output_paths(dataclasses.replace(config, algorithm='fedavg'))
+  return config
+
+
+# Ranges of the dataset options several loaders share (each loader checks
+# its own again; these fail before anything is loaded).
+_INT_OPTIONS = {'num_users': (2, None), 'num_unseen_users': (0, None),
+                'classes_per_user': (1, None),
+                'max_examples_per_user': (2, None)}
+
+
+def _check_dataset_options(options: Mapping[str, Any]) -> None:
+  def bad(key, reason):
+    raise checks.ArgumentError('dataset_options', f'{key} {reason}, got '
+                               f'{options[key]!r}')
+  for key, value in options.items():
+    if key in _INT_OPTIONS:
+      low, high = _INT_OPTIONS[key]
+      if key == 'max_examples_per_user' and value is None:
+        continue
+      if (isinstance(value, bool) or not isinstance(value, int)
+          or value < low or (high is not None and value > high)):
+        bad(key, f'must be an integer >= {low}')
+    elif key == 'train_fraction':
+      if (isinstance(value, bool) or not isinstance(value, (int, float))
+          or not 0 < value < 1):
+        bad(key, 'must be a number in (0, 1) (each user needs train and test '
+            'examples)')
+    elif key == 'unseen_fraction':
+      if (isinstance(value, bool) or not isinstance(value, (int, float))
+          or not 0 <= value < 1):
+        bad(key, 'must be a number in [0, 1)')
+    elif key in ('alpha', 'beta'):  # Synthetic(alpha, beta): std devs.
+      if (isinstance(value, bool) or not isinstance(value, (int, float))
+          or not 0 <= value <= 100):
+        bad(key, 'must be a number in [0, 100]')
+    elif key == 'download' and not isinstance(value, bool):
+      bad(key, 'must be True or False')
+
+
+def check_output_paths(config: TrainingConfig) -> None:
+  """Every folder of the run's outputs is a folder (or absent) and every
+  file is a file (or absent).
+
+  Raises:
+    checks.ArgumentError (root_output_dir): something else is in the way.
+  """
+  run_dir = config.run_dir
+  folders = [run_dir] + [os.path.join(run_dir, d) for d in
+                         ('metrics', 'checkpoints', 'tensorboard')]
+  files = [os.path.join(run_dir, f) for f in
+           ('config.json', 'final_model.npz', os.path.join('metrics',
+                                                           'train.csv'),
+            os.path.join('metrics', 'eval.csv'))]
+  for path in folders:
+    if os.path.lexists(path) and not os.path.isdir(path):
+      raise checks.ArgumentError(
+          'root_output_dir', f'{path} exists and is not a directory (the run '
+          'needs a directory there); move it away or choose another '
+          '--root_output_dir')
+  for path in files:
+    if os.path.lexists(path) and not os.path.isfile(path):
+      raise checks.ArgumentError(
+          'root_output_dir', f'{path} exists and is not a regular file (the '
+          'run writes a file there); move it away or choose another '
+          '--root_output_dir')
 
 
 def _protocols(value) -> tuple[str, ...]:
@@ -183,9 +277,38 @@ def load_task(config: TrainingConfig):
     raise checks.ArgumentError(flag, str(e).splitlines()[0].rstrip('.')) from e
 
 
-def check_population(config: TrainingConfig, num_clients: int) -> None:
+def check_population(config: TrainingConfig, num_clients: int,
+                     task=None) -> None:
+  """`clients_per_round` fits the population; with `task`, `batch_size` is
+  at most the largest client's train data (when the sizes are known without
+  reading the data, e.g. in-memory datasets).
+
+  Raises:
+    checks.ArgumentError: clients_per_round or batch_size out of range.
+  """
   if config.clients_per_round > num_clients:
     raise checks.ArgumentError(
         'clients_per_round', 'must be between 1 and the population of '
         f'{config.dataset!r} ({num_clients} clients), got '
         f'{config.clients_per_round}')
+  largest = None if task is None else _largest_client(task)
+  if largest is not None and config.batch_size > largest:
+    raise checks.ArgumentError(
+        'batch_size', f'must be <= {largest}, the most train examples a '
+        f'client of {config.dataset!r} holds (a batch would repeat a '
+        f'client\'s data), got {config.batch_size}')
+
+
+def _largest_client(task, limit: int = 2000) -> Optional[int]:
+  """The most train examples of a client, when every dataset's cardinality
+  is known (None otherwise, or for more than `limit` clients)."""
+  ids = list(task.client_ids)
+  if len(ids) > limit:
+    return None
+  largest = 0
+  for cid in ids:
+    n = int(task.train.create_tf_dataset_for_client(cid).cardinality())
+    if n < 0:  # Unknown (a SQL-backed dataset): not checked.
+      return None
+    largest = max(largest, n)
+  return largest

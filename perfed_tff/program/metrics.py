@@ -5,8 +5,12 @@ releases to (TFF's `run_training_process` releases the round's training
 metrics and, under `evaluation/`, its evaluation metrics together). It flattens
 them and fans out to TFF's `CSVFileReleaseManager`s (`metrics/train.csv`,
 `metrics/eval.csv`, keyed by round), `TensorBoardReleaseManager` and one log
-line (or a progress bar) per round, and stops the run on a non-finite global
-training loss before the round's state is checkpointed.
+line (or a progress bar) per round, and stops the run before the round's
+state is checkpointed on a non-finite global training loss, on
+MAX_VOID_ROUNDS rounds in a row in which no client update was used (all
+non-finite, or no client took a step; the loss of such a round is recorded as
+nan, not TFF's 0.0), or on a loss EXPLOSION_FACTOR times its first-round
+value (or above LOSS_LIMIT).
 """
 
 from __future__ import annotations
@@ -29,8 +33,29 @@ EVAL_TIME_KEY = 'evaluation_time_in_seconds'
 _DROPPED = ('round_number',)  # The CSV key already says it.
 
 
+MAX_VOID_ROUNDS = 3
+EXPLOSION_FACTOR = 1e3
+# Every dataset here trains a cross-entropy loss (log(num_classes) <= 5 for
+# an untrained model): above this, logits differ by thousands; the step size
+# blew the weights up already within the first round.
+LOSS_LIMIT = 1e4
+NUM_NON_FINITE = 'client_work/train/num_non_finite_updates'
+NUM_WITHOUT_STEP = 'client_work/train/num_clients_without_step'
+NUM_EXAMPLES = 'client_work/train/num_examples'
+UPDATE_NON_FINITE = 'finalizer/update_non_finite'
+
+
 class NonFiniteLossError(RuntimeError):
   """The global training loss became NaN or infinite."""
+
+
+class DivergenceError(NonFiniteLossError):
+  """Training diverged: no usable client update for several rounds in a row,
+  or an exploding loss."""
+
+
+class MetricsFileError(ValueError):
+  """An existing metrics CSV cannot be read (a garbage row, ...)."""
 
 
 def flatten_metrics(structure, prefix: str = '') -> collections.OrderedDict:
@@ -79,24 +104,95 @@ def read_csv(path: str) -> list[dict]:
   return out
 
 
+def _round_of(path: str, line: int, row: dict, key: str) -> int:
+  value = row.get(key)
+  try:
+    if None in row:  # More cells than the header has names.
+      raise ValueError
+    return int(value)
+  except (TypeError, ValueError):
+    raise MetricsFileError(
+        f'{path} line {line} is not a metrics row ({key}={value!r})') from None
+
+
 def truncate_csv(path: str, max_round: int, key: str = 'round') -> None:
-  """Drops the rows of `path` with `key` > `max_round` (atomically)."""
-  if not os.path.exists(path):
+  """Drops the rows of `path` with `key` > `max_round` (atomically).
+
+  Raises:
+    MetricsFileError: `path` exists but is no metrics CSV (a directory, a
+      garbage row, no `key` column); it is left as it is.
+  """
+  if not os.path.lexists(path):
     return
-  with open(path, newline='') as f:
-    reader = csv.DictReader(f)
-    fieldnames = reader.fieldnames or [key]
-    all_rows = list(reader)
-  rows = [r for r in all_rows if r.get(key) not in (None, '')
-          and int(r[key]) <= max_round]
+  try:
+    with open(path, newline='') as f:
+      reader = csv.DictReader(f)
+      fieldnames = reader.fieldnames or [key]
+      all_rows = list(reader)
+  except (OSError, UnicodeDecodeError, csv.Error) as e:
+    raise MetricsFileError(f'{path} cannot be read '
+                           f'({type(e).__name__}: {e})') from None
+  if all_rows and key not in fieldnames:
+    raise MetricsFileError(f'{path} has no {key!r} column')
+  rows = [r for i, r in enumerate(all_rows, start=2)
+          if _round_of(path, i, r, key) <= max_round]
   if len(rows) == len(all_rows):
     return  # Nothing to drop: the file stays as it is.
   tmp = f'{path}.tmp{os.getpid()}'
-  with open(tmp, 'w', newline='') as f:
-    writer = csv.DictWriter(f, fieldnames=fieldnames)
-    writer.writeheader()
-    writer.writerows(rows)
-  os.replace(tmp, path)
+  try:
+    with open(tmp, 'w', newline='') as f:
+      writer = csv.DictWriter(f, fieldnames=fieldnames)
+      writer.writeheader()
+      writer.writerows(rows)
+    os.replace(tmp, path)
+  finally:
+    _remove(tmp)
+
+
+def _remove(path: str) -> None:
+  try:
+    os.remove(path)
+  except OSError:
+    pass
+
+
+def prune_tensorboard(log_dir: str, max_step: int) -> int:
+  """Drops the summaries with step > `max_step` (and a record cut short by a
+  kill) from the event files under `log_dir`, so a resumed run that trains
+  those rounds again logs each step once. Returns how many were dropped."""
+  if not os.path.isdir(log_dir):
+    return 0
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from tensorflow.core.util import event_pb2  # pylint: disable=g-import-not-at-top
+  dropped = 0
+  for root, _, names in os.walk(log_dir):
+    for name in names:
+      if '.tfevents.' not in name or '.tmp' in name:
+        continue
+      path = os.path.join(root, name)
+      kept, drop, cut = [], 0, False
+      try:
+        for record in tf.data.TFRecordDataset(path):
+          raw = record.numpy()
+          event = event_pb2.Event.FromString(raw)
+          if event.HasField('summary') and event.step > max_step:
+            drop += 1
+          else:
+            kept.append(raw)
+      except (tf.errors.DataLossError, tf.errors.OutOfRangeError):
+        cut = True
+      if not drop and not cut:
+        continue
+      tmp = f'{path}.tmp{os.getpid()}'
+      try:
+        with tf.io.TFRecordWriter(tmp) as writer:
+          for raw in kept:
+            writer.write(raw)
+        os.replace(tmp, path)
+      finally:
+        _remove(tmp)
+      dropped += drop
+  return dropped
 
 
 def _fmt(v) -> str:
@@ -124,11 +220,28 @@ class RunReleaseManager(tff.program.ReleaseManager):
       instead of writing a line.
     last_good_checkpoint: fn() -> path of the last checkpoint (for the
       non-finite loss message), or None.
+    clients_per_round: clients of a round (a round whose every client was
+      rejected or took no step is "void"); None: only an aggregate update
+      flagged non-finite or no examples at all makes a round void.
+    max_void_rounds: void rounds in a row that stop the run.
+    reference_loss: the first round's loss (on resume); else the first
+      released one.
+    explosion_factor: a loss above this times max(reference loss, 1) stops
+      the run.
+    loss_limit: a loss above this stops the run (None: no limit).
+    hyperparameters: {flag: value} named, in order, as likely too large when
+      the run diverges.
   """
 
   def __init__(self, label: str, *, train_csv: str, eval_csv: Optional[str],
                tensorboard_dir: str, write: Callable[[str], None], bar=None,
-               last_good_checkpoint: Callable[[], Optional[str]] = lambda: None):
+               last_good_checkpoint: Callable[[], Optional[str]] = lambda: None,
+               clients_per_round: Optional[int] = None,
+               max_void_rounds: int = MAX_VOID_ROUNDS,
+               reference_loss: Optional[float] = None,
+               explosion_factor: float = EXPLOSION_FACTOR,
+               loss_limit: Optional[float] = LOSS_LIMIT,
+               hyperparameters: Optional[Mapping[str, float]] = None):
     self._label = label
     self._train_csv = tff.program.CSVFileReleaseManager(
         train_csv, save_mode=tff.program.CSVSaveMode.APPEND,
@@ -141,12 +254,78 @@ class RunReleaseManager(tff.program.ReleaseManager):
     self._write = write
     self._bar = bar
     self._last_good_checkpoint = last_good_checkpoint
+    self._clients_per_round = clients_per_round
+    self._max_void_rounds = max_void_rounds
+    self._void_rounds = []
+    self._reference_loss = (None if reference_loss is None
+                            or not math.isfinite(reference_loss)
+                            else float(reference_loss))
+    self._explosion_factor = explosion_factor
+    self._loss_limit = loss_limit
+    self._hyperparameters = dict(hyperparameters or {'beta': None,
+                                                     'alpha': None})
+
+  def _void(self, train: Mapping[str, object]) -> bool:
+    """No client update was used this round (TFF then reports loss 0.0)."""
+    if train.get(UPDATE_NON_FINITE):
+      return True
+    if NUM_EXAMPLES in train and train[NUM_EXAMPLES] == 0:
+      return True
+    rejected = (train.get(NUM_NON_FINITE, 0) or 0) + (
+        train.get(NUM_WITHOUT_STEP, 0) or 0)
+    return bool(self._clients_per_round and
+                (NUM_NON_FINITE in train or NUM_WITHOUT_STEP in train) and
+                rejected >= self._clients_per_round)
+
+  def _suspects(self) -> str:
+    return ' or '.join(f'--{k}' + ('' if v is None else f'={v:g}')
+                       for k, v in self._hyperparameters.items())
+
+  def _where(self) -> str:
+    path = self._last_good_checkpoint()
+    return (f'the last good checkpoint is {path}' if path
+            else 'no checkpoint was saved')
+
+  def _check_divergence(self, train: dict, key) -> None:
+    """Raises on a void streak or an exploding loss (see the class)."""
+    if self._void(train):
+      self._void_rounds.append(key)
+      for k in (TRAIN_LOSS, PERSONALIZED_LOSS):
+        if k in train:
+          train[k] = float('nan')  # Not TFF's 0.0 of no clients.
+      if len(self._void_rounds) >= self._max_void_rounds:
+        raise DivergenceError(
+            f'{self._label}: no client update was usable (all non-finite, or '
+            f'no client took a step) in rounds {self._void_rounds[0]}-{key}; '
+            f'stopping ({self._where()}). Likely too large: '
+            f'{self._suspects()}.')
+      return
+    self._void_rounds = []
+    loss = train.get(TRAIN_LOSS)
+    if loss is None or not math.isfinite(loss):
+      return
+    if self._reference_loss is None:
+      self._reference_loss = float(loss)
+    limit = self._explosion_factor * max(self._reference_loss, 1.0)
+    if self._loss_limit is not None:
+      limit = min(limit, self._loss_limit)
+    if loss > limit:
+      raise DivergenceError(
+          f'{self._label}: the training loss exploded to {loss:.4g} at round '
+          f'{key} (first round: {self._reference_loss:.4g}); stopping '
+          f'({self._where()}). Likely too large: {self._suspects()}.')
 
   def _say(self, line: str) -> None:
     if self._bar is not None:
       self._bar.write(line, file=sys.stderr)
     else:
       self._write(line)
+
+  def _flush_tensorboard(self) -> None:
+    # TFF's writer flushes every 2 minutes; a kill would lose those rounds.
+    writer = getattr(self._tensorboard, '_summary_writer', None)
+    if writer is not None:
+      writer.flush()
 
   async def release(self, value, key) -> None:
     flat = flatten_metrics(value)
@@ -157,8 +336,17 @@ class RunReleaseManager(tff.program.ReleaseManager):
         (k, v) for k, v in flat.items()
         if not k.startswith(EVAL_PREFIX) and k not in _DROPPED)
     if any(k.startswith('client_work/') for k in train):
+      try:
+        self._check_divergence(train, key)
+      except DivergenceError:
+        self._say(f'{self._label} train round {key}: ' + ' '.join(
+            f'{k.rsplit("/", 1)[-1]}={_fmt(train[k])}'
+            for k in (TRAIN_LOSS, NUM_NON_FINITE, NUM_WITHOUT_STEP)
+            if k in train))
+        raise
       await self._train_csv.release(train, key)
       await self._tensorboard.release({'train': train}, key)
+      self._flush_tensorboard()
       loss = train.get(TRAIN_LOSS)
       if self._bar is not None:
         self._bar.set_postfix(
@@ -171,16 +359,16 @@ class RunReleaseManager(tff.program.ReleaseManager):
                       'client_work/train/num_non_finite_updates',
                       'finalizer/update_non_finite', ROUND_SECONDS)
             if k in train))
-      if loss is not None and not math.isfinite(loss):
-        path = self._last_good_checkpoint()
-        where = (f'the last good checkpoint is {path}' if path
-                 else 'no checkpoint was saved')
+      if (loss is not None and not math.isfinite(loss)
+          and not self._void_rounds):
         raise NonFiniteLossError(
             f'{self._label}: the global training loss is {loss} at round '
-            f'{key}; stopping ({where}). Try a smaller --beta/--alpha.')
+            f'{key}; stopping ({self._where()}). Try a smaller '
+            f'{self._suspects()}.')
     if evaluation and self._eval_csv is not None:
       await self._eval_csv.release(evaluation, key)
       await self._tensorboard.release({'eval': evaluation}, key)
+      self._flush_tensorboard()
       self._say(f'{self._label} eval round {key}: ' + ' '.join(
           f'{k}={_fmt(evaluation[k])}' for k in (
               'seen/step_0/accuracy_mean', 'seen/step_1/accuracy_mean',
@@ -196,8 +384,11 @@ def save_model_weights(path: str, model_weights, round_num: int) -> str:
                  for i, w in enumerate(model_weights.non_trainable)})
   arrays['round'] = np.int64(round_num)
   tmp = f'{path}.tmp{os.getpid()}.npz'
-  np.savez(tmp, **arrays)
-  os.replace(tmp, path)
+  try:
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+  finally:
+    _remove(tmp)
   return path
 
 

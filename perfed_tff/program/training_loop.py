@@ -19,6 +19,18 @@ numbered from 1; round 0 is the initial model) with
   the run (`NonFiniteLossError`) before that round is checkpointed.
 * Personalized evaluation (`perfed_tff.program.population_eval`) of the
   initial model (round 0), every `eval_every` rounds and at the end.
+* A watchdog thread: every phase (a round, an evaluation, a checkpoint
+  write) has a deadline (`round_timeout`, default derived from the measured
+  round time) and, while it runs, the workers of the current
+  `perfed_tff.runtime.ExecutionContext` are health-checked every few
+  seconds. A frozen or unreachable worker, or a phase past its deadline, ends
+  the run with `WorkerUnavailableError` (the computations in flight are
+  cancelled and local workers killed); the last checkpoint stays resumable.
+  A long phase is reported in a log line.
+* Divergence: every client update rejected as non-finite (or no client
+  taking a step) for `metrics.MAX_VOID_ROUNDS` rounds in a row, or a training
+  loss `metrics.EXPLOSION_FACTOR` times its first-round value, stops the run
+  (`DivergenceError`, a `NonFiniteLossError`) before it is checkpointed.
 
 Every algorithm, every binary (`experiments/train.py`, `compare.py`) and the
 notebook train through this one function; a comparison is a set of such runs.
@@ -34,6 +46,7 @@ import concurrent.futures
 import dataclasses
 import json
 import os
+import statistics
 import threading
 import time
 from typing import Any, Callable, Optional
@@ -53,6 +66,22 @@ from perfed_tff.program import population_eval
 TrainingConfig = config_lib.TrainingConfig
 CheckpointError = checkpointing.CheckpointError
 NonFiniteLossError = metrics_lib.NonFiniteLossError
+DivergenceError = metrics_lib.DivergenceError
+
+# The default (`round_timeout=0`) deadline of a phase: a round may take
+# ROUND_TIMEOUT_FACTOR x the median round (rounds 2+), at least
+# MIN_ROUND_TIMEOUT s; before two rounds are measured (compilation),
+# FIRST_ROUND_TIMEOUT s. Evaluations get EVAL_TIMEOUT_FACTOR x a round's
+# deadline (at least MIN_EVAL_TIMEOUT s), checkpoint writes
+# FIRST_ROUND_TIMEOUT s (or `round_timeout` when set). Start-up and the first
+# round of a process (tracing, compilation) get at least FIRST_ROUND_TIMEOUT.
+ROUND_TIMEOUT_FACTOR = 20.0
+MIN_ROUND_TIMEOUT = 60.0
+FIRST_ROUND_TIMEOUT = 600.0
+EVAL_TIMEOUT_FACTOR = 10.0
+MIN_EVAL_TIMEOUT = 1800.0
+HEALTH_CHECK_AFTER = 2.0    # s into a phase before the first health check
+HEALTH_CHECK_EVERY = 5.0    # s between health checks
 
 
 @dataclasses.dataclass
@@ -106,6 +135,171 @@ def round_client_data(config: TrainingConfig, task: task_lib.FederatedTask,
       num_batches=algorithms.batches_per_round(config.algorithm,
                                                config.local_steps),
       batch_size=config.batch_size, seed=config.seed, round_num=round_num)
+
+
+class _Watchdog:
+  """Deadlines and worker health checks of a run's phases (a thread).
+
+  The main thread marks phases with `begin(label, kind)` / `end()`. While a
+  phase runs, the workers of `context` (an `ExecutionContext` or None) are
+  health-checked after HEALTH_CHECK_AFTER s and then every
+  HEALTH_CHECK_EVERY s; a failed check, or the phase running past its
+  deadline, sets `error` and aborts `context` (the calls in flight fail, local
+  workers are killed), so the main thread gets an exception. A phase past
+  its notice time is reported through `write` (then at doubling times).
+  """
+
+  def __init__(self, *, round_timeout: float, health_timeout: float,
+               write: Callable[[str], None], context=None):
+    self._explicit = round_timeout
+    self._health_timeout = health_timeout
+    self._write = write
+    self._context = context
+    self._lock = threading.Lock()
+    self._phase = None  # (label, kind, start)
+    self._seconds = collections.defaultdict(list)
+    self._done = threading.Event()
+    self.error = None
+    self._thread = threading.Thread(target=self._watch, daemon=True,
+                                    name='perfed_tff-watchdog')
+    self._thread.start()
+
+  def begin(self, label: str, kind: str) -> None:
+    now = time.monotonic()
+    with self._lock:
+      self._close_phase(now)
+      self._phase = (label, kind, now)
+
+  def end(self) -> None:
+    with self._lock:
+      self._close_phase(time.monotonic())
+      self._phase = None
+
+  def _close_phase(self, now: float) -> None:
+    if self._phase is not None:
+      self._seconds[self._phase[1]].append(now - self._phase[2])
+
+  def stop(self) -> None:
+    self._done.set()
+    self.end()
+
+  def phase(self) -> Optional[str]:
+    """The label of the phase running now (None between phases)."""
+    with self._lock:
+      return None if self._phase is None else self._phase[0]
+
+  def deadline(self, kind: str) -> float:
+    """Seconds the current phase of `kind` may take."""
+    with self._lock:
+      measured = list(self._seconds['round'])
+    if kind == 'initialization' or (kind == 'round' and not measured):
+      # Start-up and this process's first round trace and compile.
+      return max(self._explicit, FIRST_ROUND_TIMEOUT)
+    rounds = measured[1:]
+    if self._explicit:
+      base = self._explicit
+    elif len(rounds) >= 2:
+      base = max(MIN_ROUND_TIMEOUT,
+                 ROUND_TIMEOUT_FACTOR * statistics.median(rounds))
+    else:
+      base = FIRST_ROUND_TIMEOUT
+    if kind == 'evaluation':
+      return (EVAL_TIMEOUT_FACTOR * base if self._explicit else
+              max(MIN_EVAL_TIMEOUT, EVAL_TIMEOUT_FACTOR * base))
+    if kind == 'checkpoint':
+      return self._explicit or FIRST_ROUND_TIMEOUT
+    return base
+
+  def _watch(self) -> None:
+    checked_at = notice = interrupted_at = None
+    current = None
+    while not self._done.wait(0.5):
+      now = time.monotonic()
+      if _execution().interrupt_received() is not None:
+        # The main thread should be unwinding; if the interrupt was
+        # swallowed (a GC callback), deliver it again. Workers stopped by
+        # the signal are no failure.
+        if interrupted_at is None:
+          interrupted_at = now
+        elif now - interrupted_at >= 2.0 and not self._done.is_set():
+          _execution().redeliver_interrupt()
+          interrupted_at = now
+        continue
+      with self._lock:
+        phase = self._phase
+      if phase is None:
+        continue
+      label, kind, start = phase
+      if phase is not current:
+        current, checked_at = phase, None
+        notice = max(30.0, self.deadline(kind) / 8)
+      elapsed = now - start
+      if (self._context is not None and elapsed >= HEALTH_CHECK_AFTER and
+          (checked_at is None or now - checked_at >= HEALTH_CHECK_EVERY)):
+        checked_at = now
+        bad = self._context.unhealthy(self._health_timeout)
+        with self._lock:
+          still = self._phase is phase
+        if bad and still and not self._done.is_set():
+          address, why = bad[0]
+          self._fail(_execution().WorkerUnavailableError(
+              f'{self._context.describe(address)} {why} during {label}; '
+              'stopped the run.'), phase)
+          return
+      limit = self.deadline(kind)
+      if elapsed > limit and not self._done.is_set():
+        flag = (f'--round_timeout={self._explicit:g}' if self._explicit
+                else 'raise it with --round_timeout')
+        self._fail(_execution().RoundTimeoutError(
+            f'{label} did not finish within its {limit:.0f}s deadline '
+            f'({flag}); stopped the run.'), phase)
+        return
+      if elapsed >= notice:
+        self._write(f'{label} still running after {elapsed:.0f}s (deadline '
+                    f'{limit:.0f}s)')
+        notice *= 2
+
+  def _fail(self, error, phase) -> None:
+    self.error = error
+    if self._context is not None:
+      self._context.abort(error)
+    # Blocked outside a worker call (nothing to cancel): interrupt it.
+    deadline = time.monotonic() + 10.0
+    while time.monotonic() < deadline and not self._done.is_set():
+      with self._lock:
+        if self._phase is not phase:
+          return
+      time.sleep(0.2)
+    if not self._done.is_set():
+      import _thread  # pylint: disable=g-import-not-at-top
+      _thread.interrupt_main()
+
+
+def _execution():
+  from perfed_tff.runtime import execution  # pylint: disable=g-import-not-at-top
+  return execution
+
+
+class _Checkpoints(tff.program.ProgramStateManager):
+  """The run's `CheckpointManager`, with each save a watched phase whose
+  interruption is deferred to its end (a checkpoint is written whole)."""
+
+  def __init__(self, manager: checkpointing.CheckpointManager,
+               watchdog: _Watchdog):
+    self._manager = manager
+    self._watchdog = watchdog
+
+  async def get_versions(self):
+    return await self._manager.get_versions()
+
+  async def load(self, version, structure):
+    return await self._manager.load(version, structure)
+
+  async def save(self, program_state, version):
+    self._watchdog.begin(f'checkpoint {version}', 'checkpoint')
+    with _execution().critical_section():
+      await self._manager.save(program_state, version)
+    self._watchdog.end()
 
 
 class _Preloaded(tff.program.ProgramStateManager):
@@ -169,11 +363,16 @@ def _in_fresh_event_loop(fn: Callable[[], Any], stop: threading.Event):
 
 class _StopCheck(tff.program.ReleaseManager):
 
-  def __init__(self, stop: threading.Event):
+  def __init__(self, stop: threading.Event, watchdog: _Watchdog):
     self._stop = stop
+    self._watchdog = watchdog
 
   async def release(self, value, key) -> None:
     del value, key
+    self._watchdog.end()  # The round (and its evaluation) are done.
+    signum = _execution().interrupt_received()
+    if signum is not None:  # Its exception was swallowed on the way.
+      raise _execution().Interrupted(signum)
     if self._stop.is_set():
       raise KeyboardInterrupt
 
@@ -204,7 +403,55 @@ def run_training(config: TrainingConfig, *,
   start_time = time.monotonic()
   write = write or logging.info
   task = task if task is not None else config_lib.load_task(config)
-  config_lib.check_population(config, len(task.client_ids))
+  config_lib.check_population(config, len(task.client_ids), task)
+  config_lib.check_output_paths(config)
+  context = _execution().current()
+  watchdog = _Watchdog(round_timeout=config.round_timeout,
+                       health_timeout=config.worker_timeout, write=write,
+                       context=context)
+  try:
+    return _run_training(config, task, process, evaluate_fn, write,
+                         watchdog, start_time)
+  except BaseException as e:
+    if watchdog.error is not None:
+      # Its abort (or, blocked elsewhere, its interrupt) caused `e`.
+      _execution().clear_interrupt()
+      raise _with_worker_logs(watchdog.error, config, context) from None
+    signum = _execution().interrupt_received()
+    if signum is not None and not isinstance(e, KeyboardInterrupt):
+      # The signal stopped the workers and its exception was swallowed: the
+      # error that followed is the interrupt's.
+      e = _execution().Interrupted(signum)
+    if isinstance(e, KeyboardInterrupt):
+      if not hasattr(e, 'phase'):
+        e.phase = watchdog.phase()  # For the one-line message.
+      raise e from None
+    if isinstance(e, _execution().WorkerUnavailableError):
+      raise _with_worker_logs(e, config, context) from None
+    raise
+  finally:
+    watchdog.stop()
+
+
+def _with_worker_logs(error, config: TrainingConfig, context):
+  """`error` with the logs of the context's local workers copied into the
+  run folder (and named in the message)."""
+  kept = []
+  for worker in getattr(context, 'local_workers', ()):
+    path = worker.keep_log(os.path.join(config.run_dir,
+                                        f'worker_{worker.port}.log'))
+    if path:
+      kept.append(path)
+  if not kept:
+    return error
+  return type(error)(f'{str(error).rstrip()} (worker log: '
+                     f'{", ".join(kept)})')
+
+
+def _run_training(config, task, process, evaluate_fn, write, watchdog,
+                  start_time) -> TrainingResult:
+  """`run_training` under `watchdog`."""
+  watchdog.begin('start-up', 'initialization')
   process = process if process is not None else build_process(config, task)
   if not config.eval_every:
     evaluate_fn = None
@@ -223,6 +470,7 @@ def run_training(config: TrainingConfig, *,
   initial_state = process.initialize()
   state, start_round = checkpointing.run_sync(
       checkpoints.load_latest(initial_state))
+  watchdog.end()
   resumed_from = None if state is None else start_round
   if state is None:
     state, start_round = initial_state, -1
@@ -233,10 +481,18 @@ def run_training(config: TrainingConfig, *,
   else:
     write(f'{config.algorithm}: resuming from round {start_round} '
           f'({checkpoints.path(start_round)})')
-  metrics_lib.truncate_csv(paths['train_csv'], start_round)
-  metrics_lib.truncate_csv(paths['eval_csv'], start_round)
+  for key in ('train_csv', 'eval_csv'):
+    try:
+      metrics_lib.truncate_csv(paths[key], start_round)
+    except metrics_lib.MetricsFileError as e:
+      raise CheckpointError(
+          f'{e}; it was left untouched: repair or remove it, or choose '
+          'another --root_output_dir') from None
+  # Rounds after the checkpoint are trained again: TensorBoard holds each once.
+  metrics_lib.prune_tensorboard(paths['tensorboard'], start_round)
   with open(paths['config'], 'w') as f:
     json.dump(config.to_json(), f, indent=1, sort_keys=True)
+  first_rows = metrics_lib.read_csv(paths['train_csv'])[:1]
 
   bar = (metrics_lib.progress_bar(config.rounds, max(start_round, 0),
                                   config.algorithm)
@@ -247,36 +503,49 @@ def run_training(config: TrainingConfig, *,
       tensorboard_dir=paths['tensorboard'], write=write, bar=bar,
       last_good_checkpoint=lambda: (
           lambda r: r is not None and checkpoints.path(r))(
-              checkpoints.latest_round()))
+              checkpoints.latest_round()),
+      clients_per_round=config.clients_per_round,
+      reference_loss=(first_rows[0].get(metrics_lib.TRAIN_LOSS)
+                      if first_rows else None),
+      hyperparameters=_step_sizes(config))
   stop = threading.Event()
+  managed = _Checkpoints(checkpoints, watchdog)
 
-  def evaluation_fn(state, unused_data):
+  def evaluation_fn(state, round_num):
+    # evaluation_selection_fn hands TFF's loop the round as the "data".
+    watchdog.begin(f'evaluation at round {round_num}', 'evaluation')
     return evaluate_fn(process.get_model_weights(state))
+
+  def selection_fn(round_num):
+    watchdog.begin(f'round {round_num}', 'round')
+    return round_client_data(config, task, round_num)[1]
 
   def train():
     return tff.simulation.run_training_process(
         process,
-        training_selection_fn=lambda r: round_client_data(config, task, r)[1],
+        training_selection_fn=selection_fn,
         total_rounds=config.rounds,
         evaluation_fn=evaluation_fn if evaluate_fn else None,
-        evaluation_selection_fn=(lambda r: None) if evaluate_fn else None,
+        evaluation_selection_fn=(lambda r: r) if evaluate_fn else None,
         rounds_per_evaluation=config.eval_every or 1,
         program_state_manager=(
-            _Preloaded(checkpoints, state, start_round) if resumed_from
-            is not None else checkpoints),
+            _Preloaded(managed, state, start_round) if resumed_from
+            is not None else managed),
         rounds_per_saving_program_state=config.checkpoint_every,
-        metrics_managers=[_StopCheck(stop), release])
+        metrics_managers=[_StopCheck(stop, watchdog), release])
 
   try:
     state = _in_fresh_event_loop(train, stop)
     if checkpoints.latest_round() != config.rounds:
-      checkpointing.run_sync(checkpoints.save(state, config.rounds))
+      checkpointing.run_sync(managed.save(state, config.rounds))
     eval_rows = metrics_lib.read_csv(paths['eval_csv'])
     if evaluate_fn and (not eval_rows or eval_rows[-1]['round']
                         != config.rounds):
       # The end of the run is evaluated even off the eval_every cadence.
       checkpointing.run_sync(release.release(
-          {'evaluation': evaluation_fn(state, None)}, config.rounds))
+          {'evaluation': evaluation_fn(state, config.rounds)},
+          config.rounds))
+      watchdog.end()
   finally:
     if bar is not None:
       bar.close()
@@ -299,6 +568,14 @@ def run_training(config: TrainingConfig, *,
       paths=paths, seconds=time.monotonic() - start_time)
 
 
+def _step_sizes(config: TrainingConfig) -> dict:
+  """The flags a diverging run should lower, most likely first."""
+  out = {'beta': config.beta}
+  if config.algorithm != 'fedavg':
+    out['alpha'] = config.alpha
+  return out
+
+
 def execution_context(config: TrainingConfig):
   """The `ExecutionContext` a run of `config` uses: a local worker, or the
   `config.workers` addresses."""
@@ -317,12 +594,20 @@ def run(config: TrainingConfig,
   """Validates `config`, opens its TFF execution context and trains
   `config.algorithm`, then FedAvg too when `config.compare_fedavg`. The
   context's workers are stopped on return, on an exception and on
-  SIGTERM/SIGINT."""
+  SIGTERM/SIGINT/SIGHUP. `config.root_output_dir` is locked for the run
+  (`checkpointing.OutputDirLock`): a second run there fails at once."""
   config = config_lib.validate(config)
-  task = config_lib.load_task(config)
-  config_lib.check_population(config, len(task.client_ids))
-  configs = [config]
-  if config.compare_fedavg and config.algorithm != 'fedavg':
-    configs.append(dataclasses.replace(config, algorithm='fedavg'))
-  with execution_context(config):
-    return [run_training(c, task=task, write=write) for c in configs]
+  with checkpointing.OutputDirLock(config.root_output_dir) as lock:
+    owner = lock.previous_owner
+    if owner:
+      (write or logging.info)(
+          f'{config.root_output_dir}: took over the lock of a run that is no '
+          f'longer running (pid {owner.get("pid")}, since '
+          f'{owner.get("started")})')
+    task = config_lib.load_task(config)
+    config_lib.check_population(config, len(task.client_ids), task)
+    configs = [config]
+    if config.compare_fedavg and config.algorithm != 'fedavg':
+      configs.append(dataclasses.replace(config, algorithm='fedavg'))
+    with execution_context(config):
+      return [run_training(c, task=task, write=write) for c in configs]

@@ -23,6 +23,7 @@ from __future__ import annotations
 import atexit
 import ctypes
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -63,6 +64,19 @@ def _die_with_parent():  # Runs in the child between fork and exec.
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
   except OSError:  # Not Linux: atexit and signal handlers still apply.
     pass
+  _default_signals()
+
+
+def _default_signals():
+  # An ignored signal stays ignored across exec: a parent started with
+  # SIGINT ignored must still be able to stop its worker with SIGINT.
+  # (libc, not `signal.signal`: Popen may run outside the main thread.)
+  try:
+    libc = ctypes.CDLL('libc.so.6', use_errno=True)
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+      libc.signal(int(signum), 0)  # 0: SIG_DFL
+  except OSError:
+    pass
 
 
 class WorkerProcess:
@@ -73,8 +87,13 @@ class WorkerProcess:
     max_concurrent_computation_calls: TFF's limit on concurrent calls of one
       computation inside the worker (clients run in parallel up to this);
       nonpositive means unlimited.
-    log_path: file for the worker's output; a temporary file when `None`.
+    log_path: file for the worker's output; a temporary file when `None`
+      (deleted by `stop()`; copy it first with `keep_log` to keep it).
     die_with_parent: stop the worker when this Python process dies.
+
+  The worker runs in its own session, so a Ctrl-C on the terminal reaches
+  only the Python process, which decides (an ignored SIGINT stays ignored
+  and leaves the worker running).
   """
 
   def __init__(
@@ -86,6 +105,7 @@ class WorkerProcess:
       die_with_parent: bool = True,
   ):
     self.port = port or portpicker.pick_unused_port()
+    self._temporary_log = log_path is None
     if log_path is None:
       fd, log_path = tempfile.mkstemp(prefix='tff_worker_', suffix='.log')
       os.close(fd)
@@ -102,7 +122,8 @@ class WorkerProcess:
         stdout=self._log,
         stderr=subprocess.STDOUT,
         close_fds=True,
-        preexec_fn=_die_with_parent if die_with_parent else None,
+        start_new_session=True,
+        preexec_fn=_die_with_parent if die_with_parent else _default_signals,
     )
     _LIVE_WORKERS.add(self)
 
@@ -117,19 +138,58 @@ class WorkerProcess:
   def running(self) -> bool:
     return self.process.poll() is None
 
-  def stop(self, timeout: float = 10.0) -> None:
-    """Stops the worker (SIGINT, then SIGKILL after `timeout` seconds)."""
+  def frozen(self) -> bool:
+    """Whether the process is stopped (SIGSTOP, SIGTSTP, a debugger)."""
+    try:
+      with open(f'/proc/{self.pid}/stat') as f:
+        state = f.read().rsplit(')', 1)[1].split()[0]
+    except (OSError, IndexError):
+      return False
+    return state in ('T', 't')
+
+  def kill(self) -> None:
+    """SIGKILL (a stopped process dies too) and reap."""
     if self.process.poll() is None:
       try:
+        self.process.kill()
+        self.process.send_signal(signal.SIGCONT)
+      except ProcessLookupError:
+        pass
+      self.process.wait()
+
+  def keep_log(self, path: str) -> Optional[str]:
+    """Copies the worker's log to `path` (for a failed run); returns `path`,
+    or None when there is nothing to copy."""
+    try:
+      if not self._log.closed:
+        self._log.flush()
+      if os.path.getsize(self.log_path) == 0:
+        return None
+      shutil.copyfile(self.log_path, path)
+      return path
+    except OSError:
+      return None
+
+  def stop(self, timeout: float = 10.0) -> None:
+    """Stops the worker (SIGINT, then SIGKILL after `timeout` seconds) and
+    deletes its temporary log."""
+    if self.process.poll() is None:
+      try:
+        if self.frozen():
+          raise subprocess.TimeoutExpired(self.process.args, 0)
         self.process.send_signal(signal.SIGINT)
         self.process.wait(timeout=timeout)
       except subprocess.TimeoutExpired:
-        self.process.kill()
-        self.process.wait()
+        self.kill()
       except ProcessLookupError:
         pass
     if not self._log.closed:
       self._log.close()
+    if self._temporary_log:
+      try:
+        os.remove(self.log_path)
+      except OSError:
+        pass
     _LIVE_WORKERS.discard(self)
 
 
@@ -145,7 +205,8 @@ def stop_all_workers() -> None:
 
 
 def _install_exit_handlers() -> None:
-  """Stops workers at exit and on SIGTERM/SIGINT (then behaves as before)."""
+  """Stops workers at exit and on SIGTERM/SIGINT/SIGHUP (then behaves as
+  before); a signal that is ignored stays ignored and stops nothing."""
   global _HANDLERS_INSTALLED
   with _HANDLER_LOCK:
     if _HANDLERS_INSTALLED:
@@ -154,8 +215,10 @@ def _install_exit_handlers() -> None:
   atexit.register(stop_all_workers)
   if threading.current_thread() is not threading.main_thread():
     return
-  for signum in (signal.SIGTERM, signal.SIGINT):
+  for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
     previous = signal.getsignal(signum)
+    if previous in (signal.SIG_IGN, None):
+      continue
 
     def handler(sig, frame, previous=previous):
       stop_all_workers()
@@ -172,6 +235,161 @@ def _install_exit_handlers() -> None:
 
 class WorkerUnavailableError(ConnectionError):
   """A TFF worker stopped answering and did not come back in time."""
+
+
+class RoundTimeoutError(WorkerUnavailableError):
+  """A round (or evaluation, or checkpoint write) ran past its deadline."""
+
+
+# ------------------------------------------------------------ interruptions
+
+class Interrupted(KeyboardInterrupt):
+  """SIGINT, SIGTERM or SIGHUP, raised in the main thread by the handlers of
+  `install_interrupt_handlers`. `exit_status`: 128 + the signal number."""
+
+  def __init__(self, signum: int):
+    self.signum = int(signum)
+    super().__init__(self.signal_name)
+
+  @property
+  def signal_name(self) -> str:
+    return signal.Signals(self.signum).name
+
+  @property
+  def exit_status(self) -> int:
+    return 128 + self.signum
+
+
+INTERRUPT_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+_critical = {'depth': 0, 'pending': None, 'received': None}
+
+
+_in_gc = [False]
+
+
+def _gc_start(phase, info):
+  del info
+  if phase == 'start':
+    _in_gc[0] = True
+
+
+def _gc_stop(phase, info):
+  del info
+  if phase == 'stop':
+    _in_gc[0] = False
+
+
+def _unsafe_to_raise(frame) -> bool:
+  """Whether `frame` runs where Python swallows an exception ("Exception
+  ignored in ..."): during a garbage collection (its callbacks, weakref
+  callbacks, finalizers) or in a `__del__`/weakref callback."""
+  if _in_gc[0]:
+    return True
+  depth = 0
+  while frame is not None and depth < 64:
+    code = frame.f_code
+    if (code.co_filename.endswith('weakref.py')
+        or code.co_name in ('__del__', '_remove_dead_weakref')):
+      return True
+    frame, depth = frame.f_back, depth + 1
+  return False
+
+
+def _redeliver(signum: int, delay: float = 0.05) -> None:
+  """Runs the signal's handler again in the main thread after `delay`."""
+  import _thread  # pylint: disable=g-import-not-at-top
+
+  def later():
+    time.sleep(delay)
+    _thread.interrupt_main(signum)
+
+  threading.Thread(target=later, daemon=True).start()
+
+
+def _raise_interrupted(signum, frame):
+  if _critical['received'] is None:
+    _critical['received'] = signum
+  if _critical['depth'] > 0:
+    _critical['pending'] = signum  # Raised when the critical section ends.
+    return
+  if _unsafe_to_raise(frame):
+    _redeliver(signum)
+    return
+  raise Interrupted(signum)
+
+
+def interrupt_received() -> Optional[int]:
+  """The first signal `install_interrupt_handlers`' handlers received (None:
+  none), even when its exception was swallowed somewhere."""
+  return _critical['received']
+
+
+def clear_interrupt() -> None:
+  """Forgets a received (and handled) interrupt."""
+  _critical['received'] = _critical['pending'] = None
+
+
+def redeliver_interrupt() -> None:
+  """Raises the received interrupt again in the main thread (from a thread,
+  when the first one was swallowed)."""
+  if _critical['received'] is not None:
+    _redeliver(_critical['received'], 0.0)
+
+
+def install_interrupt_handlers() -> list[int]:
+  """Makes SIGINT, SIGTERM and SIGHUP raise `Interrupted` in the main thread
+  (call it before opening an `ExecutionContext`, whose handlers then stop the
+  workers first). A signal that is ignored (e.g. SIGINT of a background job,
+  SIGHUP under nohup) stays ignored. Returns the signals now handled."""
+  handled = []
+  clear_interrupt()
+  if threading.current_thread() is not threading.main_thread():
+    return handled
+  import gc  # pylint: disable=g-import-not-at-top
+  if _gc_start not in gc.callbacks:
+    gc.callbacks.insert(0, _gc_start)  # Before every other callback,
+    gc.callbacks.append(_gc_stop)      # and after those registered so far.
+  for signum in INTERRUPT_SIGNALS:
+    if signal.getsignal(signum) == signal.SIG_IGN:
+      continue
+    signal.signal(signum, _raise_interrupted)
+    handled.append(int(signum))
+  return handled
+
+
+class critical_section:  # pylint: disable=invalid-name
+  """Defers `Interrupted` (from `install_interrupt_handlers`' handlers) to the
+  end of the block, so a checkpoint write is never cut short."""
+
+  def __enter__(self):
+    _critical['depth'] += 1
+    return self
+
+  def __exit__(self, *exc_info):
+    _critical['depth'] -= 1
+    if _critical['depth'] == 0 and _critical['pending'] is not None:
+      signum, _critical['pending'] = _critical['pending'], None
+      if exc_info[0] is None:
+        raise Interrupted(signum)
+    return False
+
+
+# -------------------------------------------------------------- health check
+
+def probe(address: str, timeout: float) -> bool:
+  """Whether the gRPC server at `address` completes a new connection within
+  `timeout` seconds. A frozen (SIGSTOPped) or partitioned worker does not,
+  even while the kernel still holds its old connections open; a busy one
+  does (its gRPC threads answer while it computes)."""
+  channel = grpc.insecure_channel(
+      address, [('grpc.use_local_subchannel_pool', 1)])
+  try:
+    grpc.channel_ready_future(channel).result(timeout=timeout)
+    return True
+  except grpc.FutureTimeoutError:
+    return False
+  finally:
+    channel.close()
 
 
 def wait_until_ready(stub, address: str, timeout: float) -> None:
@@ -212,14 +430,34 @@ class _BoundedRetryStub(remote_executor_grpc_stub.RemoteExecutorGrpcStub):
     for name in _STUB_METHODS:
       setattr(self, name, self._bounded(getattr(self, name)))
 
+  @property
+  def address(self) -> str:
+    return self._address
+
+  def abort(self, error: WorkerUnavailableError) -> None:
+    """Fails every call in flight and every later one with `error` (the
+    channel is closed: gRPC cancels the calls waiting on it)."""
+    if self._dead is None:
+      self._dead = error
+    try:
+      self._channel.close()
+    except Exception:  # pylint: disable=broad-except
+      pass
+
   def _bounded(self, method):
     def call(request):
       if self._dead is not None:  # Calls in flight fail at once, not in turn.
-        raise WorkerUnavailableError(str(self._dead))
+        raise type(self._dead)(str(self._dead))
       try:
         response = method(request)
       except executors_errors.RetryableError as e:
+        if self._dead is not None:
+          raise type(self._dead)(str(self._dead)) from None
         self._on_retryable(e)
+        raise
+      except Exception:  # pylint: disable=broad-except
+        if self._dead is not None:  # Cancelled by `abort`.
+          raise type(self._dead)(str(self._dead)) from None
         raise
       self._failures = 0
       return response
@@ -243,10 +481,14 @@ class _BoundedRetryStub(remote_executor_grpc_stub.RemoteExecutorGrpcStub):
 
 
 def _executor_factory(address: str, default_num_clients: int,
-                      ready_timeout: float, retry_timeout: float):
-  """A TFF executor factory that talks gRPC to the worker at `address`."""
+                      ready_timeout: float, retry_timeout: float,
+                      stubs: Optional[list] = None):
+  """A TFF executor factory that talks gRPC to the worker at `address`
+  (its stub is appended to `stubs` when given)."""
   channel = grpc.insecure_channel(address, _GRPC_OPTIONS)
   stub = _BoundedRetryStub(channel, address, retry_timeout)
+  if stubs is not None:
+    stubs.append(stub)
   wait_until_ready(stub, address, ready_timeout)
 
   def stack_fn(cardinalities):
@@ -315,6 +557,8 @@ class ExecutionContext:
     compilation.check_graph_optimization(graph_optimization)
     _install_exit_handlers()
     self.context = None
+    self.stubs: list[_BoundedRetryStub] = []
+    self.aborted: Optional[WorkerUnavailableError] = None
     self.local_workers: list[WorkerProcess] = []
     if not workers:
       if max_concurrent_computation_calls is None:
@@ -335,7 +579,7 @@ class ExecutionContext:
       if len(self.addresses) == 1:
         factory = _executor_factory(
             self.addresses[0], default_num_clients, ready_timeout,
-            retry_timeout
+            retry_timeout, self.stubs
         )
         self.context = sync_execution_context.SyncExecutionContext(
             factory, **context_kwargs
@@ -344,7 +588,7 @@ class ExecutionContext:
         async_contexts = [
             async_execution_context.AsyncExecutionContext(
                 _executor_factory(a, default_num_clients, ready_timeout,
-                                  retry_timeout),
+                                  retry_timeout, self.stubs),
                 **context_kwargs,
             )
             for a in self.addresses
@@ -357,6 +601,44 @@ class ExecutionContext:
       raise
     tff.framework.set_default_context(self.context)
     _OPEN_CONTEXTS.append(self)
+
+  def _local_worker(self, address: str) -> Optional[WorkerProcess]:
+    for worker in self.local_workers:
+      if worker.address == address:
+        return worker
+    return None
+
+  def describe(self, address: str) -> str:
+    worker = self._local_worker(address)
+    return (f'local TFF worker at {address} (pid {worker.pid})' if worker
+            else f'TFF worker at {address}')
+
+  def unhealthy(self, timeout: float) -> list[tuple[str, str]]:
+    """(address, why) of every worker that is stopped, gone or does not
+    accept a new connection within `timeout` seconds."""
+    out = []
+    for address in self.addresses:
+      worker = self._local_worker(address)
+      if worker is not None and not worker.running():
+        out.append((address, f'exited with status '
+                    f'{worker.process.returncode}'))
+      elif worker is not None and worker.frozen():
+        out.append((address, 'is stopped (frozen)'))
+      elif not probe(address, timeout):
+        out.append((address, f'did not answer a health check within '
+                    f'{timeout:g}s (frozen, overloaded or unreachable)'))
+    return out
+
+  def abort(self, error: WorkerUnavailableError) -> None:
+    """Ends the computations in flight with `error` (from any thread): the
+    gRPC channels are closed and local workers killed. The context cannot
+    be used afterwards."""
+    if self.aborted is None:
+      self.aborted = error
+    for stub in self.stubs:
+      stub.abort(error)
+    for worker in self.local_workers:
+      worker.kill()
 
   def close(self) -> None:
     """Stops the local workers. The enclosing `ExecutionContext` (if any) is
@@ -382,3 +664,8 @@ class ExecutionContext:
 
   def __exit__(self, *exc_info) -> None:
     self.close()
+
+
+def current() -> Optional[ExecutionContext]:
+  """The innermost open `ExecutionContext` (None when there is none)."""
+  return _OPEN_CONTEXTS[-1] if _OPEN_CONTEXTS else None

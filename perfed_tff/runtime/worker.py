@@ -12,8 +12,10 @@ The service is unauthenticated gRPC: use it on a trusted network only.
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import os
+import socket
 import sys
 
 from absl import app
@@ -42,6 +44,26 @@ def worker_command(port: int, max_concurrent_computation_calls: int = -1
           f'--max_concurrent_computation_calls={max_concurrent_computation_calls}']
 
 
+def port_in_use(port: int) -> bool:
+  """Whether something already listens on `port` (any address). gRPC binds
+  with SO_REUSEPORT, so a second worker would share the port silently."""
+  for family, address in ((socket.AF_INET6, '::'), (socket.AF_INET, '')):
+    try:
+      sock = socket.socket(family, socket.SOCK_STREAM)
+    except OSError:
+      continue  # No IPv6 here.
+    try:
+      sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+      sock.bind((address, port))
+      return False
+    except OSError as e:
+      if e.errno == errno.EADDRINUSE:
+        return True
+    finally:
+      sock.close()
+  return False
+
+
 def _define_flags():
   """The binary's flags (defined only when run as a program)."""
   global _PORT, _MAX_CALLS
@@ -63,6 +85,10 @@ def main(argv):
     command = worker_command(_PORT.value, _MAX_CALLS.value)
   except (ValueError, RuntimeError) as e:
     print(f'worker: error: {e}', file=sys.stderr)
+    sys.exit(2)
+  if port_in_use(_PORT.value):
+    print(f'worker: error: --port: port {_PORT.value} is already in use (is '
+          'a worker already running there?)', file=sys.stderr)
     sys.exit(2)
   print(f'TFF worker (pid {os.getpid()}) serving on port {_PORT.value}',
         file=sys.stderr, flush=True)
