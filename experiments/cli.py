@@ -41,6 +41,8 @@ _HELP = {
     'beta': "Outer (meta) step, > 0 (FedAvg's client learning rate).",
     'delta': 'HF finite-difference radius, > 0.',
     'local_steps': 'Local steps per round (tau), >= 1.',
+    'inner_steps': 'nu: SGD steps at alpha inside the meta-objective (1: the '
+                   'paper); evaluate with --eval_steps=nu to match.',
     'batch_size': 'Client batch size, >= 1.',
     'client_weighting': "'uniform' (the paper) or 'num_examples'.",
     'seed': 'Seed of data split, model, sampling and shuffling, >= 0.',

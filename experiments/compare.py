@@ -27,6 +27,7 @@ Tables and plots can be rewritten from a saved JSON with --replot=PATH.
 
 import json
 import os
+import shlex
 import signal
 import sys
 
@@ -129,7 +130,7 @@ def build_comparison():
 
 
 def _command() -> str:
-  return ' '.join(['python -m experiments.compare', *sys.argv[1:]])
+  return 'python -m experiments.compare ' + shlex.join(sys.argv[1:])
 
 
 def run() -> dict:

@@ -23,6 +23,12 @@ from perfed_tff.algorithms import LABELS
 POPULATIONS = ('seen', 'unseen', 'seen_paper', 'unseen_paper')
 
 
+def population_title(population: str) -> str:
+  """'seen' -> 'seen users'; 'seen_paper' -> 'seen users, paper protocol'."""
+  base, _, protocol = population.partition('_')
+  return f'{base} users' + (f', {protocol} protocol' if protocol else '')
+
+
 def step_key(k: int) -> str:
   """Name of the metrics after k adaptation steps ('step_0' = no adaptation)."""
   return f'step_{k}'
@@ -193,7 +199,7 @@ def plot_curves(results, path: str, step: int = 1) -> str:
         ax.plot(rounds, m, style, color=color, label=label)
         if k:
           ax.fill_between(rounds, m - s, m + s, color=color, alpha=0.15)
-    ax.set_title(f'{pop} users')
+    ax.set_title(population_title(pop))
     ax.set_xlabel('round')
     ax.set_ylabel('accuracy (%), client mean')
     ax.grid(alpha=0.3)
@@ -227,7 +233,7 @@ def plot_bars(results, path: str) -> str:
     ax.set_xticklabels([LABELS.get(a, a) for a in algs], rotation=15,
                        fontsize=8)
     ax.set_ylabel('accuracy (%), client mean')
-    ax.set_title(f'{pop} users')
+    ax.set_title(population_title(pop))
     ax.set_ylim(0, 115)
     ax.set_yticks(range(0, 101, 20))
     ax.grid(axis='y', alpha=0.3)

@@ -22,6 +22,7 @@ Defaults not stated in the quoted setup follow common re-implementations:
 """
 
 import os
+import shlex
 import sys
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
@@ -120,8 +121,8 @@ def main(argv):
     config_lib.load_task(experiment.base)  # A missing file fails here, once.
     with training_loop.execution_context(experiment.base):
       results = paper_experiment.run(experiment, output_dir, cli.log)
-    results['command'] = ' '.join(['python -m experiments.reproduce_paper',
-                                   *sys.argv[1:]])
+    results['command'] = ('python -m experiments.reproduce_paper '
+                          + shlex.join(sys.argv[1:]))
     paths = paper_experiment.write_outputs(results, output_dir)
   except (checks.ArgumentError, training_loop.CheckpointError) as e:
     cli.fail(getattr(e, 'flag_message', str(e)))

@@ -79,8 +79,12 @@ def test_unseen_users_never_contribute_to_training(tmp_path):
   unseen_ids = set(task.unseen[0].client_ids)
   assert not unseen_ids & set(task.train.client_ids)
   result = training_loop.run_training(config, task=spy_task)
-  # Evaluations at round 0 and 3 read both populations; the rounds between
-  # read only the seen users' train data.
+  # The batch-size check first looks at every seen user's train dataset
+  # (its size only), evaluations at round 0 and 3 read both populations; the
+  # rounds between read only the seen users' train data.
+  checked = len(task.client_ids)
+  assert all(src == 'train' for src, _ in log[:checked])
+  log = log[checked:]
   per_eval = 6 + 6 + 3 + 3
   training = log[per_eval:-per_eval]
   assert len(training) == config.rounds * config.clients_per_round

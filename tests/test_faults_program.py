@@ -74,7 +74,7 @@ BAD_INPUTS = [
      'leaves user'),
     (dict(dataset_options='num_users=200000'), 'dataset_options',
      'GiB, more than 50%'),
-    (dict(batch_size=5000), 'batch_size', 'the most train examples a client'),
+    (dict(batch_size=999999), 'batch_size', 'the most train examples a client'),
     (dict(dataset='digits', dataset_options='train_fraction=1.0'),
      'dataset_options', 'train_fraction must be a number in (0, 1)'),
     (dict(clients_per_round=31), 'clients_per_round', '(30 clients), got 31'),

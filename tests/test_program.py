@@ -301,3 +301,17 @@ def test_runs_inside_a_running_event_loop_like_jupyter(tmp_path, small_task):
 
   result = asyncio.run(notebook_cell())
   assert _rows(result.paths['train_csv']) == [1, 2]
+
+
+def test_inner_steps_reach_the_process_and_the_batch_stream(tmp_path,
+                                                            small_task):
+  config = _config(tmp_path, algorithm='per_fedavg_hf', inner_steps=2,
+                   local_steps=1)
+  _, data = tp.round_client_data(config, small_task, 1)
+  assert len(list(data[0])) == 5          # 2 nu + 1 batches per local step
+  fedavg = dataclasses.replace(config, algorithm='fedavg')
+  assert len(list(tp.round_client_data(fedavg, small_task, 1)[1][0])) == 1
+  tp.build_process(fedavg, small_task)    # FedAvg ignores nu
+  result = tp.run_training(dataclasses.replace(config, rounds=1),
+                           task=small_task)
+  assert result.train_metrics['client_work/train/num_steps'] >= 1

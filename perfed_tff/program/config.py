@@ -28,10 +28,11 @@ MAX_BATCH_SIZE = 10**6
 MAX_TIMEOUT = 7 * 24 * 3600.0
 # A population (or one batch) must fit in this share of physical memory.
 MEMORY_SHARE = 0.5
+MAX_INNER_STEPS = 100
 # Settings a checkpoint must share with the run that resumes it.
 RESUME_KEYS = ('algorithm', 'dataset', 'dataset_options', 'alpha', 'beta',
-               'delta', 'local_steps', 'batch_size', 'clients_per_round',
-               'seed', 'client_weighting')
+               'delta', 'local_steps', 'inner_steps', 'batch_size',
+               'clients_per_round', 'seed', 'client_weighting')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +41,8 @@ class TrainingConfig:
 
   algorithm: one of `perfed_tff.algorithms.ALGORITHMS`.
   dataset, dataset_options, cache_dir: `perfed_tff.data.registry.load_task`.
+  inner_steps: nu, SGD steps at alpha inside Per-FedAvg's meta-objective
+    (1: the paper; `perfed_tff.build_per_fedavg(inner_steps=)`).
   rounds, clients_per_round, alpha, beta, delta, local_steps, batch_size,
     client_weighting: the algorithm (`perfed_tff.algorithms.build_algorithm`).
   seed: data split, model initialization, client sampling, batch shuffling.
@@ -77,6 +80,7 @@ class TrainingConfig:
   beta: float = 0.05
   delta: float = 1e-3
   local_steps: int = 5
+  inner_steps: int = 1
   batch_size: int = 10
   client_weighting: str = 'uniform'
   seed: int = 0
@@ -139,6 +143,9 @@ def validate(config: TrainingConfig) -> TrainingConfig:
       local_steps=checks.at_most(
           'local_steps', checks.integer('local_steps', config.local_steps, 1),
           MAX_LOCAL_STEPS),
+      inner_steps=checks.at_most(
+          'inner_steps', checks.integer('inner_steps', config.inner_steps, 1),
+          MAX_INNER_STEPS),
       batch_size=checks.at_most(
           'batch_size', checks.integer('batch_size', config.batch_size, 1),
           MAX_BATCH_SIZE),
@@ -277,11 +284,14 @@ def load_task(config: TrainingConfig):
     raise checks.ArgumentError(flag, str(e).splitlines()[0].rstrip('.')) from e
 
 
+MAX_REPEATS_PER_BATCH = 64
+
+
 def check_population(config: TrainingConfig, num_clients: int,
                      task=None) -> None:
   """`clients_per_round` fits the population; with `task`, `batch_size` is
-  at most the largest client's train data (when the sizes are known without
-  reading the data, e.g. in-memory datasets).
+  at most MAX_REPEATS_PER_BATCH x the largest client's train data (when the
+  sizes are known without reading the data, e.g. in-memory datasets).
 
   Raises:
     checks.ArgumentError: clients_per_round or batch_size out of range.
@@ -292,11 +302,15 @@ def check_population(config: TrainingConfig, num_clients: int,
         f'{config.dataset!r} ({num_clients} clients), got '
         f'{config.clients_per_round}')
   largest = None if task is None else _largest_client(task)
-  if largest is not None and config.batch_size > largest:
+  # A batch may repeat a small client's examples (the stream is repeated
+  # before batching, as the paper's fixed batch size needs on small users),
+  # but not beyond reason.
+  limit = None if largest is None else MAX_REPEATS_PER_BATCH * largest
+  if limit is not None and config.batch_size > limit:
     raise checks.ArgumentError(
-        'batch_size', f'must be <= {largest}, the most train examples a '
-        f'client of {config.dataset!r} holds (a batch would repeat a '
-        f'client\'s data), got {config.batch_size}')
+        'batch_size', f'must be <= {limit} ({MAX_REPEATS_PER_BATCH} x {largest},'
+        f' the most train examples a client of {config.dataset!r} holds), '
+        f'got {config.batch_size}')
 
 
 def _largest_client(task, limit: int = 2000) -> Optional[int]:

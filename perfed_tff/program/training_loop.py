@@ -47,6 +47,7 @@ import dataclasses
 import json
 import os
 import statistics
+import sys
 import threading
 import time
 from typing import Any, Callable, Optional
@@ -123,6 +124,8 @@ def build_process(config: TrainingConfig, task: task_lib.FederatedTask):
   return algorithms.build_algorithm(
       config.algorithm, task.model_fn, alpha=config.alpha, beta=config.beta,
       delta=config.delta, local_steps=config.local_steps,
+      # FedAvg has no inner steps (in a comparison it keeps its own).
+      inner_steps=1 if config.algorithm == 'fedavg' else config.inner_steps,
       client_weighting=config.client_weighting)
 
 
@@ -132,8 +135,9 @@ def round_client_data(config: TrainingConfig, task: task_lib.FederatedTask,
   function of (seed, round)."""
   return task_lib.round_client_data(
       task, clients_per_round=config.clients_per_round,
-      num_batches=algorithms.batches_per_round(config.algorithm,
-                                               config.local_steps),
+      num_batches=algorithms.batches_per_round(
+          config.algorithm, config.local_steps,
+          inner_steps=config.inner_steps),
       batch_size=config.batch_size, seed=config.seed, round_num=round_num)
 
 
@@ -448,6 +452,22 @@ def _with_worker_logs(error, config: TrainingConfig, context):
                      f'{", ".join(kept)})')
 
 
+def _truncate_metric_files(paths, max_round: int) -> None:
+  """Cuts the run's metric CSVs back to `max_round` (sys.maxsize: only
+  checks them).
+
+  Raises:
+    CheckpointError: a CSV that is no metrics file (left untouched).
+  """
+  for key in ('train_csv', 'eval_csv'):
+    try:
+      metrics_lib.truncate_csv(paths[key], max_round)
+    except metrics_lib.MetricsFileError as e:
+      raise CheckpointError(
+          f'{e}; it was left untouched: repair or remove it, or choose '
+          'another --root_output_dir') from None
+
+
 def _run_training(config, task, process, evaluate_fn, write, watchdog,
                   start_time) -> TrainingResult:
   """`run_training` under `watchdog`."""
@@ -458,6 +478,8 @@ def _run_training(config, task, process, evaluate_fn, write, watchdog,
   elif evaluate_fn is None:
     evaluate_fn = population_eval.build_evaluate_fn(config, task)
   paths = output_paths(config)
+  # Unusable metric files are refused before anything is created or written.
+  _truncate_metric_files(paths, sys.maxsize)
   for key in ('run_dir', 'checkpoints', 'tensorboard'):
     os.makedirs(paths[key], exist_ok=True)
   os.makedirs(os.path.dirname(paths['train_csv']), exist_ok=True)
@@ -481,13 +503,7 @@ def _run_training(config, task, process, evaluate_fn, write, watchdog,
   else:
     write(f'{config.algorithm}: resuming from round {start_round} '
           f'({checkpoints.path(start_round)})')
-  for key in ('train_csv', 'eval_csv'):
-    try:
-      metrics_lib.truncate_csv(paths[key], start_round)
-    except metrics_lib.MetricsFileError as e:
-      raise CheckpointError(
-          f'{e}; it was left untouched: repair or remove it, or choose '
-          'another --root_output_dir') from None
+  _truncate_metric_files(paths, start_round)
   # Rounds after the checkpoint are trained again: TensorBoard holds each once.
   metrics_lib.prune_tensorboard(paths['tensorboard'], start_round)
   with open(paths['config'], 'w') as f:
