@@ -21,11 +21,12 @@ Defaults not stated in the quoted setup follow common re-implementations:
 10 of the 50 users per round, tau = 4 local steps, batch 40, delta = 1e-3.
 """
 
-import os
 import shlex
 import sys
 
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+if __name__ == '__main__':  # Not when imported (tests, notebooks).
+  from experiments import startup  # pylint: disable=g-import-not-at-top
+  startup.exit_quietly_on_signals()
 
 from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags

@@ -14,27 +14,11 @@ checkpoint, or a --root_output_dir in use by another run), 1 a failed run,
 """
 
 import math
-import os
-import signal
-import sys
-
-
-def _exit_on_signal(signum, frame):
-  """Until main() installs the run's handlers (TensorFlow is imported):
-  nothing has been written yet."""
-  del frame
-  name = signal.Signals(signum).name
-  os.write(2, f'{os.path.basename(sys.argv[0])}: error: {name} during '
-              'start-up; nothing was written.\n'.encode())
-  os._exit(128 + signum)  # pylint: disable=protected-access
 
 
 if __name__ == '__main__':  # Not when imported (tests, notebooks).
-  for _signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-    if signal.getsignal(_signum) != signal.SIG_IGN:
-      signal.signal(_signum, _exit_on_signal)
-
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  from experiments import startup  # pylint: disable=g-import-not-at-top
+  startup.exit_quietly_on_signals()
 
 from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags

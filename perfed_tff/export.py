@@ -23,7 +23,6 @@ built from the same Keras architecture fit (same variable order).
 
 from __future__ import annotations
 
-import os
 from typing import Callable, Optional
 
 import numpy as np

@@ -46,7 +46,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import numbers
-from typing import Callable, Mapping, Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -205,18 +205,8 @@ def build_client_evaluation(model_fn, model_weights_type, data_type, *,
         after, _ = evaluate(test_batches)
         losses = losses.write(k, after['loss'])
         accuracies = accuracies.write(k, after['accuracy'])
-      losses = losses.stack()
-      accuracies = accuracies.stack()
-      metrics = collections.OrderedDict()
-      metrics[step_key(0)] = before
-      for k in steps:
-        metrics[step_key(k)] = collections.OrderedDict(
-            loss=losses[k - 1], accuracy=accuracies[k - 1])
-      return collections.OrderedDict(
-          num_test_examples=tf.cast(num_test, tf.int64),
-          num_adaptation_steps=taken,
-          num_adaptation_examples=used,
-          metrics=metrics)
+      return _collect(before, num_test, losses.stack(), accuracies.stack(),
+                      taken, used, steps)
 
     train_data, test_data = _prepare(data, unbatched=unbatched,
                                      batch_size=batch_size,

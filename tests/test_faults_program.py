@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import numpy as np
@@ -18,7 +17,6 @@ import tensorflow_federated as tff
 
 from experiments import cli
 from perfed_tff import checks
-from perfed_tff.data import offline
 from perfed_tff.program import checkpointing
 from perfed_tff.program import config as config_lib
 from perfed_tff.program import metrics as metrics_lib

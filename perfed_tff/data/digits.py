@@ -18,10 +18,8 @@ Users 0..num_users-1 are trained on; the rest form the unseen population.
 from __future__ import annotations
 
 import collections
-from typing import Optional
 
 import numpy as np
-import tensorflow as tf
 import tensorflow_federated as tff
 
 from perfed_tff.data import task as task_lib

@@ -1,0 +1,29 @@
+"""What a binary does before importing TensorFlow (which takes seconds).
+
+`exit_quietly_on_signals()` makes SIGINT, SIGTERM and SIGHUP during start-up
+print one line and exit with 128 + the signal number, instead of a
+KeyboardInterrupt traceback from inside the import; the run's own handlers
+(`experiments.cli`) replace these once the program starts. Signals that were
+ignored when the process started (a background job) stay ignored. Imports no
+TensorFlow.
+"""
+
+import os
+import signal
+import sys
+
+
+def _exit_on_signal(signum, frame):
+  """Until main() installs the run's handlers: nothing was written yet."""
+  del frame
+  name = signal.Signals(signum).name
+  os.write(2, f'{os.path.basename(sys.argv[0])}: error: {name} during '
+              'start-up; nothing was written.\n'.encode())
+  os._exit(128 + signum)  # pylint: disable=protected-access
+
+
+def exit_quietly_on_signals() -> None:
+  for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    if signal.getsignal(signum) != signal.SIG_IGN:
+      signal.signal(signum, _exit_on_signal)
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
