@@ -309,3 +309,31 @@ def test_killed_comparison_resumes_with_the_same_tables(tmp_path):
     assert ((tmp_path / 'killed_out' / name).read_text().replace(
         str(root), '') == (tmp_path / 'whole_out' / name).read_text().replace(
             str(tmp_path / 'whole'), ''))
+
+
+@pytest.mark.slow
+def test_train_binary_and_one_algorithm_compare_give_identical_weights(
+    tmp_path):
+  common = ('--dataset=synthetic',
+            '--dataset_options=num_users=6,num_unseen_users=2',
+            '--clients_per_round=2', '--local_steps=2', '--batch_size=5',
+            '--rounds=3', '--eval_every=0', '--noprogress', '--alpha=0.05',
+            '--beta=0.05')
+  train = subprocess.run(
+      [sys.executable, '-m', 'experiments.train', *common,
+       '--algorithm=per_fedavg_hf', '--seed=3',
+       f'--root_output_dir={tmp_path / "train"}'],
+      env=h.env(), cwd=h.ROOT, capture_output=True, text=True, timeout=400,
+      stdin=subprocess.DEVNULL)
+  assert train.returncode == 0, train.stderr[-3000:]
+  compare = subprocess.run(
+      [sys.executable, '-m', 'experiments.compare', *common,
+       '--algorithms=per_fedavg_hf', '--seeds=3',
+       f'--run_dir={tmp_path / "compare"}'],
+      env=h.env(), cwd=h.ROOT, capture_output=True, text=True, timeout=400,
+      stdin=subprocess.DEVNULL)
+  assert compare.returncode == 0, compare.stderr[-3000:]
+  h.assert_weights_close(
+      h.final_weights(tmp_path / 'train' / 'per_fedavg_hf'),
+      h.final_weights(tmp_path / 'compare' / 'runs' / 'seed_3' /
+                      'per_fedavg_hf'), atol=0)
