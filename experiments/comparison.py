@@ -101,7 +101,6 @@ def run_comparison(comparison: Comparison, run_dir: str,
     evaluate_fns = {}
     for algorithm in comparison.algorithms:
       config = comparison.config_for(algorithm, seed, run_dir)
-      config_lib.check_population(config, len(task.client_ids))
       evaluate_fn = None
       if config.eval_every:
         # One evaluation computation per alpha, shared by the algorithms.

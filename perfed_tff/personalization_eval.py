@@ -188,25 +188,12 @@ def build_client_evaluation(model_fn, model_weights_type, data_type, *,
       # Inside tf.function, so automatic control dependencies order the
       # assignment before every read.
       weights.assign_weights_to(model)
-      test_batches = _concatenate(test_data)
-      before, num_test = evaluate(test_batches)
-      # One graph loop over k = 1..max_steps, measuring after every step (a
-      # forward pass on the test tensors) and keeping the requested ones.
-      losses = tf.TensorArray(tf.float32, size=max_steps)
-      accuracies = tf.TensorArray(tf.float32, size=max_steps)
-      iterator = iter(train_data)
-      taken = tf.constant(0, tf.int64)
-      used = tf.constant(0, tf.int64)
-      for k in tf.range(max_steps):
-        optional = iterator.get_next_as_optional()
-        if optional.has_value():
-          used += sgd_step(optional.get_value())
-          taken += 1
-        after, _ = evaluate(test_batches)
-        losses = losses.write(k, after['loss'])
-        accuracies = accuracies.write(k, after['accuracy'])
-      return _collect(before, num_test, losses.stack(), accuracies.stack(),
-                      taken, used, steps)
+      # The model's variables carry the adapted weights: no loop state.
+      return _adapt_and_measure(
+          tf.constant(0), train_data, test_data,
+          evaluate=lambda _, batches: evaluate(batches),
+          step=lambda state, batch: (state, sgd_step(batch)),
+          max_steps=max_steps, steps=steps)
 
     train_data, test_data = _prepare(data, unbatched=unbatched,
                                      batch_size=batch_size,
@@ -214,6 +201,36 @@ def build_client_evaluation(model_fn, model_weights_type, data_type, *,
     return run(weights, train_data, test_data)
 
   return client_eval
+
+
+def _adapt_and_measure(state, train_data, test_data, *, evaluate, step,
+                       max_steps, steps):
+  """The adaptation loop of both model kinds (traced inside a tf.function).
+
+  `evaluate(state, test_batches) -> (metrics, num_examples)` measures the
+  adapted model; `step(state, batch) -> (state, batch_size)` takes one SGD
+  step at alpha. The client's test batches are read once and concatenated;
+  one graph loop over k = 1..max_steps measures after every step (a forward
+  pass on the test tensors) and keeps the requested ones.
+  """
+  test_batches = _concatenate(test_data)
+  before, num_test = evaluate(state, test_batches)
+  losses = tf.TensorArray(tf.float32, size=max_steps)
+  accuracies = tf.TensorArray(tf.float32, size=max_steps)
+  iterator = iter(train_data)
+  taken = tf.constant(0, tf.int64)
+  used = tf.constant(0, tf.int64)
+  for k in tf.range(max_steps):
+    optional = iterator.get_next_as_optional()
+    if optional.has_value():
+      state, n = step(state, optional.get_value())
+      used += n
+      taken += 1
+    after, _ = evaluate(state, test_batches)
+    losses = losses.write(k, after['loss'])
+    accuracies = accuracies.write(k, after['accuracy'])
+  return _collect(before, num_test, losses.stack(), accuracies.stack(),
+                  taken, used, steps)
 
 
 def _collect(before, num_test, losses, accuracies, taken, used, steps):
@@ -264,24 +281,9 @@ def _build_functional_client_evaluation(model, model_weights_type, data_type,
 
     @tf.function
     def run(trainable, train_data, test_data):
-      test_batches = _concatenate(test_data)
-      before, num_test = evaluate(trainable, test_batches)
-      losses = tf.TensorArray(tf.float32, size=max_steps)
-      accuracies = tf.TensorArray(tf.float32, size=max_steps)
-      iterator = iter(train_data)
-      taken = tf.constant(0, tf.int64)
-      used = tf.constant(0, tf.int64)
-      for k in tf.range(max_steps):
-        optional = iterator.get_next_as_optional()
-        if optional.has_value():
-          trainable, n = sgd_step(trainable, optional.get_value())
-          used += n
-          taken += 1
-        after, _ = evaluate(trainable, test_batches)
-        losses = losses.write(k, after['loss'])
-        accuracies = accuracies.write(k, after['accuracy'])
-      return _collect(before, num_test, losses.stack(), accuracies.stack(),
-                      taken, used, steps)
+      return _adapt_and_measure(
+          trainable, train_data, test_data, evaluate=evaluate, step=sgd_step,
+          max_steps=max_steps, steps=steps)
 
     train_data, test_data = _prepare(data, unbatched=unbatched,
                                      batch_size=batch_size,

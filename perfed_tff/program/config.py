@@ -240,18 +240,15 @@ def check_output_paths(config: TrainingConfig) -> None:
            ('config.json', 'final_model.npz', os.path.join('metrics',
                                                            'train.csv'),
             os.path.join('metrics', 'eval.csv'))]
-  for path in folders:
-    if os.path.lexists(path) and not os.path.isdir(path):
+  expected = ([(p, os.path.isdir, 'is not a directory (the run needs a '
+                'directory there)') for p in folders]
+              + [(p, os.path.isfile, 'is not a regular file (the run writes '
+                  'a file there)') for p in files])
+  for path, is_kind, what in expected:
+    if os.path.lexists(path) and not is_kind(path):
       raise checks.ArgumentError(
-          'root_output_dir', f'{path} exists and is not a directory (the run '
-          'needs a directory there); move it away or choose another '
-          '--root_output_dir')
-  for path in files:
-    if os.path.lexists(path) and not os.path.isfile(path):
-      raise checks.ArgumentError(
-          'root_output_dir', f'{path} exists and is not a regular file (the '
-          'run writes a file there); move it away or choose another '
-          '--root_output_dir')
+          'root_output_dir', f'{path} exists and {what}; move it away or '
+          'choose another --root_output_dir')
 
 
 def _protocols(value) -> tuple[str, ...]:

@@ -306,6 +306,19 @@ class _Checkpoints(tff.program.ProgramStateManager):
     self._watchdog.end()
 
 
+class _Initialized:
+  """`process` whose `initialize()` returns the state this program already
+  computed: TFF's loop calls it again only for the state's structure."""
+
+  def __init__(self, process, initial_state):
+    self._process = process
+    self._initial_state = initial_state
+    self.next = process.next
+
+  def initialize(self):
+    return self._initial_state
+
+
 class _Preloaded(tff.program.ProgramStateManager):
   """Hands TFF's loop the state this program already loaded (and checked),
   then delegates to the real manager."""
@@ -538,7 +551,7 @@ def _run_training(config, task, process, evaluate_fn, write, watchdog,
 
   def train():
     return tff.simulation.run_training_process(
-        process,
+        _Initialized(process, initial_state),
         training_selection_fn=selection_fn,
         total_rounds=config.rounds,
         evaluation_fn=evaluation_fn if evaluate_fn else None,
