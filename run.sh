@@ -22,7 +22,7 @@ find_python() {
 setup_env() {
   local stamp=.venv/.perfed_tff_stamp
   local want
-  want=$(cat requirements/lock.txt setup.py | sha256sum | cut -c1-16)
+  want=$(cat requirements/lock.txt requirements/peer.txt setup.py | sha256sum | cut -c1-16)
   if [ -x .venv/bin/python ] && [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then
     return 0
   fi
@@ -33,7 +33,9 @@ setup_env() {
   # (see BUILD_NOTES.md), then TFF itself without its (unsatisfiable) pins.
   .venv/bin/python -m pip install -q -r requirements/lock.txt
   .venv/bin/python -m pip install -q --no-deps tensorflow-federated==0.87.0
-  .venv/bin/python -m pip install -q --no-deps -e ".[experiments,test]"
+  # The benchmark's PyTorch peer (optional for users; the tests run it).
+  .venv/bin/python -m pip install -q -r requirements/peer.txt
+  .venv/bin/python -m pip install -q --no-deps -e ".[experiments,test,peer]"
   echo "$want" > "$stamp"
 }
 

@@ -27,6 +27,8 @@ setuptools.setup(
     extras_require={
         # Progress bars, plots and process memory for experiments/.
         'experiments': ['tqdm~=4.64', 'matplotlib>=3.7', 'psutil>=5.9'],
+        # The benchmark's PyTorch peer (CPU build: see requirements/peer.txt).
+        'peer': ['torch>=2.1'],
         'test': ['pytest>=7', 'pytest-timeout>=2', 'nbclient>=0.8',
                  'nbformat>=5.9', 'ipykernel>=6', 'psutil>=5.9',
                  'matplotlib>=3.7'],

@@ -43,7 +43,10 @@ _CONTENDERS = flags.DEFINE_list(
     'contenders',
     'fedavg,fedavg_reduce,per_fedavg_fo,per_fedavg_hf,per_fedavg_maml,'
     'floor_fedavg,'
-    'floor_fo,floor_hf,floor_maml', 'What to time.')
+    'floor_fo,floor_hf,floor_maml,'
+    'torch_fedavg,torch_fo,torch_hf,torch_maml',
+    'What to time (the torch_* PyTorch peer is skipped, with a message, when '
+    'torch is not installed).')
 _ALPHA = flags.DEFINE_float('alpha', 0.01, 'Per-FedAvg inner step.')
 _BETA = flags.DEFINE_float('beta', 0.05, 'Outer step (FedAvg client lr).')
 _DELTA = flags.DEFINE_float('delta', 1e-3, 'HF finite-difference radius.')
@@ -67,10 +70,11 @@ _COMPILATION_AB = flags.DEFINE_bool(
     'Instead of the benchmark: run the TFF contenders under '
     '--graph_optimization=runtime and =tff side by side (two workers, '
     'alternating rounds) and print runtime / tff per contender.')
-_AUTOTUNE = flags.DEFINE_bool(
-    'tf_data_autotune', False,
-    'tf.data autotuning of the client pipelines (all contenders alike); off '
-    'by default: on the 2-core machine it stalled in-process rounds.')
+_TFF_CLIENT_DATA = flags.DEFINE_enum(
+    'tff_client_data', 'worker', ['worker', 'datasets'],
+    'How the TFF contenders get client data: "worker" (what the training '
+    'program does: each client\'s examples and seed, batches built on the '
+    'worker) or "datasets" (a serialized tf.data.Dataset per client).')
 _EMPTY_ROUNDS = flags.DEFINE_integer(
     'empty_rounds', 5,
     'Rounds per contender with empty client data: the fixed cost of a round, '
@@ -107,7 +111,7 @@ def main(argv):
       alpha=_ALPHA.value, beta=_BETA.value, delta=_DELTA.value,
       seed=_SEED.value,
       max_concurrent_computation_calls=_CONCURRENCY.value,
-      tf_data_autotune=_AUTOTUNE.value,
+      tff_client_data=_TFF_CLIENT_DATA.value,
       empty_rounds=_EMPTY_ROUNDS.value,
       memory_rounds=_MEMORY_ROUNDS.value,
       memory_contender=_MEMORY_CONTENDER.value)

@@ -53,18 +53,25 @@ from perfed_tff import algorithms as algorithms_lib
 from perfed_tff import per_fedavg_client_work as client_work_lib
 from perfed_tff.runtime import compilation as compilation_lib
 from perfed_tff.data import task as task_lib
+from perfed_tff.data import worker_datasets
+
+from experiments import torch_peer
 
 TASKS = ('emnist_cnn', 'emnist_mlp', 'digits_mlp', 'synthetic',
          'shakespeare_lstm')
 FLOORS = ('floor_fedavg', 'floor_fo', 'floor_hf', 'floor_maml')
+# The PyTorch peer (`experiments.torch_peer`; skipped without torch).
+PEERS = ('torch_fedavg', 'torch_fo', 'torch_hf', 'torch_maml')
 # `fedavg` is the project's baseline (`algorithms.build_algorithm`: TFF's
 # build_weighted_fed_avg with the DATASET_ITERATOR client loop);
 # `fedavg_reduce` is the same with TFF's default DATASET_REDUCE loop.
-CONTENDERS = algorithms_lib.ALGORITHMS + ('fedavg_reduce',) + FLOORS
-# The floor of each TFF contender.
+CONTENDERS = algorithms_lib.ALGORITHMS + ('fedavg_reduce',) + FLOORS + PEERS
+# The floor and the PyTorch peer of each TFF contender.
 FLOOR_OF = {'fedavg': 'floor_fedavg', 'fedavg_reduce': 'floor_fedavg',
             'per_fedavg_fo': 'floor_fo',
             'per_fedavg_hf': 'floor_hf', 'per_fedavg_maml': 'floor_maml'}
+PEER_OF = {'fedavg': 'torch_fedavg', 'per_fedavg_fo': 'torch_fo',
+           'per_fedavg_hf': 'torch_hf', 'per_fedavg_maml': 'torch_maml'}
 
 
 # ----------------------------------------------------------------------------
@@ -165,31 +172,21 @@ def make_task(name: str, *, num_clients: int = 20,
 
 def client_datasets(task: BenchmarkTask, client_ids: Sequence[str], *,
                     num_batches: int, batch_size: int, seed: int,
-                    round_num: int, autotune: bool = True
-                    ) -> list[tf.data.Dataset]:
+                    round_num: int) -> list[tf.data.Dataset]:
   """The batch streams of `client_ids` in round `round_num` (a pure function
   of (seed, round, client), so every contender sees the same batches), made
-  by the project's `data.task.client_batches`.
-
-  `autotune=False` sets `tf.data.Options().autotune.enabled = False` (same
-  batches); the benchmark does this for every contender by default. With
-  autotuning on, the floor's rounds stalled to exactly 2.56 s or 5.12 s
-  (10 ms * 2^8, 2^9: tf.data's autotuning period doubles from 10 ms) on the
-  2-core machine (floor MAML on the CNN: median 3.19 s -> 2.43 s with it
-  off); the TFF worker showed no stalls but was 5-9% faster with it off.
+  by the project's `data.task.client_batches` (tf.data autotuning and graph
+  rewrites off, as for every client stream of the project: with autotuning
+  on, the floor's rounds once stalled to exactly 2.56 s or 5.12 s on the
+  2-core machine, tf.data's autotuning period doubling from 10 ms).
   """
   out = []
   for cid in client_ids:
     x, y = task.clients[cid]
     ds = tf.data.Dataset.from_tensor_slices(collections.OrderedDict(x=x, y=y))
-    batches = task_lib.client_batches(
+    out.append(task_lib.client_batches(
         ds, batch_size=batch_size, num_batches=num_batches,
-        seed=task_lib.derive_seed(seed, round_num, cid))
-    if not autotune:
-      options = tf.data.Options()
-      options.autotune.enabled = False
-      batches = batches.with_options(options)
-    out.append(batches)
+        seed=task_lib.derive_seed(seed, round_num, cid)))
   return out
 
 
@@ -204,8 +201,43 @@ def round_datasets(task: BenchmarkTask, config: 'BenchmarkConfig',
   return client_datasets(
       task, cohort,
       num_batches=batches_per_round(contender, config.local_steps),
-      batch_size=config.batch_size, seed=config.seed, round_num=round_num,
-      autotune=config.tf_data_autotune)
+      batch_size=config.batch_size, seed=config.seed, round_num=round_num)
+
+
+def round_inputs(task: BenchmarkTask, config: 'BenchmarkConfig',
+                 round_num: int, *, empty: bool = False) -> list:
+  """The round's cohort as inputs of a worker-side TFF process
+  (`perfed_tff.data.worker_datasets`): each client's examples and its seed
+  `derive_seed(seed, round, client)`, from which the worker builds exactly
+  the batches of `round_datasets` (`empty`: no examples)."""
+  cohort = task_lib.sample_clients(list(task.clients),
+                                   config.clients_per_round, config.seed,
+                                   round_num)
+  out = []
+  for cid in cohort:
+    x, y = task.clients[cid]
+    if empty:
+      x, y = x[:0], y[:0]
+    out.append(worker_datasets.client_input(
+        collections.OrderedDict(x=x, y=y),
+        task_lib.derive_seed(config.seed, round_num, cid)))
+  return out
+
+
+def round_data(runner, task: BenchmarkTask, config: 'BenchmarkConfig',
+               contender: str, round_num: int, *, empty: bool = False):
+  """What `runner` consumes in round `round_num`, always the same batches:
+  round inputs for a worker-side TFF process, the batches as numpy arrays
+  for the PyTorch peer (made before its round is timed, like every
+  contender's input), batch streams otherwise."""
+  if isinstance(runner, TFFRunner) and runner.worker_side:
+    return round_inputs(task, config, round_num, empty=empty)
+  datasets = round_datasets(task, config, contender, round_num)
+  if empty:
+    datasets = [d.take(0) for d in datasets]
+  if contender in PEERS:
+    return [list(d.as_numpy_iterator()) for d in datasets]
+  return datasets
 
 
 def _timed_round(runner, datasets) -> float:
@@ -337,9 +369,17 @@ def _build_sgd_client_update(model, *, beta, local_steps):
 
 
 class TFFRunner:
-  """A `LearningProcess` driven round by round."""
+  """A `LearningProcess` driven round by round: with `worker_side`, composed
+  with the worker-side batch pipeline (`worker_datasets.compose`, what the
+  training program runs; it takes `round_inputs`), else it takes datasets."""
 
-  def __init__(self, process):
+  def __init__(self, process, *, worker_side: bool = False,
+               element_spec=None, batch_size: int = 0, num_batches: int = 0):
+    self.worker_side = worker_side
+    if worker_side:
+      process = worker_datasets.compose(
+          process, element_spec, batch_size=batch_size,
+          num_batches=num_batches)
     self.process = process
     self.state = process.initialize()
 
@@ -376,9 +416,11 @@ class BenchmarkConfig:
   # ExecutionContext applies it ('auto', 'runtime' or 'tff' as resolved by
   # `perfed_tff.runtime.compilation`; each TFF contender's is in its results).
   graph_optimization: str = 'auto'
-  # tf.data autotuning of the client pipelines, for every contender alike
-  # (see `client_datasets`).
-  tf_data_autotune: bool = False
+  # How TFF contenders get their clients' data: 'worker' (the training
+  # program's path: examples and seeds in, batches built on the worker by
+  # `worker_datasets`) or 'datasets' (one serialized tf.data.Dataset per
+  # client per round, TFF's plain interface).
+  tff_client_data: str = 'worker'
   empty_rounds: int = 0        # rounds with empty client data (fixed cost)
   memory_rounds: int = 0       # extra rounds of `memory_contender` for RSS
   memory_contender: str = 'per_fedavg_hf'
@@ -387,9 +429,10 @@ class BenchmarkConfig:
 def _variant(contender: str):
   if contender == 'fedavg_reduce':
     return None
-  if contender.startswith('floor_'):
-    name = contender[len('floor_'):]
-    return None if name == 'fedavg' else client_work_lib.Variant(name)
+  for prefix in ('floor_', 'torch_'):
+    if contender.startswith(prefix):
+      name = contender[len(prefix):]
+      return None if name == 'fedavg' else client_work_lib.Variant(name)
   return algorithms_lib.variant_of(contender)
 
 
@@ -400,6 +443,14 @@ def batches_per_round(contender: str, local_steps: int) -> int:
 
 
 def build_contender(contender: str, task: BenchmarkTask, config):
+  if contender in PEERS:
+    # The model's initial weights (the benchmark then sets every contender
+    # to the TFF process's).
+    return torch_peer.TorchPeer.from_task(
+        task, variant=_variant(contender), alpha=config.alpha,
+        beta=config.beta, delta=config.delta, local_steps=config.local_steps,
+        initial_weights=[v.numpy()
+                         for v in task.model_fn().trainable_variables])
   if contender.startswith('floor_'):
     return PureTFFloor(task.model_fn, variant=_variant(contender),
                        alpha=config.alpha, beta=config.beta,
@@ -415,12 +466,22 @@ def build_contender(contender: str, task: BenchmarkTask, config):
             learning_rate=1.0),
         client_weighting=tff.learning.ClientWeighting.UNIFORM,
         loop_implementation=tff.learning.LoopImplementation.DATASET_REDUCE)
-    return TFFRunner(process)
-  process = algorithms_lib.build_algorithm(
-      contender, task.model_fn, alpha=config.alpha, beta=config.beta,
-      delta=config.delta, local_steps=config.local_steps,
-      client_weighting='uniform')
-  return TFFRunner(process)
+  else:
+    process = algorithms_lib.build_algorithm(
+        contender, task.model_fn, alpha=config.alpha, beta=config.beta,
+        delta=config.delta, local_steps=config.local_steps,
+        client_weighting='uniform')
+  return TFFRunner(
+      process, worker_side=config.tff_client_data == 'worker',
+      element_spec=unbatched_spec(task), batch_size=config.batch_size,
+      num_batches=batches_per_round(contender, config.local_steps))
+
+
+def unbatched_spec(task: BenchmarkTask):
+  """The spec of one example of `task` (its batch spec without the batch
+  dimension)."""
+  return tf.nest.map_structure(lambda s: tf.TensorSpec(s.shape[1:], s.dtype),
+                               task.element_spec)
 
 
 def rss_bytes() -> dict:
@@ -443,6 +504,12 @@ def run_benchmark(config: BenchmarkConfig, log: Callable[[str], None] = print
   for c in contenders:
     if c not in CONTENDERS:
       raise ValueError(f'unknown contender {c!r}; one of {CONTENDERS}')
+  skipped = collections.OrderedDict()
+  reason = torch_peer.unavailable_reason()
+  if reason is not None and any(c in PEERS for c in contenders):
+    log(reason)
+    skipped.update((c, reason) for c in contenders if c in PEERS)
+    contenders = [c for c in contenders if c not in PEERS]
   task = make_task(config.task, num_clients=config.num_clients,
                    examples_per_client=config.examples_per_client,
                    seed=config.seed)
@@ -466,8 +533,8 @@ def run_benchmark(config: BenchmarkConfig, log: Callable[[str], None] = print
       break
   if init is not None:
     for c in contenders:
-      if isinstance(runners[c], PureTFFloor):
-        runners[c].set_weights(init)
+      if isinstance(runners[c], (PureTFFloor, torch_peer.TorchPeer)):
+        runners[c].set_weights([np.asarray(w) for w in init])
 
   times = collections.defaultdict(list)
   total = config.warmup_rounds + config.rounds
@@ -475,7 +542,7 @@ def run_benchmark(config: BenchmarkConfig, log: Callable[[str], None] = print
     order = contenders[r % len(contenders):] + contenders[:r % len(contenders)]
     for c in order:
       times[c].append(
-          _timed_round(runners[c], round_datasets(task, config, c, r)))
+          _timed_round(runners[c], round_data(runners[c], task, config, c, r)))
     log(f'round {r}: ' + ', '.join(f'{c}={times[c][-1]:.3f}s'
                                    for c in contenders))
 
@@ -516,6 +583,11 @@ def run_benchmark(config: BenchmarkConfig, log: Callable[[str], None] = print
     r = round_ratio(alg, floor)
     if r is not None:
       ratios[f'{alg}/{floor}'] = r
+  for alg, peer in PEER_OF.items():
+    for contender in (alg, FLOOR_OF[alg]):
+      r = round_ratio(contender, peer)
+      if r is not None:
+        ratios[f'{contender}/{peer}'] = r
   # Fixed cost of a round: the same rounds with every client's data empty
   # (no local step: what is left is broadcast, per-client set-up, transfer,
   # aggregation and the server update). Subtracting it from both sides gives
@@ -524,8 +596,8 @@ def run_benchmark(config: BenchmarkConfig, log: Callable[[str], None] = print
   if config.empty_rounds:
     for c in contenders:
       empty_times = [
-          _timed_round(runners[c], [d.take(0) for d in
-                                    round_datasets(task, config, c, r)])
+          _timed_round(runners[c],
+                       round_data(runners[c], task, config, c, r, empty=True))
           for r in range(config.empty_rounds + 1)]
       results[c]['empty_round_s'] = statistics.median(empty_times[1:])
     for alg, floor in FLOOR_OF.items():
@@ -546,6 +618,7 @@ def run_benchmark(config: BenchmarkConfig, log: Callable[[str], None] = print
           (k, ratio(*k.split('/'))) for k in ratios),
       compute_ratios=compute_ratios,
       memory=memory,
+      skipped=skipped,
       environment=environment_info())
 
 
@@ -561,7 +634,8 @@ def run_compilation_ab(config: BenchmarkConfig, contexts: dict,
   names = list(contexts)
   if len(names) != 2:
     raise ValueError(f'expected two contexts, got {names}')
-  contenders = [c for c in config.contenders if not c.startswith('floor_')]
+  contenders = [c for c in config.contenders
+                if c not in FLOORS and c not in PEERS]
   task = make_task(config.task, num_clients=config.num_clients,
                    examples_per_client=config.examples_per_client,
                    seed=config.seed)
@@ -576,11 +650,12 @@ def run_compilation_ab(config: BenchmarkConfig, contexts: dict,
     times = collections.defaultdict(list)
     for r in range(config.warmup_rounds + config.rounds):
       for c in contenders:
-        datasets = round_datasets(task, config, c, r)
         for name in (names if r % 2 else names[::-1]):
           context_stack_impl.context_stack.set_default_context(
               contexts[name].context)
-          times[(name, c)].append(_timed_round(runners[(name, c)], datasets))
+          runner = runners[(name, c)]
+          times[(name, c)].append(_timed_round(
+              runner, round_data(runner, task, config, c, r)))
       log(f'round {r}: ' + ', '.join(
           f'{c}[{n}]={times[(n, c)][-1]:.3f}s' for c in contenders
           for n in names))
@@ -616,7 +691,7 @@ def measure_memory(task, runners, config, log) -> dict:
   runner = runners.get(c) or build_contender(c, task, config)
   samples = []
   for r in range(config.memory_rounds):
-    runner.run_round(round_datasets(task, config, c, 1000 + r))
+    runner.run_round(round_data(runner, task, config, c, 1000 + r))
     samples.append(rss_bytes())
     if (r + 1) % 10 == 0:
       log(f'memory round {r + 1}: {samples[-1]}')
@@ -645,8 +720,13 @@ def measure_memory(task, runners, config, log) -> dict:
 
 
 def environment_info() -> dict:
+  torch_version = None
+  if torch_peer.unavailable_reason() is None:
+    import torch  # pylint: disable=g-import-not-at-top
+    torch_version = torch.__version__
   return collections.OrderedDict(
       tensorflow=tf.__version__,
+      torch=torch_version,
       tensorflow_federated=tff.__version__,
       cpus=os.cpu_count(),
       gpus=[d.name for d in tf.config.list_physical_devices('GPU')],
@@ -678,10 +758,12 @@ def markdown_table(report: dict) -> str:
       '',
       '| contender | grad evals / round | median round (s) | vs FedAvg '
       '| vs FedAvg (TFF default loop) | TFF / pure-TF floor '
-      '| no-data round (s) | TFF / floor, compute only | first round (s) '
-      '| build (s) |',
-      '|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|',
+      '| vs PyTorch peer | no-data round (s) | TFF / floor, compute only '
+      '| first round (s) | build (s) |',
+      '|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|',
   ]
+  peer_of = dict(PEER_OF)
+  peer_of.update((FLOOR_OF[a], p) for a, p in PEER_OF.items())
 
   def fmt(key, self_name):
     if key in ratios:
@@ -692,7 +774,7 @@ def markdown_table(report: dict) -> str:
     vs = fmt(f'{c}/fedavg', c) if 'fedavg' in results else ''
     vi = (fmt(f'{c}/fedavg_reduce', c) if 'fedavg_reduce' in results
           else '')
-    if c.startswith('floor_'):
+    if c in FLOORS or c in PEERS:
       vs = vi = ''
     floor = FLOOR_OF.get(c)
     vf = (f"{ratios[f'{c}/{floor}']:.2f}" if floor and f'{c}/{floor}' in ratios
@@ -702,10 +784,15 @@ def markdown_table(report: dict) -> str:
           if floor and f'{c}/{floor}' in compute else '')
     empty = r.get('empty_round_s')
     ve = f'{empty:.3f}' if empty is not None else ''
+    peer = peer_of.get(c)
+    vp = (f"{ratios[f'{c}/{peer}']:.2f}" if peer and f'{c}/{peer}' in ratios
+          else '')
     lines.append(
         f"| {c} | {r['gradient_evaluations_per_round']} | "
-        f"{r['median_round_s']:.3f} | {vs} | {vi} | {vf} | {ve} | {vc} | "
-        f"{r['first_round_s']:.2f} | {r['build_s']:.1f} |")
+        f"{r['median_round_s']:.3f} | {vs} | {vi} | {vf} | {vp} | {ve} | "
+        f"{vc} | {r['first_round_s']:.2f} | {r['build_s']:.1f} |")
+  for c, reason in report.get('skipped', {}).items():
+    lines.append(f'| {c} | skipped: {reason} |')
   mem = report.get('memory')
   if mem:
     lines += ['', f"Resident memory over {mem['rounds']} rounds of "

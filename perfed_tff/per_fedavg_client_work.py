@@ -364,7 +364,10 @@ def build_client_update(oracle, *, variant: Variant, alpha: float,
     optimizer = tff.learning.optimizers.build_sgdm(learning_rate=beta)
   track = bool(getattr(oracle, 'tracks_metrics', False))
 
-  @tf.function
+  # No AutoGraph: the loop below is written with tf.while_loop / tf.cond,
+  # so tracing does not transpile this function and everything it calls
+  # (that was two thirds of building the process; docs/performance.md).
+  @tf.function(autograph=False)
   def client_update(initial_trainable, dataset, hparams=None):
     if hparams is None:
       inner_alpha, radius, optimizer_hparams = alpha, delta, None
@@ -383,17 +386,15 @@ def build_client_update(oracle, *, variant: Variant, alpha: float,
     metrics_state = (oracle.initial_metrics_state() if track
                      else tf.constant(0, tf.int64))
     iterator = iter(dataset)
-    steps = tf.constant(0, tf.int64)
-    examples = tf.constant(0, tf.int64)
-    loss_sum = tf.constant(0.0, tf.float32)
-    personalized_loss_sum = tf.constant(0.0, tf.float32)
-    for _ in tf.range(local_steps):
-      optionals = [iterator.get_next_as_optional() for _ in range(k)]
-      complete = functools.reduce(
-          tf.logical_and, [o.has_value() for o in optionals])
-      if not complete:
-        break
-      batches = [o.get_value() for o in optionals]
+    zero = tf.constant(0.0, tf.float32)
+    # Loop state: (w, optimizer state, metrics state, steps, examples,
+    # sum of f(w; D), sum of f(w~; D'), data ran out).
+    initial = (w, optimizer_state, metrics_state, tf.constant(0, tf.int64),
+               tf.constant(0, tf.int64), zero, zero, tf.constant(False))
+
+    def local_step(loop_state, batches):
+      (w, optimizer_state, metrics_state, steps, examples, loss_sum,
+       personalized_loss_sum, _) = loop_state
       w, loss_d, loss_dp, n, optimizer_state, new_metrics_state = (
           per_fedavg_local_step(
               oracle, w, batches, variant=variant, alpha=inner_alpha,
@@ -402,10 +403,30 @@ def build_client_update(oracle, *, variant: Variant, alpha: float,
               metrics_state=metrics_state if track else None))
       if track:
         metrics_state = new_metrics_state
-      steps += 1
-      examples += n
-      loss_sum += tf.cast(loss_d, tf.float32)
-      personalized_loss_sum += tf.cast(loss_dp, tf.float32)
+      return (w, optimizer_state, metrics_state, steps + 1, examples + n,
+              loss_sum + tf.cast(loss_d, tf.float32),
+              personalized_loss_sum + tf.cast(loss_dp, tf.float32),
+              tf.constant(False))
+
+    def body(loop_state):
+      # A step needs k complete batches; a client whose data run out stops
+      # after its last complete step.
+      optionals = [iterator.get_next_as_optional() for _ in range(k)]
+      complete = functools.reduce(
+          tf.logical_and, [o.has_value() for o in optionals])
+      return (tf.cond(
+          complete,
+          lambda: local_step(loop_state,
+                             [o.get_value() for o in optionals]),
+          lambda: loop_state[:-1] + (tf.constant(True),)),)
+
+    def cond(loop_state):
+      return tf.logical_not(loop_state[-1])
+
+    (final,) = tf.while_loop(cond, body, (initial,),
+                             maximum_iterations=local_steps)
+    (w, _, metrics_state, steps, examples, loss_sum, personalized_loss_sum,
+     _) = final
     # [sum, count] lists (not tuples): secure summation needs lists.
     metrics = collections.OrderedDict(
         loss=[loss_sum, tf.cast(steps, tf.float32)],
@@ -535,7 +556,9 @@ def build_per_fedavg_client_work(
 
   state_type = init_fn.type_signature.result.member
 
+  # Plain Python control flow only: AutoGraph would only transpile it.
   @tff.tensorflow.computation(state_type, model_weights_type, data_type)
+  @tf.autograph.experimental.do_not_convert
   def client_update(state, initial_weights, dataset):
     if functional:
       oracle = _FunctionalOracle(

@@ -55,6 +55,7 @@ import tensorflow_federated as tff
 from perfed_tff import checks
 from perfed_tff import per_fedavg_client_work as client_work_lib
 from perfed_tff.data import task as task_lib
+from perfed_tff.data import worker_datasets
 
 PERCENTILES = (10, 50, 90)
 
@@ -160,11 +161,12 @@ def build_client_evaluation(model_fn, model_weights_type, data_type, *,
         batch_size=batch_size)
 
   @tff.tensorflow.computation(model_weights_type, data_type)
+  @tf.autograph.experimental.do_not_convert
   def client_eval(weights, data):
     model = model_fn()
     variables = tuple(model.trainable_variables)
 
-    @tf.function
+    @tf.function(autograph=False)
     def evaluate(test_batches):
       # One forward pass over all the client's test examples (read once).
       l, c, e, n = _batch_metrics(model, test_batches, ignore_label)
@@ -172,7 +174,7 @@ def build_client_evaluation(model_fn, model_weights_type, data_type, *,
           loss=tf.math.divide_no_nan(l, n),
           accuracy=tf.math.divide_no_nan(c, e)), n
 
-    @tf.function
+    @tf.function(autograph=False)
     def sgd_step(batch):
       with tf.GradientTape() as tape:
         out = model.forward_pass(batch, training=True)
@@ -183,7 +185,7 @@ def build_client_evaluation(model_fn, model_weights_type, data_type, *,
       x, _ = client_work_lib.split_batch(batch)
       return tf.cast(tf.shape(tf.nest.flatten(x)[0])[0], tf.int64)
 
-    @tf.function
+    @tf.function(autograph=False)
     def run(weights, train_data, test_data):
       # Inside tf.function, so automatic control dependencies order the
       # assignment before every read.
@@ -205,7 +207,8 @@ def build_client_evaluation(model_fn, model_weights_type, data_type, *,
 
 def _adapt_and_measure(state, train_data, test_data, *, evaluate, step,
                        max_steps, steps):
-  """The adaptation loop of both model kinds (traced inside a tf.function).
+  """The adaptation loop of both model kinds (traced inside a tf.function;
+  written with tf.while_loop / tf.cond, so no AutoGraph is needed).
 
   `evaluate(state, test_batches) -> (metrics, num_examples)` measures the
   adapted model; `step(state, batch) -> (state, batch_size)` takes one SGD
@@ -215,20 +218,27 @@ def _adapt_and_measure(state, train_data, test_data, *, evaluate, step,
   """
   test_batches = _concatenate(test_data)
   before, num_test = evaluate(state, test_batches)
-  losses = tf.TensorArray(tf.float32, size=max_steps)
-  accuracies = tf.TensorArray(tf.float32, size=max_steps)
   iterator = iter(train_data)
-  taken = tf.constant(0, tf.int64)
-  used = tf.constant(0, tf.int64)
-  for k in tf.range(max_steps):
+
+  def body(k, state, taken, used, losses, accuracies):
     optional = iterator.get_next_as_optional()
-    if optional.has_value():
-      state, n = step(state, optional.get_value())
-      used += n
-      taken += 1
+
+    def adapt():
+      new_state, n = step(state, optional.get_value())
+      return new_state, taken + 1, used + n
+
+    state, taken, used = tf.cond(optional.has_value(), adapt,
+                                 lambda: (state, taken, used))
     after, _ = evaluate(state, test_batches)
-    losses = losses.write(k, after['loss'])
-    accuracies = accuracies.write(k, after['accuracy'])
+    return (k + 1, state, taken, used, losses.write(k, after['loss']),
+            accuracies.write(k, after['accuracy']))
+
+  zero = tf.constant(0, tf.int64)
+  _, state, taken, used, losses, accuracies = tf.while_loop(
+      lambda k, *_: k < max_steps, body,
+      (tf.constant(0), state, zero, zero,
+       tf.TensorArray(tf.float32, size=max_steps),
+       tf.TensorArray(tf.float32, size=max_steps)))
   return _collect(before, num_test, losses.stack(), accuracies.stack(),
                   taken, used, steps)
 
@@ -254,6 +264,7 @@ def _build_functional_client_evaluation(model, model_weights_type, data_type,
   max_steps = steps[-1]
 
   @tff.tensorflow.computation(model_weights_type, data_type)
+  @tf.autograph.experimental.do_not_convert
   def client_eval(weights, data):
     non_trainable = tuple(weights.non_trainable)
 
@@ -279,7 +290,7 @@ def _build_functional_client_evaluation(model, model_weights_type, data_type,
           tf.convert_to_tensor(g), w.dtype) for w, g in zip(trainable, grads))
       return new, tf.cast(tf.shape(tf.nest.flatten(x)[0])[0], tf.int64)
 
-    @tf.function
+    @tf.function(autograph=False)
     def run(trainable, train_data, test_data):
       return _adapt_and_measure(
           trainable, train_data, test_data, evaluate=evaluate, step=sgd_step,
@@ -400,10 +411,57 @@ def adaptation_batches(train_dataset: tf.data.Dataset, *, num_steps: int,
   """
   if batch_size is None:
     n = num_examples(train_dataset)
-    return train_dataset.batch(max(n, 1)).repeat(num_steps).take(num_steps)
+    return _full_batch_steps(train_dataset, max(n, 1), num_steps)
   return task_lib.client_batches(train_dataset, batch_size=batch_size,
                                  num_batches=num_steps, seed=seed,
                                  shuffle_buffer=shuffle_buffer)
+
+
+def _full_batch_steps(train_dataset, size, num_steps):
+  """`num_steps` batches, each all `size` examples of `train_dataset`."""
+  return task_lib.without_pipeline_rewrites(
+      train_dataset.batch(size).repeat(num_steps).take(num_steps))
+
+
+def build_worker_side_evaluation(evaluation: tff.Computation, element_spec,
+                                 *, adapt_batch_size: Optional[int],
+                                 eval_batch_size: int = 256,
+                                 shuffle_buffer: int = 1000
+                                 ) -> tff.Computation:
+  """`evaluation` (batched input) taking each client's examples instead of
+  datasets: `(weights@SERVER, {<adapt=examples, test=examples,
+  seed=int64>}@CLIENTS)`, with `client_input`'s batches built on the worker
+  (`perfed_tff.data.worker_datasets`; the same batches)."""
+  steps = max(evaluation.adaptation_steps)
+  examples = worker_datasets.examples_type(element_spec)
+
+  @tff.tensorflow.computation(collections.OrderedDict(
+      adapt=examples, test=examples, seed=np.int64))
+  def client_datasets(inputs):
+    train = tf.data.Dataset.from_tensor_slices(inputs['adapt'])
+    if adapt_batch_size is None:
+      size = tf.shape(tf.nest.flatten(inputs['adapt'])[0],
+                      out_type=tf.int64)[0]
+      train_data = _full_batch_steps(train, tf.maximum(size, 1), steps)
+    else:
+      train_data = task_lib.client_batches(
+          train, batch_size=adapt_batch_size, num_batches=steps,
+          seed=inputs['seed'], shuffle_buffer=shuffle_buffer)
+    test = tf.data.Dataset.from_tensor_slices(inputs['test'])
+    return collections.OrderedDict(
+        train_data=train_data,
+        test_data=task_lib.without_pipeline_rewrites(
+            test.batch(eval_batch_size)))
+
+  weights_type = evaluation.type_signature.parameter[0]
+
+  @tff.federated_computation(weights_type, tff.FederatedType(
+      client_datasets.type_signature.parameter, tff.CLIENTS))
+  def worker_side_evaluation(weights, client_inputs):
+    return evaluation(weights, tff.federated_map(client_datasets,
+                                                 client_inputs))
+
+  return worker_side_evaluation
 
 
 def client_input(train_dataset: tf.data.Dataset, test_dataset: tf.data.Dataset,
@@ -414,7 +472,8 @@ def client_input(train_dataset: tf.data.Dataset, test_dataset: tf.data.Dataset,
   return collections.OrderedDict(
       train_data=adaptation_batches(train_dataset, num_steps=num_steps,
                                     batch_size=adapt_batch_size, seed=seed),
-      test_data=test_dataset.batch(eval_batch_size))
+      test_data=task_lib.without_pipeline_rewrites(
+          test_dataset.batch(eval_batch_size)))
 
 
 @dataclasses.dataclass
@@ -509,13 +568,32 @@ def evaluate_population(evaluation: tff.Computation, model_weights,
   if unbatched:
     # The computation batches by its own batch_size: the same batches.
     adapt_batch_size = evaluation.batch_size
+  seeds = [task_lib.derive_seed(seed, 'personalization', cid)
+           for cid in client_ids]
+  if not unbatched:
+    # Batches built on the worker from the clients' examples.
+    key = (adapt_batch_size, eval_batch_size)
+    # Built once per evaluation computation and batch sizes.
+    if not hasattr(evaluation, 'worker_side_versions'):
+      evaluation.worker_side_versions = {}
+    cache = evaluation.worker_side_versions
+    if key not in cache:
+      cache[key] = build_worker_side_evaluation(
+          evaluation, test_data.element_type_structure,
+          adapt_batch_size=adapt_batch_size, eval_batch_size=eval_batch_size)
+    adapt_examples = worker_datasets.client_examples(adapt_data)
+    test_examples = worker_datasets.client_examples(test_data)
+    outputs = cache[key](model_weights, [
+        collections.OrderedDict(adapt=adapt_examples(cid),
+                                test=test_examples(cid), seed=np.int64(s))
+        for cid, s in zip(client_ids, seeds)])
+    return _to_population(client_ids, outputs, (0,) + tuple(steps))
   inputs = [
       client_input(adapt_data.create_tf_dataset_for_client(cid),
                    test_data.create_tf_dataset_for_client(cid),
                    num_steps=max(steps), adapt_batch_size=adapt_batch_size,
-                   seed=task_lib.derive_seed(seed, 'personalization', cid),
-                   eval_batch_size=eval_batch_size)
-      for cid in client_ids]
+                   seed=s, eval_batch_size=eval_batch_size)
+      for cid, s in zip(client_ids, seeds)]
   if unbatched:
     inputs = [collections.OrderedDict(
         train_data=(x['train_data'].take(1).unbatch()

@@ -31,18 +31,9 @@ def _one_round(task, contender, floor, config):
   runner = benchmark.build_contender(contender, task, config)
   floor_runner = benchmark.build_contender(floor, task, config)
   floor_runner.set_weights(tuple(runner.weights().trainable))
-  cohort = list(task.clients)[:config.clients_per_round]
-  datasets = benchmark.client_datasets(
-      task, cohort,
-      num_batches=benchmark.batches_per_round(contender, config.local_steps),
-      batch_size=config.batch_size, seed=config.seed, round_num=0)
-  floor_datasets = benchmark.client_datasets(
-      task, cohort,
-      num_batches=benchmark.batches_per_round(contender, config.local_steps),
-      batch_size=config.batch_size, seed=config.seed, round_num=0,
-      autotune=False)  # as the benchmark feeds the floor: same batches
-  runner.run_round(datasets)
-  floor_runner.run_round(floor_datasets)
+  runner.run_round(benchmark.round_data(runner, task, config, contender, 0))
+  floor_runner.run_round(benchmark.round_data(floor_runner, task, config,
+                                              floor, 0))
   return ([np.asarray(w) for w in runner.weights().trainable],
           [np.asarray(w) for w in floor_runner.weights])
 
@@ -66,10 +57,15 @@ def test_floor_and_tff_agree_after_one_round(contender):
 
 
 def test_run_benchmark_small_configuration_reports_ratios():
+  pytest.importorskip('torch')  # ./run.sh setup installs the peer
   config = _config('digits_mlp', memory_rounds=3,
                    memory_contender='per_fedavg_fo', empty_rounds=1)
   report = benchmark.run_benchmark(config, log=lambda _: None)
   assert set(report['results']) == set(benchmark.CONTENDERS)
+  assert not report['skipped'] and report['environment']['torch']
+  for alg, peer in benchmark.PEER_OF.items():
+    for c in (alg, benchmark.FLOOR_OF[alg]):
+      assert math.isfinite(report['ratios'][f'{c}/{peer}'])
   for name, r in report['results'].items():
     assert len(r['round_s']) == config.rounds, name
     assert r['median_round_s'] > 0 and r['build_s'] >= 0
@@ -89,7 +85,57 @@ def test_run_benchmark_small_configuration_reports_ratios():
   assert report['memory']['rounds'] == 3
   table = benchmark.markdown_table(report)
   assert '| per_fedavg_maml |' in table and 'pure-TF floor' in table
+  assert '| torch_maml |' in table and 'vs PyTorch peer' in table
   json.dumps(report, default=str)
+
+
+def _run_benchmark_script(tmp_path, contenders, *, without_torch=False):
+  out = tmp_path / 'bench.json'
+  env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL='2')
+  argv = ['benchmark', '--task=digits_mlp', '--clients_per_round=2',
+          '--num_clients=4', '--local_steps=1', '--batch_size=8',
+          '--rounds=1', '--warmup_rounds=1', f'--contenders={contenders}',
+          '--empty_rounds=0', '--max_concurrent_computation_calls=1',
+          f'--output_json={out}']
+  # `sys.modules['torch'] = None` makes `import torch` fail, as on a
+  # machine without torch.
+  code = ('import sys\n'
+          + ("sys.modules['torch'] = None\n" if without_torch else '')
+          + f'sys.argv = {argv!r}\n'
+          'from absl import app\n'
+          'from experiments import benchmark\n'
+          'app.run(benchmark.main)\n')
+  proc = subprocess.run([sys.executable, '-c', code],
+                        stdin=subprocess.DEVNULL, capture_output=True,
+                        text=True, timeout=600, env=env, cwd=ROOT)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc, json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_benchmark_without_torch_skips_the_peer_with_a_message(tmp_path):
+  proc, report = _run_benchmark_script(
+      tmp_path, 'per_fedavg_fo,floor_fo,torch_fo', without_torch=True)
+  message = 'PyTorch contenders skipped: torch is not installed'
+  assert message in proc.stderr
+  assert set(report['results']) == {'per_fedavg_fo', 'floor_fo'}
+  assert list(report['skipped']) == ['torch_fo']
+  assert report['environment']['torch'] is None
+  assert '| torch_fo | skipped: ' + message in proc.stdout
+
+
+@pytest.mark.slow
+def test_benchmark_with_torch_times_the_peer(tmp_path):
+  pytest.importorskip('torch')
+  proc, report = _run_benchmark_script(tmp_path,
+                                       'fedavg,per_fedavg_fo,torch_fedavg,'
+                                       'torch_fo')
+  assert set(report['results']) == {'fedavg', 'per_fedavg_fo',
+                                    'torch_fedavg', 'torch_fo'}
+  assert not report['skipped']
+  assert set(report['ratios']) >= {'fedavg/torch_fedavg',
+                                   'per_fedavg_fo/torch_fo'}
+  assert '| torch_fo |' in proc.stdout
 
 
 @pytest.mark.slow

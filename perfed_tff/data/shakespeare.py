@@ -141,4 +141,6 @@ def load_shakespeare(*, cache_dir: Optional[str] = None, seed: int = 0,
       loss_fn=lambda: shakespeare_models.loss_fn(PAD),
       element_spec=shakespeare_models.element_spec(sequence_length),
       shuffle_buffer=100,
-      ignore_label=PAD)
+      ignore_label=PAD,
+      metrics_fn=lambda: [shakespeare_models.MaskedSparseCategoricalAccuracy(
+          PAD), shakespeare_models.NumTokens(PAD)])

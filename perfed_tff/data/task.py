@@ -8,6 +8,10 @@ Every dataset (synthetic, digits, EMNIST, Shakespeare) is exposed the same way:
 * `unseen`: optional `(train, test)` pair of users never used in training.
 * `model_fn`: no-arg callable returning a `tff.learning.models.VariableModel`.
 * `keras_model_fn`: the Keras model behind it (for pure-TF code).
+* `metrics_fn`: the Keras metrics `model_fn` reports (default: accuracy).
+* `functional_model()`: the same model as a
+  `tff.learning.models.FunctionalModel` (same Keras model, loss, initial
+  weights and metric names; no variables, so no per-client model set-up).
 * `ignore_label`: a label value that accuracy skips (Shakespeare's padding).
 
 `client_batches` turns one client's examples into the batch stream consumed by
@@ -17,6 +21,7 @@ needed, batched, cut at `num_batches`).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 from typing import Callable, Optional, Sequence
@@ -24,6 +29,10 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
+
+
+def accuracy_metrics() -> list:
+  return [tf.keras.metrics.SparseCategoricalAccuracy()]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,10 +47,27 @@ class FederatedTask:
   unseen: Optional[tuple] = None   # (train ClientData, test ClientData)
   shuffle_buffer: int = 1000
   ignore_label: Optional[int] = None  # label left out of accuracy (padding)
+  metrics_fn: Callable[[], list] = accuracy_metrics  # model_fn's metrics
 
   @property
   def client_ids(self) -> Sequence[str]:
     return self.train.client_ids
+
+  def functional_model(self) -> tff.learning.models.FunctionalModel:
+    """`model_fn`'s model as a `tff.learning.models.FunctionalModel`:
+    `functional_model_from_keras` on `keras_model_fn` (initialized in a
+    graph, as TFF initializes `model_fn`: the same initial weights) and
+    `loss_fn`, with `metrics_fn`'s metrics plus the example and batch
+    counts that `tff.learning.models.from_keras_model` adds (the same
+    names)."""
+    def metrics():
+      counters = [tff.learning.metrics.NumExamplesCounter(),
+                  tff.learning.metrics.NumBatchesCounter()]
+      return collections.OrderedDict(
+          (m.name, m) for m in list(self.metrics_fn()) + counters)
+    return tff.learning.models.functional_model_from_keras(
+        self.keras_model_fn, self.loss_fn(), input_spec=self.element_spec,
+        metrics_constructor=metrics)
 
 
 def derive_seed(*parts) -> int:
@@ -50,20 +76,38 @@ def derive_seed(*parts) -> int:
   return int.from_bytes(digest[:4], 'little') & 0x7FFFFFFF
 
 
+def without_pipeline_rewrites(dataset: tf.data.Dataset) -> tf.data.Dataset:
+  """`dataset` with tf.data's default graph rewrites and autotuning off.
+
+  A client's stream is a few small batches, built once per round: rewriting
+  and autotuning its pipeline cost more than they save (about 2 ms per client
+  dataset in the TFF worker, half of a digits round's fixed cost; see
+  docs/performance.md). The elements and their order are unchanged (tested).
+  """
+  options = tf.data.Options()
+  options.experimental_optimization.apply_default_optimizations = False
+  options.autotune.enabled = False
+  return dataset.with_options(options)
+
+
 def client_batches(dataset: tf.data.Dataset, *, batch_size: int,
-                   num_batches: int, seed: int,
+                   num_batches: int, seed,
                    shuffle_buffer: int = 1000) -> tf.data.Dataset:
   """Shuffle (seeded), repeat, batch, take `num_batches` batches.
 
   Repeating before batching keeps every batch full; an empty client yields an
-  empty stream.
+  empty stream. No prefetching: a client's few batches are consumed by one
+  loop right away, and a prefetch buffer costs a thread per client per round.
+  `seed` is an int or an int64 scalar tensor (the same stream
+  for the same value: the worker-side pipeline of
+  `perfed_tff.data.worker_datasets` passes it as a tensor).
   """
-  return (dataset.shuffle(shuffle_buffer, seed=seed,
-                          reshuffle_each_iteration=True)
-          .repeat()
-          .batch(batch_size)
-          .take(num_batches)
-          .prefetch(2))
+  return without_pipeline_rewrites(
+      dataset.shuffle(shuffle_buffer, seed=seed,
+                      reshuffle_each_iteration=True)
+      .repeat()
+      .batch(batch_size)
+      .take(num_batches))
 
 
 def sample_clients(client_ids: Sequence[str], num_clients: int, seed: int,

@@ -59,6 +59,7 @@ from tensorflow_federated.python.core.impl.context_stack import context_stack_im
 from perfed_tff import algorithms
 from perfed_tff import checks
 from perfed_tff.data import task as task_lib
+from perfed_tff.data import worker_datasets
 from perfed_tff.program import checkpointing
 from perfed_tff.program import config as config_lib
 from perfed_tff.program import metrics as metrics_lib
@@ -121,12 +122,24 @@ def output_paths(config: TrainingConfig) -> collections.OrderedDict:
 
 
 def build_process(config: TrainingConfig, task: task_lib.FederatedTask):
+  """The run's `LearningProcess`. Per-FedAvg trains the task's model as a
+  `FunctionalModel` (`task.functional_model()`: the same weights, math and
+  metric names, but no model variables to create and initialize per client
+  and round; about 80 ms of a round's fixed cost on the EMNIST CNN, see
+  docs/performance.md); FedAvg is TFF's, on the task's `model_fn`."""
+  model = (task.model_fn if config.algorithm == 'fedavg'
+           else task.functional_model())
   return algorithms.build_algorithm(
-      config.algorithm, task.model_fn, alpha=config.alpha, beta=config.beta,
+      config.algorithm, model, alpha=config.alpha, beta=config.beta,
       delta=config.delta, local_steps=config.local_steps,
       # FedAvg has no inner steps (in a comparison it keeps its own).
       inner_steps=1 if config.algorithm == 'fedavg' else config.inner_steps,
       client_weighting=config.client_weighting)
+
+
+def _batches_per_round(config: TrainingConfig) -> int:
+  return algorithms.batches_per_round(config.algorithm, config.local_steps,
+                                      inner_steps=config.inner_steps)
 
 
 def round_client_data(config: TrainingConfig, task: task_lib.FederatedTask,
@@ -135,10 +148,33 @@ def round_client_data(config: TrainingConfig, task: task_lib.FederatedTask,
   function of (seed, round)."""
   return task_lib.round_client_data(
       task, clients_per_round=config.clients_per_round,
-      num_batches=algorithms.batches_per_round(
-          config.algorithm, config.local_steps,
-          inner_steps=config.inner_steps),
+      num_batches=_batches_per_round(config),
       batch_size=config.batch_size, seed=config.seed, round_num=round_num)
+
+
+def worker_side_process(config: TrainingConfig, task: task_lib.FederatedTask,
+                        process):
+  """`process` composed with the worker-side batch pipeline
+  (`perfed_tff.data.worker_datasets`): it takes `round_client_inputs`
+  (examples and seeds) instead of datasets, builds the very same batches on
+  the worker, and has `process`'s state. A process whose client data are
+  not datasets is returned as it is (it takes `round_client_data`)."""
+  if not worker_datasets.takes_datasets(process):
+    return process
+  return worker_datasets.compose(
+      process, task.train.element_type_structure,
+      batch_size=config.batch_size, num_batches=_batches_per_round(config),
+      shuffle_buffer=task.shuffle_buffer)
+
+
+def round_client_inputs(config: TrainingConfig, task: task_lib.FederatedTask,
+                        round_num: int,
+                        examples: Optional[worker_datasets.ClientExamples] = None):
+  """(client ids, inputs of a `worker_side_process`) of round `round_num`:
+  the clients and batches of `round_client_data`."""
+  return worker_datasets.round_client_inputs(
+      task, examples, clients_per_round=config.clients_per_round,
+      seed=config.seed, round_num=round_num)
 
 
 class _Watchdog:
@@ -545,13 +581,19 @@ def _run_training(config, task, process, evaluate_fn, write, watchdog,
     watchdog.begin(f'evaluation at round {round_num}', 'evaluation')
     return evaluate_fn(process.get_model_weights(state))
 
+  # Client batches are built on the worker from each client's examples.
+  on_worker = worker_side_process(config, task, process)
+  examples = worker_datasets.client_examples(task.train)
+
   def selection_fn(round_num):
     watchdog.begin(f'round {round_num}', 'round')
-    return round_client_data(config, task, round_num)[1]
+    if on_worker is process:
+      return round_client_data(config, task, round_num)[1]
+    return round_client_inputs(config, task, round_num, examples)[1]
 
   def train():
     return tff.simulation.run_training_process(
-        _Initialized(process, initial_state),
+        _Initialized(on_worker, initial_state),
         training_selection_fn=selection_fn,
         total_rounds=config.rounds,
         evaluation_fn=evaluation_fn if evaluate_fn else None,

@@ -481,16 +481,24 @@ class _BoundedRetryStub(remote_executor_grpc_stub.RemoteExecutorGrpcStub):
 
 def _executor_factory(address: str, default_num_clients: int,
                       ready_timeout: float, retry_timeout: float,
-                      stubs: Optional[list] = None):
+                      stubs: Optional[list] = None, wait: bool = True):
   """A TFF executor factory that talks gRPC to the worker at `address`
-  (its stub is appended to `stubs` when given)."""
+  (its stub is appended to `stubs` when given). `wait=False` waits for the
+  worker to accept connections only when the first computation needs it
+  (a local worker then starts while the program traces its computations)."""
   channel = grpc.insecure_channel(address, _GRPC_OPTIONS)
   stub = _BoundedRetryStub(channel, address, retry_timeout)
   if stubs is not None:
     stubs.append(stub)
-  wait_until_ready(stub, address, ready_timeout)
+  ready = []
+  if wait:
+    wait_until_ready(stub, address, ready_timeout)
+    ready.append(True)
 
   def stack_fn(cardinalities):
+    if not ready:
+      wait_until_ready(stub, address, ready_timeout)
+      ready.append(True)
     if cardinalities.get(placements.CLIENTS) is None:
       cardinalities[placements.CLIENTS] = default_num_clients
     executor = remote_executor.RemoteExecutor(stub)
@@ -576,9 +584,10 @@ class ExecutionContext:
       context_kwargs = _context_kwargs(self.graph_optimization,
                                        bool(self.local_workers))
       if len(self.addresses) == 1:
+        # A worker started here is waited for at its first computation.
         factory = _executor_factory(
             self.addresses[0], default_num_clients, ready_timeout,
-            retry_timeout, self.stubs
+            retry_timeout, self.stubs, wait=not self.local_workers
         )
         self.context = sync_execution_context.SyncExecutionContext(
             factory, **context_kwargs

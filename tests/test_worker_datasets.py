@@ -1,0 +1,136 @@
+"""The worker-side batch pipeline (`perfed_tff.data.worker_datasets`) gives
+the batches and the weights of the Python-side datasets it replaced.
+
+`reference/one_round_bc8d04e.npz` holds the weights after one round of every
+algorithm on three datasets as computed at commit bc8d04e (each client's
+tf.data.Dataset built in Python and sent to the worker; see
+`reference/make_one_round_reference.py`).
+"""
+
+import collections
+import os
+import tempfile
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_federated as tff
+
+from perfed_tff.data import task as task_lib
+from perfed_tff.data import worker_datasets
+from perfed_tff.program import training_loop
+from tests.reference import make_one_round_reference as reference
+
+REFERENCE = os.path.join(os.path.dirname(__file__), 'reference',
+                         'one_round_bc8d04e.npz')
+
+
+@pytest.fixture(scope='module')
+def cache_dir():
+  path = tempfile.mkdtemp()
+  reference.write_fixtures(path)
+  return path
+
+
+@pytest.mark.parametrize('dataset,options', reference.CASES,
+                         ids=[c[0] for c in reference.CASES])
+@pytest.mark.parametrize('algorithm', reference.ALGORITHMS)
+def test_one_round_matches_the_python_side_datasets(dataset, options,
+                                                    algorithm, cache_dir):
+  config = reference.config_for(algorithm, dataset, options, cache_dir)
+  from perfed_tff.program import config as config_lib
+  task = config_lib.load_task(config)
+  process = training_loop.build_process(config, task)
+  on_worker = training_loop.worker_side_process(config, task, process)
+  assert on_worker is not process
+  state = on_worker.initialize()
+  _, inputs = training_loop.round_client_inputs(config, task, 1)
+  state = on_worker.next(state, inputs).state
+  got = [np.asarray(w) for w in on_worker.get_model_weights(state).trainable]
+  stored = np.load(REFERENCE)
+  want = [stored[f'{dataset}/{algorithm}/{i}'] for i in range(len(got))]
+  assert f'{dataset}/{algorithm}/{len(got)}' not in stored
+  moved = max(float(np.max(np.abs(a - b))) for a, b in zip(
+      got, process.get_model_weights(process.initialize()).trainable))
+  assert moved > 1e-5  # the round trained
+  for a, b in zip(got, want):
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+
+
+def _python_batches(examples, seed, **kwargs):
+  ds = tf.data.Dataset.from_tensor_slices(examples)
+  return [tf.nest.map_structure(lambda t: t.numpy(), b)
+          for b in task_lib.client_batches(ds, seed=seed, **kwargs)]
+
+
+@pytest.mark.parametrize('n', [0, 1, 7, 40])
+def test_worker_side_batches_equal_python_side_batches(n):
+  rng = np.random.default_rng(n)
+  examples = collections.OrderedDict(
+      x=rng.random((n, 3, 2), dtype=np.float32),
+      y=rng.integers(0, 5, n).astype(np.int32))
+  spec = collections.OrderedDict(x=tf.TensorSpec([3, 2], tf.float32),
+                                 y=tf.TensorSpec([], tf.int32))
+  kwargs = dict(batch_size=4, num_batches=6, shuffle_buffer=1000)
+  computation = worker_datasets.build_batches_computation(spec, **kwargs)
+
+  @tff.tensorflow.computation(worker_datasets.input_type(spec))
+  def stacked(client_input):   # the worker's batches, concatenated
+    init = tf.nest.map_structure(
+        lambda s: tf.zeros([0] + s.shape.as_list(), s.dtype), spec)
+    return computation(client_input).reduce(
+        init, lambda acc, b: tf.nest.map_structure(
+            lambda a, t: tf.concat([a, t], 0), acc, b))
+
+  for seed in (0, 12345, 2**31 - 1):
+    want = _python_batches(examples, seed, **kwargs)
+    got = stacked(worker_datasets.client_input(examples, seed))
+    assert len(want) == (6 if n else 0)
+    for key in ('x', 'y'):
+      expected = (np.concatenate([b[key] for b in want]) if want
+                  else examples[key][:0])
+      np.testing.assert_array_equal(np.asarray(got[key]), expected)
+
+
+def test_client_examples_are_read_once_and_memory_is_bounded():
+  data = collections.OrderedDict(
+      (f'c{k}', collections.OrderedDict(
+          x=np.full((k + 1, 4), k, np.float32),
+          y=np.arange(k + 1, dtype=np.int32))) for k in range(5))
+  client_data = tff.simulation.datasets.TestClientData(data)
+  reads = []
+  original = client_data.create_tf_dataset_for_client
+
+  def counting(cid):
+    reads.append(cid)
+    return original(cid)
+
+  client_data.create_tf_dataset_for_client = counting
+  row = 4 * 4 + 4   # bytes of one example (x: 4 float32, y: one int32)
+  cache = worker_datasets.ClientExamples(client_data, max_bytes=6 * row)
+  first = cache('c2')
+  np.testing.assert_array_equal(first['x'], data['c2']['x'])
+  np.testing.assert_array_equal(first['y'], data['c2']['y'])
+  assert cache('c2') is first and reads == ['c2']
+  cache('c1')                      # 3 + 2 rows: both fit
+  assert cache('c2') is first and reads == ['c2', 'c1']
+  cache('c3')                      # 4 more rows: the least recent (c1) goes
+  assert reads == ['c2', 'c1', 'c3']
+  cache('c1')
+  assert reads == ['c2', 'c1', 'c3', 'c1']
+  big = cache('c4')                # larger than the bound: kept alone
+  assert big['x'].shape == (5, 4)
+
+
+def test_a_process_without_datasets_is_used_as_it_is():
+  config_like = None
+
+  class NoDatasets:
+    next = tff.federated_computation(
+        lambda s, d: s,
+        tff.FederatedType(np.int32, tff.SERVER),
+        tff.FederatedType(np.int32, tff.CLIENTS))
+
+  assert not worker_datasets.takes_datasets(NoDatasets)
+  assert training_loop.worker_side_process(config_like, None,
+                                           NoDatasets) is NoDatasets
