@@ -13,7 +13,17 @@ Contenders:
   tau steps (`perfed_tff.algorithms`; TFF's DATASET_ITERATOR client loop).
 * `fedavg_reduce`: the same with TFF's default DATASET_REDUCE client loop
   (slower on CPU; reported for reference).
-* `per_fedavg_{fo,hf,maml}`: `perfed_tff.build_per_fedavg`, same tau, batch.
+* `per_fedavg_{fo,hf,maml}`: `perfed_tff.build_per_fedavg`, same tau, batch,
+  on the task's model as a FunctionalModel (as the training program runs it).
+* TFF contenders get their clients' data the way the training program
+  does (`tff_client_data='worker'`, the default): each client's examples and
+  seed, with the batch stream built on the worker
+  (`perfed_tff.data.worker_datasets`); 'datasets' sends one serialized
+  `tf.data.Dataset` per client instead (TFF's plain interface).
+* `torch_{fedavg,fo,hf,maml}`: the PyTorch peer (`experiments.torch_peer`):
+  the same round in plain eager PyTorch (CPU, one thread), from the same
+  initial weights on the same batches (handed over as numpy arrays made
+  before its round is timed); skipped with a message without torch.
 * `floor_{fo,hf,maml}`: a plain `tf.function` with no TFF at all that runs
   `perfed_tff.per_fedavg_client_work.build_client_update` -- the very client loop of the
   TFF process, on the same `VariableModel` -- for each client of the cohort,
@@ -26,8 +36,9 @@ Reported per contender: `build_s` (Python tracing and TFF computation
 construction), `first_round_s` (includes TFF compilation and the C++ worker's
 graph set-up; for a floor, its `tf.function` tracing), `compile_s` (first
 round minus the median), `median_round_s` over the measured rounds, and the
-ratios Per-FedAvg / FedAvg and TFF / pure-TF floor, each the median over
-rounds of the per-round ratio (both measured in the same round). With
+ratios Per-FedAvg / FedAvg, TFF / pure-TF floor and TFF (and floor) /
+PyTorch peer, each the median over rounds of the per-round ratio (both
+measured in the same round). With
 `empty_rounds`, also `empty_round_s`: the median round when every client's
 data are empty (the fixed cost of a round: broadcast, per-client set-up,
 transfers, aggregation, server update), and `compute_ratios`: TFF / floor
@@ -86,6 +97,9 @@ class BenchmarkTask:
   clients: 'collections.OrderedDict[str, tuple[np.ndarray, np.ndarray]]'
   model_fn: Callable[[], tff.learning.models.VariableModel]
   element_spec: collections.OrderedDict   # spec of one batch
+  # The same model as a FunctionalModel (Per-FedAvg's, as in the program).
+  functional_model: Optional[
+      Callable[[], tff.learning.models.FunctionalModel]] = None
 
 
 def _synthetic_emnist_clients(num_clients, examples_per_client, seed):
@@ -123,8 +137,11 @@ def make_task(name: str, *, num_clients: int = 20,
   if name in ('emnist_cnn', 'emnist_mlp'):
     if name == 'emnist_cnn':
       model_fn = emnist_models.emnist_cnn_model_fn(num_classes=62, seed=seed)
+      keras_model_fn = lambda: emnist_models.create_emnist_cnn(62, seed)
     else:
       model_fn = mlp.mlp_model_fn(emnist_models.IMAGE_SHAPE, 62, seed=seed)
+      keras_model_fn = lambda: mlp.create_mlp(emnist_models.IMAGE_SHAPE, 62,
+                                              seed=seed)
     return BenchmarkTask(
         name=name,
         data_note=('random data in EMNIST\'s shape (28x28x1 float pixels, '
@@ -133,7 +150,10 @@ def make_task(name: str, *, num_clients: int = 20,
         clients=_synthetic_emnist_clients(num_clients, examples_per_client,
                                           seed),
         model_fn=model_fn,
-        element_spec=emnist_models.element_spec())
+        element_spec=emnist_models.element_spec(),
+        functional_model=lambda: task_lib.functional_model(
+            keras_model_fn, emnist_models.loss_fn,
+            emnist_models.element_spec(), task_lib.accuracy_metrics))
   if name in ('digits_mlp', 'synthetic'):
     from perfed_tff.data import registry  # pylint: disable=g-import-not-at-top
     if name == 'digits_mlp':
@@ -146,7 +166,8 @@ def make_task(name: str, *, num_clients: int = 20,
     return BenchmarkTask(
         name=name, data_note=note,
         clients=_client_arrays(task.train, task.train.client_ids[:num_clients]),
-        model_fn=task.model_fn, element_spec=task.element_spec)
+        model_fn=task.model_fn, element_spec=task.element_spec,
+        functional_model=task.functional_model)
   if name == 'shakespeare_lstm':
     from perfed_tff.data import shakespeare as shakespeare_data  # pylint: disable=g-import-not-at-top
     from perfed_tff.models import shakespeare as shakespeare_models  # pylint: disable=g-import-not-at-top
@@ -166,7 +187,15 @@ def make_task(name: str, *, num_clients: int = 20,
         clients=clients,
         model_fn=shakespeare_models.char_lstm_model_fn(
             shakespeare_data.VOCAB_SIZE, length, seed=seed),
-        element_spec=shakespeare_models.element_spec(length))
+        element_spec=shakespeare_models.element_spec(length),
+        functional_model=lambda: task_lib.functional_model(
+            lambda: shakespeare_models.create_char_lstm(
+                shakespeare_data.VOCAB_SIZE, length, seed=seed),
+            lambda: shakespeare_models.loss_fn(shakespeare_models.PAD_ID),
+            shakespeare_models.element_spec(length),
+            lambda: [shakespeare_models.MaskedSparseCategoricalAccuracy(
+                shakespeare_models.PAD_ID),
+                     shakespeare_models.NumTokens(shakespeare_models.PAD_ID)]))
   raise ValueError(f'unknown task {name!r}; one of {TASKS}')
 
 
@@ -467,8 +496,11 @@ def build_contender(contender: str, task: BenchmarkTask, config):
         client_weighting=tff.learning.ClientWeighting.UNIFORM,
         loop_implementation=tff.learning.LoopImplementation.DATASET_REDUCE)
   else:
+    model = task.model_fn
+    if contender != 'fedavg' and task.functional_model is not None:
+      model = task.functional_model()   # as the training program does
     process = algorithms_lib.build_algorithm(
-        contender, task.model_fn, alpha=config.alpha, beta=config.beta,
+        contender, model, alpha=config.alpha, beta=config.beta,
         delta=config.delta, local_steps=config.local_steps,
         client_weighting='uniform')
   return TFFRunner(

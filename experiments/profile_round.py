@@ -23,7 +23,10 @@ owned `perfed_tff.runtime.ExecutionContext`, interleaved:
 * `round`: the real round.
 
 For each it reports the median wall time and the mean CPU time of this
-process and of the TFF worker per round. With `--perf_seconds` (Linux
+process and of the TFF worker per round. It also times the run's phases up
+to the first round: interpreter start-up and imports, the task, the worker
+start (not waited for: it starts while the process is traced), building and
+initializing the process, and the first round (compilation). With `--perf_seconds` (Linux
 `perf` on PATH), it also records the worker with `perf` during that many
 seconds of no-data rounds and prints the share of its CPU samples per
 component (TF kernels, tf.data graph import, TFF's computation protos, ...).
@@ -140,9 +143,9 @@ def build_parts(weights_type, input_type, batches):
                                  broadcast_mean=broadcast_mean)
 
 
-def perf_profile(seconds: float, keep_running) -> dict:
-  """Shares of the worker's perf samples per WORKER_COMPONENTS entry while
-  `keep_running()` rounds go on."""
+def perf_profile(seconds: float) -> dict:
+  """Shares of the worker's CPU samples per WORKER_COMPONENTS entry over
+  `seconds` of `perf record` (the caller keeps rounds running)."""
   perf = shutil.which('perf')
   workers = _worker_processes()
   if not perf or not workers:
@@ -168,12 +171,22 @@ def perf_profile(seconds: float, keep_running) -> dict:
       if re.search(pattern, symbol):
         # Inclusive share of the outermost matching symbol.
         shares[name] = max(shares[name], share)
-  del keep_running
   return collections.OrderedDict(seconds=seconds, shares_percent=shares)
 
 
 def main(argv):
   del argv
+  phases = collections.OrderedDict()
+  # From the interpreter's start: imports (TensorFlow, TFF) and flag parsing.
+  phases['start-up (imports)'] = time.time() - psutil.Process().create_time()
+  mark = time.perf_counter()
+
+  def phase(name):
+    nonlocal mark
+    now = time.perf_counter()
+    phases[name] = now - mark
+    mark = now
+
   config = benchmarking.BenchmarkConfig(
       task=_TASK.value, clients_per_round=_CLIENTS.value,
       num_clients=max(_NUM_CLIENTS.value, _CLIENTS.value),
@@ -181,8 +194,13 @@ def main(argv):
       contenders=(_ALGORITHM.value,))
   task = benchmarking.make_task(config.task, num_clients=config.num_clients,
                                 seed=config.seed)
-  with execution.ExecutionContext() as context:
+  phase('task')
+  with execution.ExecutionContext():
+    phase('worker start (not waited for)')
     runner = benchmarking.build_contender(_ALGORITHM.value, task, config)
+    phase('build the process + initialize')
+    runner.run_round(benchmarking.round_inputs(task, config, 0))
+    phase('first round (compilation)')
     weights = runner.weights()
     weights_type = tff.types.infer_unplaced_type(weights)
     spec = benchmarking.unbatched_spec(task)
@@ -224,7 +242,7 @@ def main(argv):
       holder = {}
 
       def record():
-        holder['profile'] = perf_profile(_PERF_SECONDS.value, stop.is_set)
+        holder['profile'] = perf_profile(_PERF_SECONDS.value)
         stop.set()
 
       thread = threading.Thread(target=record)
@@ -239,6 +257,8 @@ def main(argv):
   print(f'{config.task}, {_ALGORITHM.value}, {config.clients_per_round} '
         f'clients, tau={config.local_steps}, batch {config.batch_size}; '
         f'median wall / mean CPU per round over {config.rounds} rounds (ms)')
+  print('Run phases (s): ' + ', '.join(f'{k} {v:.2f}'
+                                      for k, v in phases.items()))
   print('| part | wall | this process CPU | worker CPU |')
   print('|---|---:|---:|---:|')
   for name, r in results.items():
@@ -260,7 +280,7 @@ def main(argv):
         config=dict(clients_per_round=config.clients_per_round,
                     local_steps=config.local_steps,
                     batch_size=config.batch_size, rounds=config.rounds),
-        parts=results, worker_perf=profile,
+        phases_s=phases, parts=results, worker_perf=profile,
         environment=benchmarking.environment_info())
     benchmarking.write_json(report, _OUTPUT_JSON.value)
 

@@ -32,6 +32,10 @@ class _SpyClientData:
   def client_ids(self):
     return self._cd.client_ids
 
+  @property
+  def element_type_structure(self):
+    return self._cd.element_type_structure
+
   def create_tf_dataset_for_client(self, cid):
     self._log.append((self._name, cid))
     return self._cd.create_tf_dataset_for_client(cid)
@@ -79,20 +83,22 @@ def test_unseen_users_never_contribute_to_training(tmp_path):
   unseen_ids = set(task.unseen[0].client_ids)
   assert not unseen_ids & set(task.train.client_ids)
   result = training_loop.run_training(config, task=spy_task)
-  # The batch-size check first looks at every seen user's train dataset
-  # (its size only), evaluations at round 0 and 3 read both populations; the
-  # rounds between read only the seen users' train data.
-  checked = len(task.client_ids)
-  assert all(src == 'train' for src, _ in log[:checked])
-  log = log[checked:]
-  per_eval = 6 + 6 + 3 + 3
-  training = log[per_eval:-per_eval]
-  assert len(training) == config.rounds * config.clients_per_round
-  assert all(src == 'train' for src, _ in training)
-  assert not {cid for _, cid in training} & unseen_ids
-  sources = collections.Counter(src for src, _ in log[-per_eval:])
-  assert sources['unseen_train'] == sources['unseen_test'] == 3
-  assert sources['train'] == sources['test'] == 6
+  # Training reads only the seen users' train data (each client's examples
+  # once: they are cached, `perfed_tff.data.worker_datasets`); the
+  # evaluations read both populations; no unseen user is ever read as a
+  # training user, and no round samples one.
+  seen_ids = set(task.client_ids)
+  read = collections.defaultdict(set)
+  for src, cid in log:
+    read[src].add(cid)
+  assert read['train'] <= seen_ids and read['test'] <= seen_ids
+  assert read['train'] == seen_ids   # the batch-size check reads them all
+  assert read['unseen_train'] == read['unseen_test'] <= unseen_ids
+  assert len(read['unseen_train']) == 3
+  for r in range(1, config.rounds + 1):
+    ids, _ = training_loop.round_client_inputs(config, spy_task, r)
+    assert len(ids) == config.clients_per_round
+    assert not set(ids) & unseen_ids
   assert result.eval_metrics['unseen/num_clients'] == 3
 
 

@@ -228,8 +228,9 @@ def test_signals_in_every_phase_then_resume_is_exact(tmp_path, baseline):
   assert re.match(r'train.py: error: interrupted( during [^;]+)?; rerun the '
                   'same command to resume from the last checkpoint.', line)
   # Evaluation (all 30 users, 5 adaptation lengths: most of a round's time).
-  evals = ('--eval_every=1', '--eval_clients=0', '--eval_steps=1,2,3,5,8')
-  for delay in (0.3, 0.6, 0.1):
+  evals = ('--eval_every=1', '--eval_clients=0',
+           '--eval_steps=1,2,3,5,8,20,40')
+  for delay in (0.3, 0.1, 0.6, 0.05, 0.2):
     proc = h.start(*flags, *evals, log_path=log)
     start = max(h.csv_rounds(csv_path))
     deadline = time.monotonic() + 180

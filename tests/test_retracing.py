@@ -22,13 +22,9 @@ def task():
   return benchmark.make_task('digits_mlp', num_clients=8, seed=0)
 
 
-def _round_datasets(task, contender, round_num, clients_per_round=3):
-  cohort = benchmark.task_lib.sample_clients(
-      list(task.clients), clients_per_round, 0, round_num)
-  return benchmark.client_datasets(
-      task, cohort,
-      num_batches=benchmark.batches_per_round(contender, CONFIG.local_steps),
-      batch_size=CONFIG.batch_size, seed=0, round_num=round_num)
+def _round_data(runner, task, contender, round_num):
+  """What `runner` consumes in round `round_num` (benchmark.round_data)."""
+  return benchmark.round_data(runner, task, CONFIG, contender, round_num)
 
 
 class _CompileCounter:
@@ -66,11 +62,11 @@ def test_tff_rounds_2_to_5_add_no_traces(contender, task, monkeypatch,
   after_build = traces['local_step']
   assert after_build >= 1
   with _CompileCounter(tff_context) as compiles:
-    runner.run_round(_round_datasets(task, contender, 1))
+    runner.run_round(_round_data(runner, task, contender, 1))
     after_round_1 = (traces['local_step'], compiles.count)
     assert compiles.count >= 1  # round 1 compiled `next`: the counter works
     for r in range(2, 6):
-      runner.run_round(_round_datasets(task, contender, r))
+      runner.run_round(_round_data(runner, task, contender, r))
     assert (traces['local_step'], compiles.count) == after_round_1
   # Building traced the step; running never did.
   assert traces['local_step'] == after_build
@@ -79,11 +75,11 @@ def test_tff_rounds_2_to_5_add_no_traces(contender, task, monkeypatch,
 def test_tff_fedavg_rounds_2_to_5_add_no_compilations(task, tff_context):
   runner = benchmark.build_contender('fedavg', task, CONFIG)
   with _CompileCounter(tff_context) as compiles:
-    runner.run_round(_round_datasets(task, 'fedavg', 1))
+    runner.run_round(_round_data(runner, task, 'fedavg', 1))
     after_round_1 = compiles.count
     assert after_round_1 >= 1
     for r in range(2, 6):
-      runner.run_round(_round_datasets(task, 'fedavg', r))
+      runner.run_round(_round_data(runner, task, 'fedavg', r))
     assert compiles.count == after_round_1
 
 
@@ -91,8 +87,8 @@ def test_tff_fedavg_rounds_2_to_5_add_no_compilations(task, tff_context):
                                        'floor_fedavg'])
 def test_floor_rounds_2_to_5_add_no_traces(contender, task):
   floor = benchmark.build_contender(contender, task, CONFIG)
-  floor.run_round(_round_datasets(task, contender, 1))
+  floor.run_round(_round_data(floor, task, contender, 1))
   assert floor.tracing_count() == 1
   for r in range(2, 6):
-    floor.run_round(_round_datasets(task, contender, r))
+    floor.run_round(_round_data(floor, task, contender, r))
   assert floor.tracing_count() == 1

@@ -54,20 +54,31 @@ class FederatedTask:
     return self.train.client_ids
 
   def functional_model(self) -> tff.learning.models.FunctionalModel:
-    """`model_fn`'s model as a `tff.learning.models.FunctionalModel`:
-    `functional_model_from_keras` on `keras_model_fn` (initialized in a
-    graph, as TFF initializes `model_fn`: the same initial weights) and
-    `loss_fn`, with `metrics_fn`'s metrics plus the example and batch
-    counts that `tff.learning.models.from_keras_model` adds (the same
-    names)."""
-    def metrics():
-      counters = [tff.learning.metrics.NumExamplesCounter(),
-                  tff.learning.metrics.NumBatchesCounter()]
-      return collections.OrderedDict(
-          (m.name, m) for m in list(self.metrics_fn()) + counters)
-    return tff.learning.models.functional_model_from_keras(
-        self.keras_model_fn, self.loss_fn(), input_spec=self.element_spec,
-        metrics_constructor=metrics)
+    """`model_fn`'s model as a `tff.learning.models.FunctionalModel` (see
+    `functional_model`)."""
+    return functional_model(self.keras_model_fn, self.loss_fn,
+                            self.element_spec, self.metrics_fn)
+
+
+def functional_model(keras_model_fn: Callable[[], tf.keras.Model],
+                     loss_fn: Callable[[], tf.keras.losses.Loss],
+                     element_spec, metrics_fn: Callable[[], list]
+                     ) -> tff.learning.models.FunctionalModel:
+  """The model `tff.learning.models.from_keras_model` makes of these parts,
+  as a FunctionalModel: `functional_model_from_keras` on `keras_model_fn`
+  (initialized in a graph, as TFF initializes a VariableModel: the same
+  initial weights) and `loss_fn()`, with `metrics_fn()`'s metrics plus the
+  example and batch counts that `from_keras_model` adds (the same names)."""
+
+  def metrics():
+    counters = [tff.learning.metrics.NumExamplesCounter(),
+                tff.learning.metrics.NumBatchesCounter()]
+    return collections.OrderedDict(
+        (m.name, m) for m in list(metrics_fn()) + counters)
+
+  return tff.learning.models.functional_model_from_keras(
+      keras_model_fn, loss_fn(), input_spec=element_spec,
+      metrics_constructor=metrics)
 
 
 def derive_seed(*parts) -> int:

@@ -143,9 +143,13 @@ def round_inputs(examples: ClientExamples, client_ids: Sequence[str], *,
 
 
 def takes_datasets(process) -> bool:
-  """Whether `process.next`'s client data are `tf.data.Dataset`s."""
-  data = process.next.type_signature.parameter[1]
-  return isinstance(getattr(data, 'member', None), tff.SequenceType)
+  """Whether `process.next` is a TFF computation whose client data are
+  `tf.data.Dataset`s (so that it can be `compose`d)."""
+  signature = getattr(process.next, 'type_signature', None)
+  parameter = getattr(signature, 'parameter', None)
+  if not isinstance(parameter, tff.StructType) or len(parameter) < 2:
+    return False
+  return isinstance(getattr(parameter[1], 'member', None), tff.SequenceType)
 
 
 def compose(process: tff.learning.templates.LearningProcess,
