@@ -33,11 +33,9 @@ component (TF kernels, tf.data graph import, TFF's computation protos, ...).
 """
 
 import collections
-import json
 import os
 import re
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -166,7 +164,8 @@ def perf_profile(seconds: float) -> dict:
     m = line_re.match(line)
     if not m:
       continue
-    share, symbol = float(m.group(1)), m.group(2)
+    # Without a terminal perf appends more columns after two spaces.
+    share, symbol = float(m.group(1)), m.group(2).split('  ')[0].strip()
     for name, pattern in WORKER_COMPONENTS:
       if re.search(pattern, symbol):
         # Inclusive share of the outermost matching symbol.
@@ -202,7 +201,7 @@ def main(argv):
     runner.run_round(benchmarking.round_inputs(task, config, 0))
     phase('first round (compilation)')
     weights = runner.weights()
-    weights_type = tff.types.infer_unplaced_type(weights)
+    weights_type = runner.process.get_model_weights.type_signature.result
     spec = benchmarking.unbatched_spec(task)
     batches = worker_datasets.build_batches_computation(
         spec, batch_size=config.batch_size,

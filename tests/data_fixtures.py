@@ -287,3 +287,25 @@ def run_checked_round(task, algorithm, client_ids):
     np.testing.assert_allclose(w.numpy(), v, atol=1e-6)
     w.assign(v)
   return model, metrics
+
+
+class LoggingClientData:
+  """A ClientData stand-in that appends `(name, client id)` to `log` for
+  every dataset it creates (which split, and which user, a reader touched)."""
+
+  def __init__(self, client_data, log, name):
+    self._cd = client_data
+    self._log = log
+    self._name = name
+
+  @property
+  def client_ids(self):
+    return self._cd.client_ids
+
+  @property
+  def element_type_structure(self):
+    return self._cd.element_type_structure
+
+  def create_tf_dataset_for_client(self, cid):
+    self._log.append((self._name, cid))
+    return self._cd.create_tf_dataset_for_client(cid)

@@ -15,30 +15,10 @@ import pytest
 from experiments import comparison
 from experiments import report
 from perfed_tff.data import task as task_lib
+from tests import data_fixtures
 from perfed_tff.program import config as config_lib
 from perfed_tff.program import training_loop
 from tests import binary_helpers as h
-
-
-class _SpyClientData:
-  """A ClientData stand-in that logs every dataset it creates, by phase."""
-
-  def __init__(self, client_data, log, name):
-    self._cd = client_data
-    self._log = log
-    self._name = name
-
-  @property
-  def client_ids(self):
-    return self._cd.client_ids
-
-  @property
-  def element_type_structure(self):
-    return self._cd.element_type_structure
-
-  def create_tf_dataset_for_client(self, cid):
-    self._log.append((self._name, cid))
-    return self._cd.create_tf_dataset_for_client(cid)
 
 
 def _base(tmp_path, **kw):
@@ -74,12 +54,12 @@ def test_unseen_users_never_contribute_to_training(tmp_path):
   config = _base(tmp_path, algorithm='per_fedavg_fo', eval_every=3)
   task = config_lib.load_task(config)
   log = []
+  _logged = lambda data, name: data_fixtures.LoggingClientData(data, log, name)
   spy_task = dataclasses.replace(
       task,
-      train=_SpyClientData(task.train, log, 'train'),
-      test=_SpyClientData(task.test, log, 'test'),
-      unseen=(_SpyClientData(task.unseen[0], log, 'unseen_train'),
-              _SpyClientData(task.unseen[1], log, 'unseen_test')))
+      train=_logged(task.train, 'train'), test=_logged(task.test, 'test'),
+      unseen=(_logged(task.unseen[0], 'unseen_train'),
+              _logged(task.unseen[1], 'unseen_test')))
   unseen_ids = set(task.unseen[0].client_ids)
   assert not unseen_ids & set(task.train.client_ids)
   result = training_loop.run_training(config, task=spy_task)

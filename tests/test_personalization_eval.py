@@ -11,6 +11,7 @@ import tensorflow_federated as tff
 import perfed_tff
 from perfed_tff import personalization_eval as evaluation
 from perfed_tff.models import linear
+from tests import data_fixtures
 
 DIM, CLASSES = 4, 3
 
@@ -243,25 +244,6 @@ def test_rejects_bad_arguments(model_fn, kwargs):
     evaluation.build_personalized_evaluation(model_fn, **kwargs)
 
 
-class _ReadLog:
-  """A ClientData stand-in that records which split each dataset came from."""
-
-  def __init__(self, client_data, log, name):
-    self._cd, self._log, self._name = client_data, log, name
-
-  @property
-  def client_ids(self):
-    return self._cd.client_ids
-
-  @property
-  def element_type_structure(self):
-    return self._cd.element_type_structure
-
-  def create_tf_dataset_for_client(self, cid):
-    self._log.append(self._name)
-    return self._cd.create_tf_dataset_for_client(cid)
-
-
 @pytest.mark.parametrize('protocol,reads', [
     ('heldout', {'train': 3, 'test': 3}),   # step on train, metrics on test
     # Step and metrics on test: each client's test examples are read once
@@ -280,6 +262,7 @@ def test_protocol_decides_where_the_step_data_come_from(protocol, reads):
       task.model_fn, variant='fo', alpha=0.1, beta=0.1, local_steps=1)
   weights = weights.get_model_weights(weights.initialize())
   evaluation.evaluate_population(
-      ev, weights, _ReadLog(task.train, log, 'train'),
-      _ReadLog(task.test, log, 'test'), protocol=protocol)
-  assert dict(_c.Counter(log)) == reads
+      ev, weights, data_fixtures.LoggingClientData(task.train, log, 'train'),
+      data_fixtures.LoggingClientData(task.test, log, 'test'),
+      protocol=protocol)
+  assert dict(_c.Counter(split for split, _ in log)) == reads
