@@ -505,15 +505,9 @@ def build_contender(contender: str, task: BenchmarkTask, config):
         client_weighting='uniform')
   return TFFRunner(
       process, worker_side=config.tff_client_data == 'worker',
-      element_spec=unbatched_spec(task), batch_size=config.batch_size,
+      element_spec=task_lib.unbatched_spec(task.element_spec),
+      batch_size=config.batch_size,
       num_batches=batches_per_round(contender, config.local_steps))
-
-
-def unbatched_spec(task: BenchmarkTask):
-  """The spec of one example of `task` (its batch spec without the batch
-  dimension)."""
-  return tf.nest.map_structure(lambda s: tf.TensorSpec(s.shape[1:], s.dtype),
-                               task.element_spec)
 
 
 def rss_bytes() -> dict:

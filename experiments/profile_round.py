@@ -50,6 +50,7 @@ import tensorflow as tf
 import tensorflow_federated as tff
 
 from experiments import benchmarking
+from perfed_tff.data import task as task_lib
 from perfed_tff.data import worker_datasets
 from perfed_tff.runtime import execution
 
@@ -202,7 +203,7 @@ def main(argv):
     phase('first round (compilation)')
     weights = runner.weights()
     weights_type = runner.process.get_model_weights.type_signature.result
-    spec = benchmarking.unbatched_spec(task)
+    spec = task_lib.unbatched_spec(task.element_spec)
     batches = worker_datasets.build_batches_computation(
         spec, batch_size=config.batch_size,
         num_batches=benchmarking.batches_per_round(_ALGORITHM.value,

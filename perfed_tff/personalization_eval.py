@@ -304,12 +304,6 @@ def _build_functional_client_evaluation(model, model_weights_type, data_type,
   return client_eval
 
 
-def _unbatched_spec(input_spec):
-  """The spec of one example (TFF's `_remove_batch_dim`), same containers."""
-  return tf.nest.map_structure(
-      lambda s: tf.TensorSpec(s.shape[1:], s.dtype), input_spec)
-
-
 INPUT_FORMATS = ('batched', 'unbatched')
 
 
@@ -363,7 +357,7 @@ def build_personalized_evaluation(model_fn,
     with tf.Graph().as_default():
       input_spec = model_fn().input_spec
   if input_format == 'unbatched':
-    input_spec = _unbatched_spec(input_spec)
+    input_spec = task_lib.unbatched_spec(input_spec)
   element_type = tff.types.tensorflow_to_type(input_spec)
   data_type = tff.types.StructWithPythonType(
       [('train_data', tff.SequenceType(element_type)),

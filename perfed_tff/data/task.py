@@ -31,6 +31,13 @@ import tensorflow as tf
 import tensorflow_federated as tff
 
 
+def unbatched_spec(batch_spec):
+  """The spec of one example: `batch_spec` without its batch dimension (TFF's
+  `_remove_batch_dim`), same containers."""
+  return tf.nest.map_structure(
+      lambda s: tf.TensorSpec(s.shape[1:], s.dtype), batch_spec)
+
+
 def accuracy_metrics() -> list:
   return [tf.keras.metrics.SparseCategoricalAccuracy()]
 

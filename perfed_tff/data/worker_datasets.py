@@ -33,10 +33,6 @@ DEFAULT_CACHE_BYTES = 128 * 2**20
 _READ_CHUNK = 4096
 
 
-def _unbatched_spec(client_data: tff.simulation.datasets.ClientData):
-  return client_data.element_type_structure
-
-
 def examples_type(element_spec) -> tff.Type:
   """TFF type of a client's stacked examples: every leaf of the unbatched
   `element_spec` with a leading dimension of any size."""
@@ -62,7 +58,7 @@ class ClientExamples:
   def __init__(self, client_data: tff.simulation.datasets.ClientData,
                max_bytes: int = DEFAULT_CACHE_BYTES):
     self._client_data = client_data
-    self._spec = _unbatched_spec(client_data)
+    self._spec = client_data.element_type_structure
     self._max_bytes = max_bytes
     self._cache = collections.OrderedDict()
     self._bytes = 0
