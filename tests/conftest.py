@@ -40,3 +40,19 @@ def pytest_sessionfinish(session, exitstatus):
     for p in left:
       p.kill()
     session.exitstatus = 1
+
+
+# The real data files beside a checkout (`../shared/data`: MNIST's
+# `mnist.npz`, Shakespeare's plays). CI has them; a user's machine may not,
+# so the tests that read them skip with the reason.
+SHARED_DATA_DIR = os.path.normpath(os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), '..', '..', 'shared', 'data'))
+
+
+@pytest.fixture
+def shared_data():
+  """The directory of the real data files; skips the test without it."""
+  if not os.path.isdir(SHARED_DATA_DIR):
+    pytest.skip(f'real data files not present ({SHARED_DATA_DIR}); CI has '
+                'them beside the checkout')
+  return SHARED_DATA_DIR

@@ -1,12 +1,7 @@
 """Small files in exactly TFF's dataset formats, for offline tests.
 
-TFF's `SqlClientData` schema (`sql_client_data.py`): table
-`examples(split_name TEXT, client_id TEXT, serialized_example_proto BLOB)` with
-one serialized `tf.train.Example` per row, and
-`client_metadata(client_id TEXT, split_name TEXT, num_examples INTEGER)`.
-`tff.simulation.datasets.save_to_sql_client_data` writes the same schema but
-puts each client in a single split; TFF's real files hold every client in both
-a train and a test split, so the rows are written here directly.
+TFF's SQLite files are written by `perfed_tff.data.sql_files` (the schema is
+described there).
 
 EMNIST (`emnist_all.sqlite`): features `pixels` (784 floats, 28x28) and
 `label` (one int64); splits digits_only_train/test, all_train/test.
@@ -21,56 +16,16 @@ from __future__ import annotations
 
 import os
 import pickle
-import sqlite3
 import tarfile
 import tempfile
 
 import numpy as np
-import tensorflow as tf
 
-_SCHEMA = (
-  'CREATE TABLE examples (split_name TEXT NOT NULL, client_id TEXT NOT NULL, '
-  'serialized_example_proto BLOB NOT NULL);',
-  'CREATE TABLE client_metadata (client_id TEXT NOT NULL, '
-  'split_name TEXT NOT NULL, num_examples INTEGER NOT NULL);',
-)
+from perfed_tff.data import sql_files
 
-
-def write_sql_client_data(path: str, splits: dict) -> str:
-  """splits: {split_name: {client_id: [serialized tf.train.Example bytes]}}."""
-  if os.path.exists(path):
-    os.remove(path)
-  with sqlite3.connect(path) as con:
-    for q in _SCHEMA:
-      con.execute(q)
-    for split, clients in splits.items():
-      for cid, protos in clients.items():
-        con.executemany(
-          'INSERT INTO examples (split_name, client_id, '
-          'serialized_example_proto) VALUES (?, ?, ?);',
-          [(split, cid, p) for p in protos])
-        con.execute(
-          'INSERT INTO client_metadata (client_id, split_name, '
-          'num_examples) VALUES (?, ?, ?);', (cid, split, len(protos)))
-  con.close()
-  return path
-
-
-def emnist_example(pixels: np.ndarray, label: int) -> bytes:
-  pixels = np.asarray(pixels, np.float32)
-  assert pixels.shape == (28, 28)
-  return tf.train.Example(features=tf.train.Features(feature={
-    'pixels': tf.train.Feature(
-      float_list=tf.train.FloatList(value=pixels.flatten())),
-    'label': tf.train.Feature(int64_list=tf.train.Int64List(value=[label])),
-  })).SerializeToString()
-
-
-def shakespeare_example(snippet) -> bytes:
-  data = snippet.encode('utf-8') if isinstance(snippet, str) else snippet
-  return tf.train.Example(features=tf.train.Features(feature={
-    'snippets': tf.train.Feature(bytes_list=tf.train.BytesList(value=[data])),
-  })).SerializeToString()
+write_sql_client_data = sql_files.write_sql_client_data
+emnist_example = sql_files.emnist_example
+shakespeare_example = sql_files.shakespeare_example
 
 
 def emnist_pixels(client: int, index: int) -> np.ndarray:
