@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import signal
 import sys
 import time
@@ -155,6 +156,13 @@ def _first_line(error: BaseException) -> str:
   return (lines[0] if lines else type(error).__name__)[:300]
 
 
+def as_flags(message: str) -> str:
+  """A library message with its parameters (`name`, in backticks) named as
+  this binary's flags (--name)."""
+  return re.sub(r'`(\w+)`', lambda m: f'--{m[1]}' if m[1] in FLAGS else m[0],
+                message)
+
+
 def guard(work, resume_hint: str, traceback_dir=None):
   """Runs `work()` and returns its result; any failure ends the process with
   one line on stderr and its exit status (see the module docstring)."""
@@ -162,12 +170,14 @@ def guard(work, resume_hint: str, traceback_dir=None):
   from perfed_tff.runtime import execution  # pylint: disable=g-import-not-at-top
   try:
     return work()
-  except (checks.ArgumentError, training_loop.CheckpointError) as e:
-    fail(getattr(e, 'flag_message', str(e)), checks.EXIT_USAGE, hard=True)
+  except checks.ArgumentError as e:
+    fail(e.flag_message, checks.EXIT_USAGE, hard=True)
+  except training_loop.CheckpointError as e:
+    fail(as_flags(str(e)), checks.EXIT_USAGE, hard=True)
   except training_loop.NonFiniteLossError as e:
-    fail(str(e), 1, hard=True)
+    fail(as_flags(str(e)), 1, hard=True)
   except execution.WorkerUnavailableError as e:
-    fail(f'{e} {resume_hint}', 1, hard=True)
+    fail(f'{as_flags(str(e))} {resume_hint}', 1, hard=True)
   except KeyboardInterrupt as e:
     signum = getattr(e, 'signum', signal.SIGINT)
     name = signal.Signals(signum).name

@@ -116,23 +116,19 @@ def main(argv):
   from experiments import paper_experiment  # pylint: disable=g-import-not-at-top
   from perfed_tff.program import config as config_lib  # pylint: disable=g-import-not-at-top
   from perfed_tff.program import training_loop  # pylint: disable=g-import-not-at-top
-  from perfed_tff.runtime import execution  # pylint: disable=g-import-not-at-top
-  try:
+  from perfed_tff.runtime import supervision  # pylint: disable=g-import-not-at-top
+  supervision.install_interrupt_handlers()
+
+  def work():
     experiment, output_dir = build_experiment()
     config_lib.load_task(experiment.base)  # A missing file fails here, once.
     with training_loop.execution_context(experiment.base):
       results = paper_experiment.run(experiment, output_dir, cli.log)
     results['command'] = ('python -m experiments.reproduce_paper '
                           + shlex.join(sys.argv[1:]))
-    paths = paper_experiment.write_outputs(results, output_dir)
-  except (checks.ArgumentError, training_loop.CheckpointError) as e:
-    cli.fail(getattr(e, 'flag_message', str(e)))
-  except training_loop.NonFiniteLossError as e:
-    cli.fail(str(e), 1)
-  except execution.WorkerUnavailableError as e:
-    cli.fail(f'{e} Rerun the same command to resume.', 1)
-  except KeyboardInterrupt:
-    cli.fail('interrupted; rerun the same command to resume.', 130)
+    return paper_experiment.write_outputs(results, output_dir)
+
+  paths = cli.guard(work, 'Rerun the same command to resume.')
   with open(paths['md']) as f:
     print(f.read())
   print(f'wrote {sorted(paths.values())}')

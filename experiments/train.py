@@ -74,10 +74,10 @@ def main(argv):
   # Our own lines go through cli.log; TF/TFF's INFO chatter is hidden.
   logging.set_verbosity(logging.WARNING)
   from perfed_tff.program import training_loop  # pylint: disable=g-import-not-at-top
-  from perfed_tff.runtime import execution  # pylint: disable=g-import-not-at-top
-  # SIGINT/SIGTERM/SIGHUP now raise `execution.Interrupted`: the run stops
+  from perfed_tff.runtime import supervision  # pylint: disable=g-import-not-at-top
+  # SIGINT/SIGTERM/SIGHUP now raise `supervision.Interrupted`: the run stops
   # its workers, keeps its last checkpoint and `cli.guard` prints one line.
-  execution.install_interrupt_handlers()
+  supervision.install_interrupt_handlers()
 
   def work():
     config = cli.training_config()

@@ -21,7 +21,9 @@ from perfed_tff.program import checkpointing
 from perfed_tff.program import config as config_lib
 from perfed_tff.program import metrics as metrics_lib
 from perfed_tff.program import training_loop as tp
+from perfed_tff.program import divergence
 from perfed_tff.runtime import execution
+from perfed_tff.runtime import supervision
 from perfed_tff.runtime import worker as worker_lib
 
 # ------------------------------------------------------------- bad input
@@ -127,7 +129,7 @@ def test_things_in_the_way_of_the_outputs(tmp_path):
     else:
       path.mkdir(parents=True)
     with pytest.raises(checks.ArgumentError, match=kind) as e:
-      config_lib.validate(config_lib.TrainingConfig(
+      config_lib.check_output_paths(config_lib.TrainingConfig(
           **dict(_BASE, root_output_dir=str(tmp_path))))
     assert e.value.name == 'root_output_dir'
     (os.remove if kind == 'not a directory' else os.rmdir)(path)
@@ -196,25 +198,25 @@ def test_output_dir_lock_refuses_then_takes_over_a_killed_holder(tmp_path):
 # ------------------------------------------------------------ interrupts
 
 def test_interrupt_is_deferred_to_the_end_of_a_critical_section():
-  previous = {s: signal.getsignal(s) for s in execution.INTERRUPT_SIGNALS}
+  previous = {s: signal.getsignal(s) for s in supervision.INTERRUPT_SIGNALS}
   try:
-    execution.install_interrupt_handlers()
+    supervision.install_interrupt_handlers()
     done = []
-    with pytest.raises(execution.Interrupted) as e:
-      with execution.critical_section():
+    with pytest.raises(supervision.Interrupted) as e:
+      with supervision.critical_section():
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(0.2)  # The handler has run: deferred.
         done.append(True)
     assert done == [True]
     assert e.value.signum == signal.SIGTERM and e.value.exit_status == 143
-    with pytest.raises(execution.Interrupted) as e:
+    with pytest.raises(supervision.Interrupted) as e:
       os.kill(os.getpid(), signal.SIGHUP)
       time.sleep(1)
     assert e.value.exit_status == 129
   finally:
     for s, h in previous.items():
       signal.signal(s, h)
-    execution.clear_interrupt()
+    supervision.clear_interrupt()
 
 
 class _StubProcess:
@@ -264,16 +266,16 @@ def test_sigint_during_a_checkpoint_write_completes_it(tmp_path, small_task,
     await real_save(self, state, version)
 
   monkeypatch.setattr(tff.program.FileProgramStateManager, 'save', slow_save)
-  previous = {s: signal.getsignal(s) for s in execution.INTERRUPT_SIGNALS}
+  previous = {s: signal.getsignal(s) for s in supervision.INTERRUPT_SIGNALS}
   config = _config(tmp_path)
   try:
-    execution.install_interrupt_handlers()
-    with pytest.raises(execution.Interrupted) as e:
+    supervision.install_interrupt_handlers()
+    with pytest.raises(supervision.Interrupted) as e:
       tp.run_training(config, task=small_task, process=_StubProcess())
   finally:
     for s, h in previous.items():
       signal.signal(s, h)
-    execution.clear_interrupt()
+    supervision.clear_interrupt()
   assert e.value.phase is None or 'checkpoint 2' in e.value.phase
   ckpts = tp.output_paths(config)['checkpoints']
   assert sorted(os.listdir(ckpts)) == ['program_state_0', 'program_state_1',
@@ -322,7 +324,7 @@ class _FakeContext:
 def test_watchdog_fails_a_phase_on_an_unhealthy_worker():
   context = _FakeContext([('h:1', 'did not answer a health check within 5s')])
   lines = []
-  dog = tp._Watchdog(round_timeout=0, health_timeout=5, write=lines.append,
+  dog = supervision.Watchdog(round_timeout=0, health_timeout=5, write=lines.append,
                      context=context)
   try:
     dog.begin('round 4', 'round')
@@ -340,18 +342,18 @@ def test_watchdog_fails_a_phase_on_an_unhealthy_worker():
 
 
 def test_watchdog_deadlines():
-  dog = tp._Watchdog(round_timeout=0, health_timeout=5, write=print)
+  dog = supervision.Watchdog(round_timeout=0, health_timeout=5, write=print)
   try:
-    assert dog.deadline('initialization') == tp.FIRST_ROUND_TIMEOUT
-    assert dog.deadline('round') == tp.FIRST_ROUND_TIMEOUT
+    assert dog.deadline('initialization') == supervision.FIRST_ROUND_TIMEOUT
+    assert dog.deadline('round') == supervision.FIRST_ROUND_TIMEOUT
     dog._seconds['round'] = [30.0, 0.1, 0.2, 10.0]  # First: compilation.
     assert dog.deadline('round') == 60.0  # max(60, 20 x median 0.2)
     dog._seconds['round'] = [30.0, 5.0, 5.0]
     assert dog.deadline('round') == 100.0
-    assert dog.deadline('evaluation') == tp.MIN_EVAL_TIMEOUT
+    assert dog.deadline('evaluation') == supervision.MIN_EVAL_TIMEOUT
   finally:
     dog.stop()
-  explicit = tp._Watchdog(round_timeout=1.0, health_timeout=5, write=print,
+  explicit = supervision.Watchdog(round_timeout=1.0, health_timeout=5, write=print,
                           context=_FakeContext())
   try:
     explicit._seconds['round'] = [9.0]
@@ -369,11 +371,10 @@ def test_watchdog_deadlines():
 
 # ------------------------------------------------------------- divergence
 
-def _manager(tmp_path, **kw):
-  return metrics_lib.RunReleaseManager(
-      'run', train_csv=str(tmp_path / 'train.csv'), eval_csv=None,
-      tensorboard_dir=str(tmp_path / 'tb'), write=lambda line: None,
-      clients_per_round=3, hyperparameters={'beta': 5.0, 'alpha': 0.1}, **kw)
+def _check(**kw):
+  return divergence.DivergenceCheck(
+      'run', clients_per_round=3, hyperparameters={'beta': 5.0, 'alpha': 0.1},
+      **kw)
 
 
 def _round(loss, non_finite=0, examples=30):
@@ -383,35 +384,45 @@ def _round(loss, non_finite=0, examples=30):
       'num_examples': np.int64(examples)}}}
 
 
-def test_every_update_non_finite_three_rounds_in_a_row_stops(tmp_path):
-  release = _manager(tmp_path)
-  run = checkpointing.run_sync
-  run(release.release(_round(2.0), 1))
-  run(release.release(_round(0.0, non_finite=3, examples=0), 2))
-  run(release.release(_round(1.5), 3))  # A good round resets the count.
-  run(release.release(_round(0.0, non_finite=3, examples=0), 4))
-  run(release.release(_round(0.0, non_finite=2, examples=0), 5))
-  with pytest.raises(metrics_lib.DivergenceError,
+def test_every_update_non_finite_three_rounds_in_a_row_stops():
+  check = _check()
+  check.check(_round(2.0), 1)
+  void = _round(0.0, non_finite=3, examples=0)
+  check.check(void, 2)
+  assert np.isnan(void['client_work']['train']['loss'])  # Not TFF's 0.0.
+  check.check(_round(1.5), 3)  # A good round resets the count.
+  check.check(_round(0.0, non_finite=3, examples=0), 4)
+  check.check(_round(0.0, non_finite=2, examples=0), 5)
+  with pytest.raises(divergence.DivergenceError,
                      match=r'no client update was usable .* in rounds 4-6; '
-                     r'.* Likely too large: --beta=5 or --alpha=0.1'):
-    run(release.release(_round(0.0, non_finite=3, examples=0), 6))
-  rows = metrics_lib.read_csv(str(tmp_path / 'train.csv'))
-  assert [r['round'] for r in rows] == [1, 2, 3, 4, 5]
-  assert np.isnan(rows[1][metrics_lib.TRAIN_LOSS])  # Not TFF's 0.0.
+                     r'.* Likely too large: `beta`=5 or `alpha`=0.1') as e:
+    check.check(_round(0.0, non_finite=3, examples=0), 6)
+  assert e.value.round_num == 6
+  # The binaries name the parameters as their flags.
+  assert 'Likely too large: --beta=5 or --alpha=0.1' in cli.as_flags(
+      str(e.value))
 
 
-def test_exploding_loss_stops(tmp_path):
-  release = _manager(tmp_path)
-  run = checkpointing.run_sync
-  run(release.release(_round(2.3), 1))
-  run(release.release(_round(50.0), 2))
-  with pytest.raises(metrics_lib.DivergenceError,
+def test_exploding_loss_stops():
+  check = _check()
+  check.check(_round(2.3), 1)
+  check.check(_round(50.0), 2)
+  with pytest.raises(divergence.DivergenceError,
                      match=r'loss exploded to 2500 at round 3 \(first round: '
                      r'2.3'):
-    run(release.release(_round(2500.0), 3))
-  resumed = _manager(tmp_path / 'b', reference_loss=2.3)
-  with pytest.raises(metrics_lib.DivergenceError):
-    run(resumed.release(_round(1e5), 7))
+    check.check(_round(2500.0), 3)
+  resumed = _check(reference_loss=2.3)
+  with pytest.raises(divergence.DivergenceError):
+    resumed.check(_round(1e5), 7)
+
+
+def test_non_finite_loss_stops_but_is_no_divergence():
+  check = _check()
+  check.check(_round(2.0), 1)
+  with pytest.raises(divergence.NonFiniteLossError,
+                     match='global training loss is nan at round 2') as e:
+    check.check(_round(float('nan')), 2)
+  assert not isinstance(e.value, divergence.DivergenceError)
 
 
 def test_prune_tensorboard_keeps_each_step_once(tmp_path):

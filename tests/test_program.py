@@ -14,12 +14,13 @@ from experiments import train as train_binary
 from perfed_tff import checks
 from perfed_tff.data import synthetic
 from perfed_tff.program import checkpointing
+from perfed_tff.runtime import supervision
 from perfed_tff.program import config as config_lib
 from perfed_tff.program import metrics as metrics_lib
 from perfed_tff.program import population_eval
 from perfed_tff.program import training_loop as tp
 
-run_sync = checkpointing.run_sync
+run_sync = supervision.run_sync
 
 
 def _config(tmp_path, **kw):

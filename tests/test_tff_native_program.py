@@ -11,6 +11,7 @@ from perfed_tff import algorithms
 from perfed_tff.data import synthetic
 from perfed_tff.data import task as task_lib
 from perfed_tff.program import checkpointing
+from perfed_tff.runtime import supervision
 from perfed_tff.runtime import program_context
 
 ROUNDS, CLIENTS, BATCH, TAU = 3, 2, 8, 2
@@ -63,7 +64,7 @@ def test_train_model_three_rounds_with_owned_worker_and_checkpoints(
         batch_size=BATCH, seed=0, round_num=r)
     state = process.next(state, data).state
   want = process.get_model_weights(state).trainable
-  saved = checkpointing.run_sync(states.load(
+  saved = supervision.run_sync(states.load(
       ROUNDS, program_context_state(process, source)))
   assert saved.round_number == ROUNDS
   assert saved.data_iterator.round_num == ROUNDS + 1

@@ -22,8 +22,6 @@ move forward and the state manager refuses to write an existing version).
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import fcntl
 import json
 import os
@@ -39,23 +37,14 @@ import tensorflow_federated as tff
 from tensorflow_federated.python.program import file_utils
 import tree
 
+from perfed_tff.runtime import supervision
+
 PREFIX = 'program_state_'
 LOCK_NAME = '.perfed_tff.lock'
 
 
 class CheckpointError(RuntimeError):
   """A checkpoint cannot be used for this run."""
-
-
-def run_sync(coro):
-  """Runs `coro` to completion, also where an event loop is already running
-  in this thread (e.g. Jupyter), by using a helper thread there."""
-  try:
-    asyncio.get_running_loop()
-  except RuntimeError:
-    return asyncio.run(coro)
-  with concurrent.futures.ThreadPoolExecutor(1) as pool:
-    return pool.submit(asyncio.run, coro).result()
 
 
 def leaf_specs(state) -> list[list]:
@@ -97,7 +86,7 @@ class CheckpointManager(tff.program.FileProgramStateManager):
         shutil.rmtree(os.path.join(self.root_dir, name), ignore_errors=True)
 
   def latest_round(self) -> Optional[int]:
-    versions = run_sync(self.get_versions())
+    versions = supervision.run_sync(self.get_versions())
     return max(versions) if versions else None
 
   def path(self, round_num: int) -> str:
@@ -127,7 +116,7 @@ class CheckpointManager(tff.program.FileProgramStateManager):
     if not os.path.isdir(path):
       raise tff.program.ProgramStateNotFoundError(version)
     hint = ('it was left untouched; move it away or choose another '
-            '--root_output_dir')
+            '`root_output_dir`')
     try:
       # The saved structure is needed up front by the parent's `load`; the
       # number of leaves is only checked below, with a clearer message.

@@ -121,11 +121,16 @@ class TrainingConfig:
 
 def validate(config: TrainingConfig) -> TrainingConfig:
   """Checks every field that can be checked without data; returns the
-  normalized config.
+  normalized config. A config this returned is not checked again (a copy
+  made with `dataclasses.replace` is). What needs the data or the disk is
+  checked where the run has them (`check_population`,
+  `check_output_paths`, by `training_loop.run_training`).
 
   Raises:
-    checks.ArgumentError: the first bad field (named as its flag).
+    checks.ArgumentError: the first bad field (named as its parameter).
   """
+  if _VALIDATED in vars(config):
+    return config
   algorithms.check_algorithm(config.algorithm)
   checks.choice('dataset', config.dataset, registry.DATASETS)
   checks.choice('client_weighting', config.client_weighting,
@@ -184,10 +189,11 @@ def validate(config: TrainingConfig) -> TrainingConfig:
         f'{config.dataset!r}; accepted: {list(accepted)}')
   _check_dataset_options(changes['dataset_options'])
   config = dataclasses.replace(config, **changes)
-  check_output_paths(config)
-  if config.compare_fedavg and config.algorithm != 'fedavg':
-    check_output_paths(dataclasses.replace(config, algorithm='fedavg'))
+  object.__setattr__(config, _VALIDATED, True)  # Not a field: not copied.
   return config
+
+
+_VALIDATED = '_validated'
 
 
 # Ranges of the dataset options several loaders share (each loader checks
@@ -248,7 +254,7 @@ def check_output_paths(config: TrainingConfig) -> None:
     if os.path.lexists(path) and not is_kind(path):
       raise checks.ArgumentError(
           'root_output_dir', f'{path} exists and {what}; move it away or '
-          'choose another --root_output_dir')
+          'choose another `root_output_dir`')
 
 
 def _protocols(value) -> tuple[str, ...]:

@@ -5,19 +5,14 @@ releases to (TFF's `run_training_process` releases the round's training
 metrics and, under `evaluation/`, its evaluation metrics together). It flattens
 them and fans out to TFF's `CSVFileReleaseManager`s (`metrics/train.csv`,
 `metrics/eval.csv`, keyed by round), `TensorBoardReleaseManager` and one log
-line (or a progress bar) per round, and stops the run before the round's
-state is checkpointed on a non-finite global training loss, on
-MAX_VOID_ROUNDS rounds in a row in which no client update was used (all
-non-finite, or no client took a step; the loss of such a round is recorded as
-nan, not TFF's 0.0), or on a loss EXPLOSION_FACTOR times its first-round
-value (or above LOSS_LIMIT).
+line (or a progress bar) per round. It only releases: whether a run has
+diverged is decided by the loop (`perfed_tff.program.divergence`).
 """
 
 from __future__ import annotations
 
 import collections
 import csv
-import math
 import os
 import sys
 from typing import Callable, Mapping, Optional
@@ -25,33 +20,16 @@ from typing import Callable, Mapping, Optional
 import numpy as np
 import tensorflow_federated as tff
 
-TRAIN_LOSS = 'client_work/train/loss'
-PERSONALIZED_LOSS = 'client_work/train/personalized_loss'
+from perfed_tff.program import divergence
+
+TRAIN_LOSS = divergence.TRAIN_LOSS
+PERSONALIZED_LOSS = divergence.PERSONALIZED_LOSS
+NUM_NON_FINITE = divergence.NUM_NON_FINITE
+NUM_WITHOUT_STEP = divergence.NUM_WITHOUT_STEP
 EVAL_PREFIX = 'evaluation/'
 ROUND_SECONDS = 'training_time_in_seconds'  # tff.simulation's keys
 EVAL_TIME_KEY = 'evaluation_time_in_seconds'
 _DROPPED = ('round_number',)  # The CSV key already says it.
-
-
-MAX_VOID_ROUNDS = 3
-EXPLOSION_FACTOR = 1e3
-# Every dataset here trains a cross-entropy loss (log(num_classes) <= 5 for
-# an untrained model): above this, logits differ by thousands; the step size
-# blew the weights up already within the first round.
-LOSS_LIMIT = 1e4
-NUM_NON_FINITE = 'client_work/train/num_non_finite_updates'
-NUM_WITHOUT_STEP = 'client_work/train/num_clients_without_step'
-NUM_EXAMPLES = 'client_work/train/num_examples'
-UPDATE_NON_FINITE = 'finalizer/update_non_finite'
-
-
-class NonFiniteLossError(RuntimeError):
-  """The global training loss became NaN or infinite."""
-
-
-class DivergenceError(NonFiniteLossError):
-  """Training diverged: no usable client update for several rounds in a row,
-  or an exploding loss."""
 
 
 class MetricsFileError(ValueError):
@@ -218,30 +196,10 @@ class RunReleaseManager(tff.program.ReleaseManager):
     write: where log lines go.
     bar: a progress bar (tqdm) or None; with a bar, training rounds update it
       instead of writing a line.
-    last_good_checkpoint: fn() -> path of the last checkpoint (for the
-      non-finite loss message), or None.
-    clients_per_round: clients of a round (a round whose every client was
-      rejected or took no step is "void"); None: only an aggregate update
-      flagged non-finite or no examples at all makes a round void.
-    max_void_rounds: void rounds in a row that stop the run.
-    reference_loss: the first round's loss (on resume); else the first
-      released one.
-    explosion_factor: a loss above this times max(reference loss, 1) stops
-      the run.
-    loss_limit: a loss above this stops the run (None: no limit).
-    hyperparameters: {flag: value} named, in order, as likely too large when
-      the run diverges.
   """
 
   def __init__(self, label: str, *, train_csv: str, eval_csv: Optional[str],
-               tensorboard_dir: str, write: Callable[[str], None], bar=None,
-               last_good_checkpoint: Callable[[], Optional[str]] = lambda: None,
-               clients_per_round: Optional[int] = None,
-               max_void_rounds: int = MAX_VOID_ROUNDS,
-               reference_loss: Optional[float] = None,
-               explosion_factor: float = EXPLOSION_FACTOR,
-               loss_limit: Optional[float] = LOSS_LIMIT,
-               hyperparameters: Optional[Mapping[str, float]] = None):
+               tensorboard_dir: str, write: Callable[[str], None], bar=None):
     self._label = label
     self._train_csv = tff.program.CSVFileReleaseManager(
         train_csv, save_mode=tff.program.CSVSaveMode.APPEND,
@@ -253,73 +211,20 @@ class RunReleaseManager(tff.program.ReleaseManager):
     self._tensorboard = tff.program.TensorBoardReleaseManager(tensorboard_dir)
     self._write = write
     self._bar = bar
-    self._last_good_checkpoint = last_good_checkpoint
-    self._clients_per_round = clients_per_round
-    self._max_void_rounds = max_void_rounds
-    self._void_rounds = []
-    self._reference_loss = (None if reference_loss is None
-                            or not math.isfinite(reference_loss)
-                            else float(reference_loss))
-    self._explosion_factor = explosion_factor
-    self._loss_limit = loss_limit
-    self._hyperparameters = dict(hyperparameters or {'beta': None,
-                                                     'alpha': None})
-
-  def _void(self, train: Mapping[str, object]) -> bool:
-    """No client update was used this round (TFF then reports loss 0.0)."""
-    if train.get(UPDATE_NON_FINITE):
-      return True
-    if NUM_EXAMPLES in train and train[NUM_EXAMPLES] == 0:
-      return True
-    rejected = (train.get(NUM_NON_FINITE, 0) or 0) + (
-        train.get(NUM_WITHOUT_STEP, 0) or 0)
-    return bool(self._clients_per_round and
-                (NUM_NON_FINITE in train or NUM_WITHOUT_STEP in train) and
-                rejected >= self._clients_per_round)
-
-  def _suspects(self) -> str:
-    return ' or '.join(f'--{k}' + ('' if v is None else f'={v:g}')
-                       for k, v in self._hyperparameters.items())
-
-  def _where(self) -> str:
-    path = self._last_good_checkpoint()
-    return (f'the last good checkpoint is {path}' if path
-            else 'no checkpoint was saved')
-
-  def _check_divergence(self, train: dict, key) -> None:
-    """Raises on a void streak or an exploding loss (see the class)."""
-    if self._void(train):
-      self._void_rounds.append(key)
-      for k in (TRAIN_LOSS, PERSONALIZED_LOSS):
-        if k in train:
-          train[k] = float('nan')  # Not TFF's 0.0 of no clients.
-      if len(self._void_rounds) >= self._max_void_rounds:
-        raise DivergenceError(
-            f'{self._label}: no client update was usable (all non-finite, or '
-            f'no client took a step) in rounds {self._void_rounds[0]}-{key}; '
-            f'stopping ({self._where()}). Likely too large: '
-            f'{self._suspects()}.')
-      return
-    self._void_rounds = []
-    loss = train.get(TRAIN_LOSS)
-    if loss is None or not math.isfinite(loss):
-      return
-    if self._reference_loss is None:
-      self._reference_loss = float(loss)
-    limit = self._explosion_factor * max(self._reference_loss, 1.0)
-    if self._loss_limit is not None:
-      limit = min(limit, self._loss_limit)
-    if loss > limit:
-      raise DivergenceError(
-          f'{self._label}: the training loss exploded to {loss:.4g} at round '
-          f'{key} (first round: {self._reference_loss:.4g}); stopping '
-          f'({self._where()}). Likely too large: {self._suspects()}.')
 
   def _say(self, line: str) -> None:
     if self._bar is not None:
       self._bar.write(line, file=sys.stderr)
     else:
       self._write(line)
+
+  def say_stopped_round(self, metrics, key) -> None:
+    """The log line of a round that stopped the run before its release."""
+    train = flatten_metrics(metrics)
+    self._say(f'{self._label} train round {key}: ' + ' '.join(
+        f'{k.rsplit("/", 1)[-1]}={_fmt(train[k])}'
+        for k in (TRAIN_LOSS, NUM_NON_FINITE, NUM_WITHOUT_STEP)
+        if k in train))
 
   def _flush_tensorboard(self) -> None:
     # TFF's writer flushes every 2 minutes; a kill would lose those rounds.
@@ -336,14 +241,6 @@ class RunReleaseManager(tff.program.ReleaseManager):
         (k, v) for k, v in flat.items()
         if not k.startswith(EVAL_PREFIX) and k not in _DROPPED)
     if any(k.startswith('client_work/') for k in train):
-      try:
-        self._check_divergence(train, key)
-      except DivergenceError:
-        self._say(f'{self._label} train round {key}: ' + ' '.join(
-            f'{k.rsplit("/", 1)[-1]}={_fmt(train[k])}'
-            for k in (TRAIN_LOSS, NUM_NON_FINITE, NUM_WITHOUT_STEP)
-            if k in train))
-        raise
       await self._train_csv.release(train, key)
       await self._tensorboard.release({'train': train}, key)
       self._flush_tensorboard()
@@ -359,12 +256,6 @@ class RunReleaseManager(tff.program.ReleaseManager):
                       'client_work/train/num_non_finite_updates',
                       'finalizer/update_non_finite', ROUND_SECONDS)
             if k in train))
-      if (loss is not None and not math.isfinite(loss)
-          and not self._void_rounds):
-        raise NonFiniteLossError(
-            f'{self._label}: the global training loss is {loss} at round '
-            f'{key}; stopping ({self._where()}). Try a smaller '
-            f'{self._suspects()}.')
     if evaluation and self._eval_csv is not None:
       await self._eval_csv.release(evaluation, key)
       await self._tensorboard.release({'eval': evaluation}, key)

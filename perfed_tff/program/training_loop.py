@@ -15,22 +15,18 @@ numbered from 1; round 0 is the initial model) with
 * `perfed_tff.program.metrics.RunReleaseManager` as its metrics manager
   (`metrics/train.csv`, `metrics/eval.csv`, TensorBoard, log lines or a
   progress bar). On resume the CSVs are cut back to the checkpoint's round, so
-  every round has exactly one row. A non-finite global training loss stops
-  the run (`NonFiniteLossError`) before that round is checkpointed.
+  every round has exactly one row.
 * Personalized evaluation (`perfed_tff.program.population_eval`) of the
   initial model (round 0), every `eval_every` rounds and at the end.
-* A watchdog thread: every phase (a round, an evaluation, a checkpoint
-  write) has a deadline (`round_timeout`, default derived from the measured
-  round time) and, while it runs, the workers of the current
-  `perfed_tff.runtime.ExecutionContext` are health-checked every few
-  seconds. A frozen or unreachable worker, or a phase past its deadline, ends
-  the run with `WorkerUnavailableError` (the computations in flight are
-  cancelled and local workers killed); the last checkpoint stays resumable.
-  A long phase is reported in a log line.
-* Divergence: every client update rejected as non-finite (or no client
-  taking a step) for `metrics.MAX_VOID_ROUNDS` rounds in a row, or a training
-  loss `metrics.EXPLOSION_FACTOR` times its first-round value, stops the run
-  (`DivergenceError`, a `NonFiniteLossError`) before it is checkpointed.
+* Supervision (`perfed_tff.runtime.supervision.Supervisor`): every phase
+  (start-up, a round, an evaluation, a checkpoint write) has a deadline and
+  the workers are health-checked while it runs; a dead or frozen worker, a
+  phase past its deadline or a signal ends the run with a typed error, and
+  the last checkpoint stays resumable. Checkpoint writes are never cut short.
+* Divergence (`perfed_tff.program.divergence.DivergenceCheck`, asked after
+  every round as TFF's `should_discard_round` is): no usable client update
+  for several rounds in a row, an exploding or a non-finite loss stops the
+  run before that round is checkpointed.
 
 Every algorithm, every binary (`experiments/train.py`, `compare.py`) and the
 notebook train through this one function; a comparison is a set of such runs.
@@ -40,21 +36,16 @@ It uses the current TFF context: open one with
 
 from __future__ import annotations
 
-import asyncio
 import collections
-import concurrent.futures
 import dataclasses
 import json
 import os
-import statistics
 import sys
-import threading
 import time
 from typing import Any, Callable, Optional
 
 from absl import logging
 import tensorflow_federated as tff
-from tensorflow_federated.python.core.impl.context_stack import context_stack_impl
 
 from perfed_tff import algorithms
 from perfed_tff import checks
@@ -62,28 +53,16 @@ from perfed_tff.data import task as task_lib
 from perfed_tff.data import worker_datasets
 from perfed_tff.program import checkpointing
 from perfed_tff.program import config as config_lib
+from perfed_tff.program import divergence
 from perfed_tff.program import metrics as metrics_lib
 from perfed_tff.program import population_eval
+from perfed_tff.runtime import execution
+from perfed_tff.runtime import supervision
 
 TrainingConfig = config_lib.TrainingConfig
 CheckpointError = checkpointing.CheckpointError
-NonFiniteLossError = metrics_lib.NonFiniteLossError
-DivergenceError = metrics_lib.DivergenceError
-
-# The default (`round_timeout=0`) deadline of a phase: a round may take
-# ROUND_TIMEOUT_FACTOR x the median round (rounds 2+), at least
-# MIN_ROUND_TIMEOUT s; before two rounds are measured (compilation),
-# FIRST_ROUND_TIMEOUT s. Evaluations get EVAL_TIMEOUT_FACTOR x a round's
-# deadline (at least MIN_EVAL_TIMEOUT s), checkpoint writes
-# FIRST_ROUND_TIMEOUT s (or `round_timeout` when set). Start-up and the first
-# round of a process (tracing, compilation) get at least FIRST_ROUND_TIMEOUT.
-ROUND_TIMEOUT_FACTOR = 20.0
-MIN_ROUND_TIMEOUT = 60.0
-FIRST_ROUND_TIMEOUT = 600.0
-EVAL_TIMEOUT_FACTOR = 10.0
-MIN_EVAL_TIMEOUT = 1800.0
-HEALTH_CHECK_AFTER = 2.0    # s into a phase before the first health check
-HEALTH_CHECK_EVERY = 5.0    # s between health checks
+NonFiniteLossError = divergence.NonFiniteLossError
+DivergenceError = divergence.DivergenceError
 
 
 @dataclasses.dataclass
@@ -177,192 +156,53 @@ def round_client_inputs(config: TrainingConfig, task: task_lib.FederatedTask,
       seed=config.seed, round_num=round_num)
 
 
-class _Watchdog:
-  """Deadlines and worker health checks of a run's phases (a thread).
+class _SupervisedProcess:
+  """`process` as this program runs it in TFF's loop: `initialize()` returns
+  the state the program already computed (TFF's loop calls it again only for
+  the state's structure), and each `next` is a watched round whose metrics
+  pass the divergence check before TFF's loop releases or checkpoints them."""
 
-  The main thread marks phases with `begin(label, kind)` / `end()`. While a
-  phase runs, the workers of `context` (an `ExecutionContext` or None) are
-  health-checked after HEALTH_CHECK_AFTER s and then every
-  HEALTH_CHECK_EVERY s; a failed check, or the phase running past its
-  deadline, sets `error` and aborts `context` (the calls in flight fail, local
-  workers are killed), so the main thread gets an exception. A phase past
-  its notice time is reported through `write` (then at doubling times).
-  """
-
-  def __init__(self, *, round_timeout: float, health_timeout: float,
-               write: Callable[[str], None], context=None):
-    self._explicit = round_timeout
-    self._health_timeout = health_timeout
-    self._write = write
-    self._context = context
-    self._lock = threading.Lock()
-    self._phase = None  # (label, kind, start)
-    self._seconds = collections.defaultdict(list)
-    self._done = threading.Event()
-    self.error = None
-    self._thread = threading.Thread(target=self._watch, daemon=True,
-                                    name='perfed_tff-watchdog')
-    self._thread.start()
-
-  def begin(self, label: str, kind: str) -> None:
-    now = time.monotonic()
-    with self._lock:
-      self._close_phase(now)
-      self._phase = (label, kind, now)
-
-  def end(self) -> None:
-    with self._lock:
-      self._close_phase(time.monotonic())
-      self._phase = None
-
-  def _close_phase(self, now: float) -> None:
-    if self._phase is not None:
-      self._seconds[self._phase[1]].append(now - self._phase[2])
-
-  def stop(self) -> None:
-    self._done.set()
-    self.end()
-
-  def phase(self) -> Optional[str]:
-    """The label of the phase running now (None between phases)."""
-    with self._lock:
-      return None if self._phase is None else self._phase[0]
-
-  def deadline(self, kind: str) -> float:
-    """Seconds the current phase of `kind` may take."""
-    with self._lock:
-      measured = list(self._seconds['round'])
-    if kind == 'initialization' or (kind == 'round' and not measured):
-      # Start-up and this process's first round trace and compile.
-      return max(self._explicit, FIRST_ROUND_TIMEOUT)
-    rounds = measured[1:]
-    if self._explicit:
-      base = self._explicit
-    elif len(rounds) >= 2:
-      base = max(MIN_ROUND_TIMEOUT,
-                 ROUND_TIMEOUT_FACTOR * statistics.median(rounds))
-    else:
-      base = FIRST_ROUND_TIMEOUT
-    if kind == 'evaluation':
-      return (EVAL_TIMEOUT_FACTOR * base if self._explicit else
-              max(MIN_EVAL_TIMEOUT, EVAL_TIMEOUT_FACTOR * base))
-    if kind == 'checkpoint':
-      return self._explicit or FIRST_ROUND_TIMEOUT
-    return base
-
-  def _watch(self) -> None:
-    checked_at = notice = interrupted_at = None
-    current = None
-    while not self._done.wait(0.5):
-      now = time.monotonic()
-      if _execution().interrupt_received() is not None:
-        # The main thread should be unwinding; if the interrupt was
-        # swallowed (a GC callback), deliver it again. Workers stopped by
-        # the signal are no failure.
-        if interrupted_at is None:
-          interrupted_at = now
-        elif now - interrupted_at >= 2.0 and not self._done.is_set():
-          _execution().redeliver_interrupt()
-          interrupted_at = now
-        continue
-      with self._lock:
-        phase = self._phase
-      if phase is None:
-        continue
-      label, kind, start = phase
-      if phase is not current:
-        current, checked_at = phase, None
-        notice = max(30.0, self.deadline(kind) / 8)
-      elapsed = now - start
-      if (self._context is not None and elapsed >= HEALTH_CHECK_AFTER and
-          (checked_at is None or now - checked_at >= HEALTH_CHECK_EVERY)):
-        checked_at = now
-        bad = self._context.unhealthy(self._health_timeout)
-        with self._lock:
-          still = self._phase is phase
-        if bad and still and not self._done.is_set():
-          address, why = bad[0]
-          self._fail(_execution().WorkerUnavailableError(
-              f'{self._context.describe(address)} {why} during {label}; '
-              'stopped the run.'), phase)
-          return
-      limit = self.deadline(kind)
-      if elapsed > limit and not self._done.is_set():
-        flag = (f'--round_timeout={self._explicit:g}' if self._explicit
-                else 'raise it with --round_timeout')
-        self._fail(_execution().RoundTimeoutError(
-            f'{label} did not finish within its {limit:.0f}s deadline '
-            f'({flag}); stopped the run.'), phase)
-        return
-      if elapsed >= notice:
-        self._write(f'{label} still running after {elapsed:.0f}s (deadline '
-                    f'{limit:.0f}s)')
-        notice *= 2
-
-  def _fail(self, error, phase) -> None:
-    self.error = error
-    if self._context is not None:
-      self._context.abort(error)
-    # Blocked outside a worker call (nothing to cancel): interrupt it.
-    deadline = time.monotonic() + 10.0
-    while time.monotonic() < deadline and not self._done.is_set():
-      with self._lock:
-        if self._phase is not phase:
-          return
-      time.sleep(0.2)
-    if not self._done.is_set():
-      import _thread  # pylint: disable=g-import-not-at-top
-      _thread.interrupt_main()
-
-
-def _execution():
-  from perfed_tff.runtime import execution  # pylint: disable=g-import-not-at-top
-  return execution
-
-
-class _Checkpoints(tff.program.ProgramStateManager):
-  """The run's `CheckpointManager`, with each save a watched phase whose
-  interruption is deferred to its end (a checkpoint is written whole)."""
-
-  def __init__(self, manager: checkpointing.CheckpointManager,
-               watchdog: _Watchdog):
-    self._manager = manager
-    self._watchdog = watchdog
-
-  async def get_versions(self):
-    return await self._manager.get_versions()
-
-  async def load(self, version, structure):
-    return await self._manager.load(version, structure)
-
-  async def save(self, program_state, version):
-    self._watchdog.begin(f'checkpoint {version}', 'checkpoint')
-    with _execution().critical_section():
-      await self._manager.save(program_state, version)
-    self._watchdog.end()
-
-
-class _Initialized:
-  """`process` whose `initialize()` returns the state this program already
-  computed: TFF's loop calls it again only for the state's structure."""
-
-  def __init__(self, process, initial_state):
+  def __init__(self, process, initial_state, supervisor: supervision.Supervisor,
+               check: divergence.DivergenceCheck):
     self._process = process
     self._initial_state = initial_state
-    self.next = process.next
+    self._supervisor = supervisor
+    self._check = check
+    self.round_num = 0
+    self.last_metrics = None
 
   def initialize(self):
     return self._initial_state
 
+  def begin_round(self, round_num: int) -> None:
+    self._supervisor.check_stop()
+    self.round_num = round_num
+    self._supervisor.begin(f'round {round_num}', 'round')
 
-class _Preloaded(tff.program.ProgramStateManager):
-  """Hands TFF's loop the state this program already loaded (and checked),
-  then delegates to the real manager."""
+  def next(self, state, data):
+    start = time.time()
+    output = self._process.next(state, data)
+    self._supervisor.end()
+    self.last_metrics = output.metrics
+    try:
+      self._check.check(output.metrics, self.round_num)
+    except divergence.NonFiniteLossError:
+      output.metrics[metrics_lib.ROUND_SECONDS] = time.time() - start
+      raise
+    return output
 
-  def __init__(self, manager: checkpointing.CheckpointManager, state,
-               version: int):
+
+class _Checkpoints(tff.program.ProgramStateManager):
+  """The run's `CheckpointManager`, each save a supervised phase that an
+  interrupt cannot cut short (a checkpoint is written whole). With
+  `preloaded` (state, version), TFF's loop is handed the state this program
+  already loaded and checked instead of loading it again."""
+
+  def __init__(self, manager: checkpointing.CheckpointManager,
+               supervisor: supervision.Supervisor, preloaded=None):
     self._manager = manager
-    self._loaded = (state, version)
+    self._supervisor = supervisor
+    self._preloaded = preloaded
 
   async def get_versions(self):
     return await self._manager.get_versions()
@@ -371,63 +211,13 @@ class _Preloaded(tff.program.ProgramStateManager):
     return await self._manager.load(version, structure)
 
   async def load_latest(self, structure):
-    del structure
-    return self._loaded
+    if self._preloaded is not None:
+      return self._preloaded
+    return await self._manager.load_latest(structure)
 
   async def save(self, program_state, version):
-    await self._manager.save(program_state, version)
-
-
-def _in_fresh_event_loop(fn: Callable[[], Any], stop: threading.Event):
-  """Runs `fn` with a new asyncio event loop set for it. TFF's loop calls
-  `asyncio.get_event_loop().run_until_complete`, which fails where a loop is
-  already running (Jupyter); there `fn` runs in a helper thread, and an
-  interrupt of the waiting thread sets `stop` (checked every round)."""
-
-  def call():
-    loop = asyncio.new_event_loop()
-    asyncio.set_event_loop(loop)
-    try:
-      return fn()
-    finally:
-      asyncio.set_event_loop(None)
-      loop.close()
-
-  try:
-    asyncio.get_running_loop()
-  except RuntimeError:
-    return call()
-  # TFF's context stack is per thread: the helper runs in the caller's.
-  context = context_stack_impl.context_stack.current
-
-  def call_in_context():
-    with context_stack_impl.context_stack.install(context):
-      return call()
-
-  with concurrent.futures.ThreadPoolExecutor(1) as pool:
-    future = pool.submit(call_in_context)
-    try:
-      return future.result()
-    except KeyboardInterrupt:
-      stop.set()
-      concurrent.futures.wait([future])
-      raise
-
-
-class _StopCheck(tff.program.ReleaseManager):
-
-  def __init__(self, stop: threading.Event, watchdog: _Watchdog):
-    self._stop = stop
-    self._watchdog = watchdog
-
-  async def release(self, value, key) -> None:
-    del value, key
-    self._watchdog.end()  # The round (and its evaluation) are done.
-    signum = _execution().interrupt_received()
-    if signum is not None:  # Its exception was swallowed on the way.
-      raise _execution().Interrupted(signum)
-    if self._stop.is_set():
-      raise KeyboardInterrupt
+    with self._supervisor.saving(f'checkpoint {version}'):
+      await self._manager.save(program_state, version)
 
 
 def run_training(config: TrainingConfig, *,
@@ -458,47 +248,12 @@ def run_training(config: TrainingConfig, *,
   task = task if task is not None else config_lib.load_task(config)
   config_lib.check_population(config, len(task.client_ids), task)
   config_lib.check_output_paths(config)
-  context = _execution().current()
-  watchdog = _Watchdog(round_timeout=config.round_timeout,
-                       health_timeout=config.worker_timeout, write=write,
-                       context=context)
-  try:
+  with supervision.Supervisor(round_timeout=config.round_timeout,
+                              health_timeout=config.worker_timeout,
+                              write=write,
+                              run_dir=config.run_dir) as supervisor:
     return _run_training(config, task, process, evaluate_fn, write,
-                         watchdog, start_time)
-  except BaseException as e:
-    if watchdog.error is not None:
-      # Its abort (or, blocked elsewhere, its interrupt) caused `e`.
-      _execution().clear_interrupt()
-      raise _with_worker_logs(watchdog.error, config, context) from None
-    signum = _execution().interrupt_received()
-    if signum is not None and not isinstance(e, KeyboardInterrupt):
-      # The signal stopped the workers and its exception was swallowed: the
-      # error that followed is the interrupt's.
-      e = _execution().Interrupted(signum)
-    if isinstance(e, KeyboardInterrupt):
-      if not hasattr(e, 'phase'):
-        e.phase = watchdog.phase()  # For the one-line message.
-      raise e from None
-    if isinstance(e, _execution().WorkerUnavailableError):
-      raise _with_worker_logs(e, config, context) from None
-    raise
-  finally:
-    watchdog.stop()
-
-
-def _with_worker_logs(error, config: TrainingConfig, context):
-  """`error` with the logs of the context's local workers copied into the
-  run folder (and named in the message)."""
-  kept = []
-  for worker in getattr(context, 'local_workers', ()):
-    path = worker.keep_log(os.path.join(config.run_dir,
-                                        f'worker_{worker.port}.log'))
-    if path:
-      kept.append(path)
-  if not kept:
-    return error
-  return type(error)(f'{str(error).rstrip()} (worker log: '
-                     f'{", ".join(kept)})')
+                         supervisor, start_time)
 
 
 def _truncate_metric_files(paths, max_round: int) -> None:
@@ -514,13 +269,35 @@ def _truncate_metric_files(paths, max_round: int) -> None:
     except metrics_lib.MetricsFileError as e:
       raise CheckpointError(
           f'{e}; it was left untouched: repair or remove it, or choose '
-          'another --root_output_dir') from None
+          'another `root_output_dir`') from None
 
 
-def _run_training(config, task, process, evaluate_fn, write, watchdog,
+def _resume(config, paths, checkpoints, initial_state, write):
+  """(state, round) to continue from: the latest checkpoint of this run, or
+  (initial_state, -1) for a fresh start. The metric files and TensorBoard
+  are cut back to that round, so every round is recorded once."""
+  state, start_round = supervision.run_sync(
+      checkpoints.load_latest(initial_state))
+  if state is None:
+    state, start_round = initial_state, -1
+  elif start_round > config.rounds:
+    raise checks.ArgumentError(
+        'rounds', f'must be >= the round of the checkpoint to resume '
+        f'({start_round} in {paths["checkpoints"]}), got {config.rounds}')
+  else:
+    write(f'{config.algorithm}: resuming from round {start_round} '
+          f'({checkpoints.path(start_round)})')
+  _truncate_metric_files(paths, start_round)
+  # Rounds after the checkpoint are trained again: TensorBoard holds each once.
+  metrics_lib.prune_tensorboard(paths['tensorboard'], start_round)
+  return state, start_round
+
+
+def _run_training(config, task, process, evaluate_fn, write,
+                  supervisor: supervision.Supervisor,
                   start_time) -> TrainingResult:
-  """`run_training` under `watchdog`."""
-  watchdog.begin('start-up', 'initialization')
+  """`run_training` under `supervisor`."""
+  supervisor.begin('start-up', 'initialization')
   process = process if process is not None else build_process(config, task)
   if not config.eval_every:
     evaluate_fn = None
@@ -539,22 +316,10 @@ def _run_training(config, task, process, evaluate_fn, write, watchdog,
       paths['checkpoints'], metadata=config.resume_metadata(),
       keep_total=config.keep_checkpoints)
   initial_state = process.initialize()
-  state, start_round = checkpointing.run_sync(
-      checkpoints.load_latest(initial_state))
-  watchdog.end()
-  resumed_from = None if state is None else start_round
-  if state is None:
-    state, start_round = initial_state, -1
-  elif start_round > config.rounds:
-    raise checks.ArgumentError(
-        'rounds', f'must be >= the round of the checkpoint to resume '
-        f'({start_round} in {paths["checkpoints"]}), got {config.rounds}')
-  else:
-    write(f'{config.algorithm}: resuming from round {start_round} '
-          f'({checkpoints.path(start_round)})')
-  _truncate_metric_files(paths, start_round)
-  # Rounds after the checkpoint are trained again: TensorBoard holds each once.
-  metrics_lib.prune_tensorboard(paths['tensorboard'], start_round)
+  state, start_round = _resume(config, paths, checkpoints, initial_state,
+                               write)
+  resumed_from = None if start_round < 0 else start_round
+  supervisor.end()
   with open(paths['config'], 'w') as f:
     json.dump(config.to_json(), f, indent=1, sort_keys=True)
   first_rows = metrics_lib.read_csv(paths['train_csv'])[:1]
@@ -565,58 +330,69 @@ def _run_training(config, task, process, evaluate_fn, write, watchdog,
   release = metrics_lib.RunReleaseManager(
       config.algorithm, train_csv=paths['train_csv'],
       eval_csv=paths['eval_csv'] if evaluate_fn else None,
-      tensorboard_dir=paths['tensorboard'], write=write, bar=bar,
-      last_good_checkpoint=lambda: (
-          lambda r: r is not None and checkpoints.path(r))(
-              checkpoints.latest_round()),
-      clients_per_round=config.clients_per_round,
+      tensorboard_dir=paths['tensorboard'], write=write, bar=bar)
+  check = divergence.DivergenceCheck(
+      config.algorithm, clients_per_round=config.clients_per_round,
       reference_loss=(first_rows[0].get(metrics_lib.TRAIN_LOSS)
                       if first_rows else None),
-      hyperparameters=_step_sizes(config))
-  stop = threading.Event()
-  managed = _Checkpoints(checkpoints, watchdog)
+      hyperparameters=_step_sizes(config),
+      last_good_checkpoint=lambda: (
+          lambda r: r is not None and checkpoints.path(r))(
+              checkpoints.latest_round()))
+  managed = _Checkpoints(checkpoints, supervisor,
+                         preloaded=(None if resumed_from is None
+                                    else (state, start_round)))
 
   def evaluation_fn(state, round_num):
     # evaluation_selection_fn hands TFF's loop the round as the "data".
-    watchdog.begin(f'evaluation at round {round_num}', 'evaluation')
+    # The phase lasts until the next begins (its release included).
+    supervisor.begin(f'evaluation at round {round_num}', 'evaluation')
     return evaluate_fn(process.get_model_weights(state))
 
   # Client batches are built on the worker from each client's examples.
   on_worker = worker_side_process(config, task, process)
   examples = worker_datasets.client_examples(task.train)
+  supervised = _SupervisedProcess(on_worker, initial_state, supervisor, check)
 
   def selection_fn(round_num):
-    watchdog.begin(f'round {round_num}', 'round')
+    supervised.begin_round(round_num)
     if on_worker is process:
       return round_client_data(config, task, round_num)[1]
     return round_client_inputs(config, task, round_num, examples)[1]
 
   def train():
     return tff.simulation.run_training_process(
-        _Initialized(on_worker, initial_state),
+        supervised,
         training_selection_fn=selection_fn,
         total_rounds=config.rounds,
         evaluation_fn=evaluation_fn if evaluate_fn else None,
         evaluation_selection_fn=(lambda r: r) if evaluate_fn else None,
         rounds_per_evaluation=config.eval_every or 1,
-        program_state_manager=(
-            _Preloaded(managed, state, start_round) if resumed_from
-            is not None else managed),
+        program_state_manager=managed,
         rounds_per_saving_program_state=config.checkpoint_every,
-        metrics_managers=[_StopCheck(stop, watchdog), release])
+        metrics_managers=[release])
 
   try:
-    state = _in_fresh_event_loop(train, stop)
+    try:
+      state = supervisor.run(train)
+    except divergence.DivergenceError as e:
+      release.say_stopped_round(supervised.last_metrics, e.round_num)
+      raise
+    except divergence.NonFiniteLossError as e:
+      # The round that stopped the run is recorded; it is not checkpointed.
+      supervision.run_sync(release.release(supervised.last_metrics,
+                                           e.round_num))
+      raise
+    supervisor.check_stop()
     if checkpoints.latest_round() != config.rounds:
-      checkpointing.run_sync(managed.save(state, config.rounds))
+      supervision.run_sync(managed.save(state, config.rounds))
     eval_rows = metrics_lib.read_csv(paths['eval_csv'])
     if evaluate_fn and (not eval_rows or eval_rows[-1]['round']
                         != config.rounds):
       # The end of the run is evaluated even off the eval_every cadence.
-      checkpointing.run_sync(release.release(
+      supervision.run_sync(release.release(
           {'evaluation': evaluation_fn(state, config.rounds)},
           config.rounds))
-      watchdog.end()
   finally:
     if bar is not None:
       bar.close()
@@ -640,7 +416,7 @@ def _run_training(config, task, process, evaluate_fn, write, watchdog,
 
 
 def _step_sizes(config: TrainingConfig) -> dict:
-  """The flags a diverging run should lower, most likely first."""
+  """The parameters a diverging run should lower, most likely first."""
   out = {'beta': config.beta}
   if config.algorithm != 'fedavg':
     out['alpha'] = config.alpha
@@ -650,7 +426,6 @@ def _step_sizes(config: TrainingConfig) -> dict:
 def execution_context(config: TrainingConfig):
   """The `ExecutionContext` a run of `config` uses: a local worker, or the
   `config.workers` addresses."""
-  from perfed_tff.runtime import execution  # pylint: disable=g-import-not-at-top
   # A local worker may start slowly on a busy machine: wait at least 60s.
   ready = (config.worker_timeout if config.workers
            else max(60.0, config.worker_timeout))
@@ -676,7 +451,6 @@ def run(config: TrainingConfig,
           f'longer running (pid {owner.get("pid")}, since '
           f'{owner.get("started")})')
     task = config_lib.load_task(config)
-    config_lib.check_population(config, len(task.client_ids), task)
     configs = [config]
     if config.compare_fedavg and config.algorithm != 'fedavg':
       configs.append(dataclasses.replace(config, algorithm='fedavg'))

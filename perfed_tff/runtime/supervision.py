@@ -1,0 +1,501 @@
+"""Run supervision: keeps a training run answerable to signals, deadlines and
+dead workers, so the training loop itself stays a plain loop.
+
+One place for everything that watches a run from outside its computations:
+
+* **Interrupts.** `install_interrupt_handlers()` makes SIGINT, SIGTERM and
+  SIGHUP raise `Interrupted` (a `KeyboardInterrupt` with `exit_status` =
+  128 + signum) in the main thread; where Python would swallow it (a garbage
+  collection, a finalizer) it is delivered again a moment later.
+  `critical_section()` defers it to the end of a block (a checkpoint is
+  written whole).
+* **Deadlines and health checks.** `Watchdog` (a thread) gives every phase of
+  a run (start-up, a round, an evaluation, a checkpoint write) a deadline and
+  health-checks the workers of the current `ExecutionContext` while it runs;
+  a frozen, dead or unreachable worker, or a phase past its deadline, aborts
+  the context, so the loop gets an exception at once.
+* **A fresh event loop.** `run_sync(fn_or_coroutine)` runs TFF's loop (which
+  calls `asyncio.get_event_loop().run_until_complete`) or a coroutine with a
+  new event loop, in a helper thread where one is already running (Jupyter).
+* **Stop checks and error translation.** `Supervisor` ties these together
+  for one run: `begin`/`end` mark phases, `check_stop()` raises between
+  rounds when an interrupt arrived (even one swallowed on the way), and
+  leaving it with an exception turns whatever the abort or signal caused into
+  the typed error that names the cause (`WorkerUnavailableError`,
+  `RoundTimeoutError`, `Interrupted` with the phase it stopped), with the
+  local workers' logs kept in the run folder. The binaries map those typed
+  errors to one line and an exit status (`experiments/cli.py`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import gc
+import os
+import signal
+import statistics
+import threading
+import time
+from typing import Any, Callable, Optional
+
+from tensorflow_federated.python.core.impl.context_stack import context_stack_impl
+
+from perfed_tff.runtime import execution
+
+WorkerUnavailableError = execution.WorkerUnavailableError
+RoundTimeoutError = execution.RoundTimeoutError
+
+# The default (`round_timeout=0`) deadline of a phase: a round may take
+# ROUND_TIMEOUT_FACTOR x the median round (rounds 2+), at least
+# MIN_ROUND_TIMEOUT s; before two rounds are measured (compilation),
+# FIRST_ROUND_TIMEOUT s. Evaluations get EVAL_TIMEOUT_FACTOR x a round's
+# deadline (at least MIN_EVAL_TIMEOUT s), checkpoint writes
+# FIRST_ROUND_TIMEOUT s (or `round_timeout` when set). Start-up and the first
+# round of a process (tracing, compilation) get at least FIRST_ROUND_TIMEOUT.
+ROUND_TIMEOUT_FACTOR = 20.0
+MIN_ROUND_TIMEOUT = 60.0
+FIRST_ROUND_TIMEOUT = 600.0
+EVAL_TIMEOUT_FACTOR = 10.0
+MIN_EVAL_TIMEOUT = 1800.0
+HEALTH_CHECK_AFTER = 2.0    # s into a phase before the first health check
+HEALTH_CHECK_EVERY = 5.0    # s between health checks
+
+
+# ------------------------------------------------------------ interruptions
+
+class Interrupted(KeyboardInterrupt):
+  """SIGINT, SIGTERM or SIGHUP, raised in the main thread by the handlers of
+  `install_interrupt_handlers`. `exit_status`: 128 + the signal number."""
+
+  def __init__(self, signum: int):
+    self.signum = int(signum)
+    super().__init__(self.signal_name)
+
+  @property
+  def signal_name(self) -> str:
+    return signal.Signals(self.signum).name
+
+  @property
+  def exit_status(self) -> int:
+    return 128 + self.signum
+
+
+INTERRUPT_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+_critical = {'depth': 0, 'pending': None, 'received': None}
+_in_gc = [False]
+
+
+def _gc_start(phase, info):
+  del info
+  if phase == 'start':
+    _in_gc[0] = True
+
+
+def _gc_stop(phase, info):
+  del info
+  if phase == 'stop':
+    _in_gc[0] = False
+
+
+def _unsafe_to_raise(frame) -> bool:
+  """Whether `frame` runs where Python swallows an exception ("Exception
+  ignored in ..."): during a garbage collection (its callbacks, weakref
+  callbacks, finalizers) or in a `__del__`/weakref callback."""
+  if _in_gc[0]:
+    return True
+  depth = 0
+  while frame is not None and depth < 64:
+    code = frame.f_code
+    if (code.co_filename.endswith('weakref.py')
+        or code.co_name in ('__del__', '_remove_dead_weakref')):
+      return True
+    frame, depth = frame.f_back, depth + 1
+  return False
+
+
+def _redeliver(signum: int, delay: float = 0.05) -> None:
+  """Runs the signal's handler again in the main thread after `delay`."""
+  import _thread  # pylint: disable=g-import-not-at-top
+
+  def later():
+    time.sleep(delay)
+    _thread.interrupt_main(signum)
+
+  threading.Thread(target=later, daemon=True).start()
+
+
+def _raise_interrupted(signum, frame):
+  if _critical['received'] is None:
+    _critical['received'] = signum
+  if _critical['depth'] > 0:
+    _critical['pending'] = signum  # Raised when the critical section ends.
+    return
+  if _unsafe_to_raise(frame):
+    _redeliver(signum)
+    return
+  raise Interrupted(signum)
+
+
+def interrupt_received() -> Optional[int]:
+  """The first signal `install_interrupt_handlers`' handlers received (None:
+  none), even when its exception was swallowed somewhere."""
+  return _critical['received']
+
+
+def clear_interrupt() -> None:
+  """Forgets a received (and handled) interrupt."""
+  _critical['received'] = _critical['pending'] = None
+
+
+def redeliver_interrupt() -> None:
+  """Raises the received interrupt again in the main thread (from a thread,
+  when the first one was swallowed)."""
+  if _critical['received'] is not None:
+    _redeliver(_critical['received'], 0.0)
+
+
+def install_interrupt_handlers() -> list[int]:
+  """Makes SIGINT, SIGTERM and SIGHUP raise `Interrupted` in the main thread
+  (call it before opening an `ExecutionContext`, whose handlers then stop the
+  workers first). A signal that is ignored (e.g. SIGINT of a background job,
+  SIGHUP under nohup) stays ignored. Returns the signals now handled."""
+  handled = []
+  clear_interrupt()
+  if threading.current_thread() is not threading.main_thread():
+    return handled
+  if _gc_start not in gc.callbacks:
+    gc.callbacks.insert(0, _gc_start)  # Before every other callback,
+    gc.callbacks.append(_gc_stop)      # and after those registered so far.
+  for signum in INTERRUPT_SIGNALS:
+    if signal.getsignal(signum) == signal.SIG_IGN:
+      continue
+    signal.signal(signum, _raise_interrupted)
+    handled.append(int(signum))
+  return handled
+
+
+class critical_section:  # pylint: disable=invalid-name
+  """Defers `Interrupted` (from `install_interrupt_handlers`' handlers) to the
+  end of the block, so a checkpoint write is never cut short."""
+
+  def __enter__(self):
+    _critical['depth'] += 1
+    return self
+
+  def __exit__(self, *exc_info):
+    _critical['depth'] -= 1
+    if _critical['depth'] == 0 and _critical['pending'] is not None:
+      signum, _critical['pending'] = _critical['pending'], None
+      if exc_info[0] is None:
+        raise Interrupted(signum)
+    return False
+
+
+# -------------------------------------------------------------- event loop
+
+def run_sync(work, stop: Optional[threading.Event] = None):
+  """Runs `work` (a coroutine, or a function that runs its own
+  `asyncio.get_event_loop().run_until_complete`, as TFF's training loop does)
+  to completion with a new asyncio event loop set for it. Where a loop is
+  already running in this thread (Jupyter), it runs in a helper thread under
+  the caller's TFF context; an interrupt of the waiting thread then sets
+  `stop` (which `Supervisor.check_stop` honours between rounds) and waits for
+  the helper to finish."""
+  if asyncio.iscoroutine(work):
+    coroutine = work
+    work = lambda: asyncio.get_event_loop().run_until_complete(coroutine)
+
+  def call():
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+      return work()
+    finally:
+      asyncio.set_event_loop(None)
+      loop.close()
+
+  try:
+    asyncio.get_running_loop()
+  except RuntimeError:
+    return call()
+  # TFF's context stack is per thread: the helper runs in the caller's.
+  context = context_stack_impl.context_stack.current
+
+  def call_in_context():
+    with context_stack_impl.context_stack.install(context):
+      return call()
+
+  with concurrent.futures.ThreadPoolExecutor(1) as pool:
+    future = pool.submit(call_in_context)
+    try:
+      return future.result()
+    except KeyboardInterrupt:
+      if stop is not None:
+        stop.set()
+      concurrent.futures.wait([future])
+      raise
+
+
+# ---------------------------------------------------------------- watchdog
+
+class Watchdog:
+  """Deadlines and worker health checks of a run's phases (a thread).
+
+  The main thread marks phases with `begin(label, kind)` / `end()`. While a
+  phase runs, the workers of `context` (an `ExecutionContext` or None) are
+  health-checked after HEALTH_CHECK_AFTER s and then every
+  HEALTH_CHECK_EVERY s; a failed check, or the phase running past its
+  deadline, sets `error` and aborts `context` (the calls in flight fail, local
+  workers are killed), so the main thread gets an exception. A phase past
+  its notice time is reported through `write` (then at doubling times).
+  """
+
+  def __init__(self, *, round_timeout: float, health_timeout: float,
+               write: Callable[[str], None], context=None):
+    self._explicit = round_timeout
+    self._health_timeout = health_timeout
+    self._write = write
+    self._context = context
+    self._lock = threading.Lock()
+    self._phase = None  # (label, kind, start)
+    self._seconds = collections.defaultdict(list)
+    self._done = threading.Event()
+    self.error = None
+    self._thread = threading.Thread(target=self._watch, daemon=True,
+                                    name='perfed_tff-watchdog')
+    self._thread.start()
+
+  def begin(self, label: str, kind: str) -> None:
+    now = time.monotonic()
+    with self._lock:
+      self._close_phase(now)
+      self._phase = (label, kind, now)
+
+  def end(self) -> None:
+    with self._lock:
+      self._close_phase(time.monotonic())
+      self._phase = None
+
+  def _close_phase(self, now: float) -> None:
+    if self._phase is not None:
+      self._seconds[self._phase[1]].append(now - self._phase[2])
+
+  def stop(self) -> None:
+    self._done.set()
+    self.end()
+
+  def phase(self) -> Optional[str]:
+    """The label of the phase running now (None between phases)."""
+    with self._lock:
+      return None if self._phase is None else self._phase[0]
+
+  def deadline(self, kind: str) -> float:
+    """Seconds the current phase of `kind` may take."""
+    with self._lock:
+      measured = list(self._seconds['round'])
+    if kind == 'initialization' or (kind == 'round' and not measured):
+      # Start-up and this process's first round trace and compile.
+      return max(self._explicit, FIRST_ROUND_TIMEOUT)
+    rounds = measured[1:]
+    if self._explicit:
+      base = self._explicit
+    elif len(rounds) >= 2:
+      base = max(MIN_ROUND_TIMEOUT,
+                 ROUND_TIMEOUT_FACTOR * statistics.median(rounds))
+    else:
+      base = FIRST_ROUND_TIMEOUT
+    if kind == 'evaluation':
+      return (EVAL_TIMEOUT_FACTOR * base if self._explicit else
+              max(MIN_EVAL_TIMEOUT, EVAL_TIMEOUT_FACTOR * base))
+    if kind == 'checkpoint':
+      return self._explicit or FIRST_ROUND_TIMEOUT
+    return base
+
+  def _watch(self) -> None:
+    checked_at = notice = interrupted_at = None
+    current = None
+    while not self._done.wait(0.5):
+      now = time.monotonic()
+      if interrupt_received() is not None:
+        # The main thread should be unwinding; if the interrupt was
+        # swallowed (a GC callback), deliver it again. Workers stopped by
+        # the signal are no failure.
+        if interrupted_at is None:
+          interrupted_at = now
+        elif now - interrupted_at >= 2.0 and not self._done.is_set():
+          redeliver_interrupt()
+          interrupted_at = now
+        continue
+      with self._lock:
+        phase = self._phase
+      if phase is None:
+        continue
+      label, kind, start = phase
+      if phase is not current:
+        current, checked_at = phase, None
+        notice = max(30.0, self.deadline(kind) / 8)
+      elapsed = now - start
+      if (self._context is not None and elapsed >= HEALTH_CHECK_AFTER and
+          (checked_at is None or now - checked_at >= HEALTH_CHECK_EVERY)):
+        checked_at = now
+        bad = self._context.unhealthy(self._health_timeout)
+        with self._lock:
+          still = self._phase is phase
+        if bad and still and not self._done.is_set():
+          address, why = bad[0]
+          self._fail(WorkerUnavailableError(
+              f'{self._context.describe(address)} {why} during {label}; '
+              'stopped the run.'), phase)
+          return
+      limit = self.deadline(kind)
+      if elapsed > limit and not self._done.is_set():
+        flag = (f'`round_timeout`={self._explicit:g}' if self._explicit
+                else 'raise it with `round_timeout`')
+        self._fail(RoundTimeoutError(
+            f'{label} did not finish within its {limit:.0f}s deadline '
+            f'({flag}); stopped the run.'), phase)
+        return
+      if elapsed >= notice:
+        self._write(f'{label} still running after {elapsed:.0f}s (deadline '
+                    f'{limit:.0f}s)')
+        notice *= 2
+
+  def _fail(self, error, phase) -> None:
+    self.error = error
+    if self._context is not None:
+      self._context.abort(error)
+    # Blocked outside a worker call (nothing to cancel): interrupt it.
+    deadline = time.monotonic() + 10.0
+    while time.monotonic() < deadline and not self._done.is_set():
+      with self._lock:
+        if self._phase is not phase:
+          return
+      time.sleep(0.2)
+    if not self._done.is_set():
+      import _thread  # pylint: disable=g-import-not-at-top
+      _thread.interrupt_main()
+
+
+# -------------------------------------------------------------- supervisor
+
+class Supervisor:
+  """Supervises one training run in the current `ExecutionContext`.
+
+  Use as a context manager around the run. Inside, `begin(label, kind)` /
+  `end()` mark phases for the `Watchdog`, `check_stop()` (between rounds)
+  raises a pending interrupt, `saving()` wraps a checkpoint write, and
+  `run(fn)` runs TFF's loop with a fresh event loop. Leaving with an
+  exception raises the typed error of its cause instead (see the module
+  docstring); the logs of the context's local workers are then copied into
+  `run_dir` and named in the message.
+
+  Args:
+    round_timeout: a phase's deadline base in seconds (0: from measured
+      rounds; see the module's constants).
+    health_timeout: seconds a worker health check may take.
+    write: where notices of long phases go.
+    run_dir: where worker logs are kept when a worker fails.
+  """
+
+  def __init__(self, *, round_timeout: float, health_timeout: float,
+               write: Callable[[str], None], run_dir: str):
+    self._context = execution.current()
+    self._run_dir = run_dir
+    self._watchdog = Watchdog(round_timeout=round_timeout,
+                              health_timeout=health_timeout, write=write,
+                              context=self._context)
+    self._stop = threading.Event()
+
+  def begin(self, label: str, kind: str) -> None:
+    self._watchdog.begin(label, kind)
+
+  def end(self) -> None:
+    self._watchdog.end()
+
+  def check_stop(self) -> None:
+    """Raises the interrupt that arrived since the run began, even one whose
+    exception was swallowed on the way (`Interrupted`), or KeyboardInterrupt
+    when the waiting thread was interrupted (`run_sync` in Jupyter)."""
+    signum = interrupt_received()
+    if signum is not None:
+      raise Interrupted(signum)
+    if self._stop.is_set():
+      raise KeyboardInterrupt
+
+  def run(self, work: Callable[[], Any]):
+    """`run_sync(work)`, interruptible between rounds."""
+    return run_sync(work, self._stop)
+
+  def saving(self, label: str):
+    """A watched, uninterruptible phase for a checkpoint write:
+    `with supervisor.saving('checkpoint 5'): ...`."""
+    return _Saving(self, label)
+
+  def __enter__(self) -> 'Supervisor':
+    return self
+
+  def __exit__(self, exc_type, error, tb) -> None:
+    try:
+      translated = None if error is None else self.translate(error)
+    finally:
+      self._watchdog.stop()
+    if translated is None:
+      return None
+    if translated is error:
+      return None  # Propagates as it is.
+    raise translated from None
+
+  def translate(self, error: BaseException) -> BaseException:
+    """The typed error of what caused `error`."""
+    if self._watchdog.error is not None:
+      # Its abort (or, blocked elsewhere, its interrupt) caused `error`.
+      clear_interrupt()
+      return self._with_worker_logs(self._watchdog.error)
+    signum = interrupt_received()
+    if signum is not None and not isinstance(error, KeyboardInterrupt):
+      # The signal stopped the workers and its exception was swallowed: the
+      # error that followed is the interrupt's.
+      error = Interrupted(signum)
+    if isinstance(error, KeyboardInterrupt):
+      if not hasattr(error, 'phase'):
+        error.phase = self._watchdog.phase()  # For the one-line message.
+      return error
+    if isinstance(error, WorkerUnavailableError):
+      return self._with_worker_logs(error)
+    return error
+
+  def _with_worker_logs(self, error):
+    """`error` with the logs of the context's local workers copied into the
+    run folder (and named in the message)."""
+    kept = []
+    for worker in getattr(self._context, 'local_workers', ()):
+      path = worker.keep_log(os.path.join(self._run_dir,
+                                          f'worker_{worker.port}.log'))
+      if path:
+        kept.append(path)
+    if not kept:
+      return error
+    return type(error)(f'{str(error).rstrip()} (worker log: '
+                       f'{", ".join(kept)})')
+
+
+class _Saving:
+
+  def __init__(self, supervisor: Supervisor, label: str):
+    self._supervisor = supervisor
+    self._label = label
+    self._critical = critical_section()
+
+  def __enter__(self):
+    self._supervisor.begin(self._label, 'checkpoint')
+    self._critical.__enter__()
+    return self
+
+  def __exit__(self, *exc_info):
+    # A deferred interrupt raises here, its phase still named.
+    self._critical.__exit__(*exc_info)
+    if exc_info[0] is None:
+      self._supervisor.end()
+    return False
