@@ -12,7 +12,8 @@ scikit-learn digits, synthetic FedProx Synthetic(1, 1).
 
 Prints a Markdown table and writes JSON with the per-contender timings and the
 ratios Per-FedAvg / FedAvg and TFF / pure-TF floor (see
-`experiments.benchmarking`). All TFF computations run in an owned
+`experiments.benchmarking`; the contenders are in
+`experiments.benchmark_contenders`). All TFF computations run in an owned
 `perfed_tff.ExecutionContext`, whose worker is stopped on exit.
 """
 
@@ -24,10 +25,13 @@ from absl import flags
 from absl import logging
 import tensorflow as tf
 
-from experiments import benchmarking as benchmark
+from experiments import benchmark_contenders
+from experiments import benchmark_report
+from experiments import benchmark_tasks
+from experiments import benchmarking
 from perfed_tff.runtime import execution
 
-_TASK = flags.DEFINE_enum('task', 'emnist_cnn', list(benchmark.TASKS),
+_TASK = flags.DEFINE_enum('task', 'emnist_cnn', list(benchmark_tasks.TASKS),
                           'Dataset/model.')
 _CLIENTS = flags.DEFINE_integer('clients_per_round', 10, 'Clients per round.')
 _NUM_CLIENTS = flags.DEFINE_integer('num_clients', 20,
@@ -102,7 +106,7 @@ def main(argv):
   if _INTER.value > 0:
     tf.config.threading.set_inter_op_parallelism_threads(_INTER.value)
 
-  config = benchmark.BenchmarkConfig(
+  config = benchmark_contenders.BenchmarkConfig(
       task=_TASK.value, clients_per_round=_CLIENTS.value,
       num_clients=max(_NUM_CLIENTS.value, _CLIENTS.value),
       examples_per_client=_EXAMPLES.value, local_steps=_TAU.value,
@@ -121,7 +125,7 @@ def main(argv):
         graph_optimization='runtime') as runtime, execution.ExecutionContext(
             max_concurrent_computation_calls=_CONCURRENCY.value,
             graph_optimization='tff') as static:
-      report = benchmark.run_compilation_ab(
+      report = benchmarking.run_compilation_ab(
           config, {'runtime': runtime, 'tff': static}, log=logging.info)
     report['command'] = ' '.join(['python'] + sys.argv)
     print('| contender | runtime (s) | tff (s) | runtime / tff |')
@@ -130,21 +134,21 @@ def main(argv):
       print(f"| {c} | {r['runtime_median_round_s']:.3f} | "
             f"{r['tff_median_round_s']:.3f} | {r['runtime/tff']:.3f} |")
     if _OUTPUT_JSON.value:
-      benchmark.write_json(report, _OUTPUT_JSON.value)
+      benchmark_report.write_json(report, _OUTPUT_JSON.value)
     return
   with execution.ExecutionContext(
       max_concurrent_computation_calls=_CONCURRENCY.value,
       graph_optimization=_GRAPH_OPTIMIZATION.value) as context:
     config.graph_optimization = context.graph_optimization
-    report = benchmark.run_benchmark(config, log=logging.info)
+    report = benchmarking.run_benchmark(config, log=logging.info)
   report['command'] = ' '.join(['python'] + sys.argv)
-  table = benchmark.markdown_table(report)
+  table = benchmark_report.markdown_table(report)
   print(table)
   print()
   for name, value in report['ratios'].items():
     print(f'{name}: {value:.3f}')
   if _OUTPUT_JSON.value:
-    benchmark.write_json(report, _OUTPUT_JSON.value)
+    benchmark_report.write_json(report, _OUTPUT_JSON.value)
   if _OUTPUT_MD.value:
     with open(_OUTPUT_MD.value, 'w') as f:
       f.write(table + '\n')

@@ -59,8 +59,6 @@ _HELP = {
                       "on its test data, as the paper is quoted).",
     'adapt_batch_size': 'Batch of each adaptation step (default: '
                         '--batch_size).',
-    'compare_fedavg': 'Also train FedAvg with the same settings and print a '
-                      'side-by-side summary.',
     'workers': 'host:port,... of TFF workers (python -m '
                'perfed_tff.runtime.worker); empty: one local worker.',
     'worker_timeout': 'Seconds to wait for an unreachable worker, > 0.',
@@ -159,8 +157,8 @@ def _first_line(error: BaseException) -> str:
 def as_flags(message: str) -> str:
   """A library message with its parameters (`name`, in backticks) named as
   this binary's flags (--name)."""
-  return re.sub(r'`(\w+)`', lambda m: f'--{m[1]}' if m[1] in FLAGS else m[0],
-                message)
+  return re.sub(r'`(\w+)`', lambda m: (f'--{m[1]}' if m[1] in _HELP
+                                        or m[1] in FLAGS else m[0]), message)
 
 
 def guard(work, resume_hint: str, traceback_dir=None):

@@ -14,7 +14,7 @@ raw JSON there, and also into --output_dir when given:
 Heterogeneity sweep (one comparison per set of dataset options):
 
   python -m experiments.compare --algorithms=fedavg,per_fedavg_hf \
-      --dataset=synthetic --sweep_levels='alpha=0,beta=0;alpha=1,beta=1'
+      --dataset=synthetic --sweep_levels='model_heterogeneity=0,input_heterogeneity=0;model_heterogeneity=1,input_heterogeneity=1'
 
 Hyperparameter grid (alpha x beta for every algorithm; use tuning seeds that
 are not the reported ones):
@@ -43,7 +43,7 @@ from experiments import cli
 from perfed_tff import algorithms
 from perfed_tff import checks
 
-cli.define_training_flags(exclude=('algorithm', 'seed', 'compare_fedavg'))
+cli.define_training_flags(exclude=('algorithm', 'seed'))
 flags.DEFINE_list('algorithms', list(algorithms.ALGORITHMS),
                   'Algorithms to compare.')
 flags.DEFINE_list('seeds', ['0', '1', '2'], 'Seeds (ints >= 0).')

@@ -51,14 +51,14 @@ class Comparison:
     # A comparison always evaluates the final model (eval_every=0: only at
     # round 0 and at the end).
     return dataclasses.replace(
-        self.base, algorithm=algorithm, seed=seed, compare_fedavg=False,
+        self.base, algorithm=algorithm, seed=seed,
         eval_every=self.base.eval_every or self.base.rounds,
         root_output_dir=os.path.join(run_dir, 'runs', f'seed_{seed}'),
         **dict(self.step_sizes.get(algorithm, {})))
 
   def to_json(self) -> dict:
     out = self.base.to_json()
-    for k in ('algorithm', 'seed', 'root_output_dir', 'compare_fedavg',
+    for k in ('algorithm', 'seed', 'root_output_dir',
               'progress', 'workers'):
       out.pop(k, None)
     out.update(algorithms=list(self.algorithms), seeds=list(self.seeds))
@@ -117,8 +117,8 @@ def run_comparison(comparison: Comparison, run_dir: str,
 
 
 def parse_levels(text: str) -> list[dict]:
-  """'alpha=0,beta=0;alpha=1,beta=1' -> [{'alpha': 0, 'beta': 0}, ...]:
-  dataset options per sweep level."""
+  """'classes_per_user=1;classes_per_user=2' -> [{'classes_per_user': 1},
+  {'classes_per_user': 2}]: dataset options per sweep level."""
   from perfed_tff import checks  # pylint: disable=g-import-not-at-top
   levels = [checks.key_values('sweep_levels', part)
             for part in text.split(';') if part.strip()]

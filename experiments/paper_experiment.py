@@ -39,8 +39,9 @@ from experiments import comparison
 from experiments import report
 from perfed_tff.algorithms import LABELS
 from perfed_tff.program import config as config_lib
+from perfed_tff.program import population_eval
 
-PROTOCOLS = ('heldout', 'paper')
+PROTOCOLS = population_eval.PROTOCOLS
 FRAMINGS = ('shared', 'tuned')
 PROTOCOL_TEXT = {
     'heldout': 'step on the user\'s train data, test on its held-out data',
@@ -138,15 +139,16 @@ def run(exp: PaperExperiment, run_dir: str,
   return results
 
 
-POPULATION_OF = {'heldout': 'seen', 'paper': 'seen_paper'}
+POPULATION_OF = {p: population_eval.population_name('seen', p)
+                 for p in PROTOCOLS}
 
 
 def table_rows(results) -> list[dict]:
   rows = []
   for framing, f in results['framings'].items():
     for protocol in PROTOCOLS:
-      for population in ('seen', 'unseen'):
-        pop = population + ('' if protocol == 'heldout' else '_paper')
+      for population in population_eval.POPULATIONS:
+        pop = population_eval.population_name(population, protocol)
         for a in results['algorithms']:
           runs = [r for r in f['runs'] if r['algorithm'] == a]
           if not runs or pop not in runs[0]['final']:

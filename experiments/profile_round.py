@@ -5,8 +5,8 @@ r"""Where a TFF round's fixed cost goes: parts timed side by side, both processe
       --perf_seconds=8 --output_json=/tmp/profile_digits_fo.json
 
 Every round, on the same cohort and inputs as the benchmark
-(`experiments.benchmarking.round_inputs`), it runs these computations in the
-owned `perfed_tff.runtime.ExecutionContext`, interleaved:
+(`experiments.benchmark_tasks.round_inputs`), it runs these computations in
+the owned `perfed_tff.runtime.ExecutionContext`, interleaved:
 
 * `invoke`: a federated computation taking the server weights and the
   clients' round inputs and returning the weights: one invocation (compile
@@ -49,13 +49,16 @@ import psutil
 import tensorflow as tf
 import tensorflow_federated as tff
 
-from experiments import benchmarking
+from experiments import benchmark_contenders
+from experiments import benchmark_report
+from experiments import benchmark_tasks
+from perfed_tff import algorithms
 from perfed_tff.data import task as task_lib
 from perfed_tff.data import worker_datasets
 from perfed_tff.runtime import execution
 
-_TASK = flags.DEFINE_enum('task', 'digits_mlp', list(benchmarking.TASKS),
-                          'Benchmark task (experiments.benchmarking).')
+_TASK = flags.DEFINE_enum('task', 'digits_mlp', list(benchmark_tasks.TASKS),
+                          'Benchmark task (experiments.benchmark_tasks).')
 _ALGORITHM = flags.DEFINE_enum(
     'algorithm', 'per_fedavg_fo',
     ['fedavg', 'per_fedavg_fo', 'per_fedavg_hf', 'per_fedavg_maml'],
@@ -187,33 +190,35 @@ def main(argv):
     phases[name] = now - mark
     mark = now
 
-  config = benchmarking.BenchmarkConfig(
+  config = benchmark_contenders.BenchmarkConfig(
       task=_TASK.value, clients_per_round=_CLIENTS.value,
       num_clients=max(_NUM_CLIENTS.value, _CLIENTS.value),
       local_steps=_TAU.value, batch_size=_BATCH.value, rounds=_ROUNDS.value,
       contenders=(_ALGORITHM.value,))
-  task = benchmarking.make_task(config.task, num_clients=config.num_clients,
-                                seed=config.seed)
+  task = benchmark_tasks.make_task(config.task,
+                                   num_clients=config.num_clients,
+                                   seed=config.seed)
   phase('task')
   with execution.ExecutionContext():
     phase('worker start (not waited for)')
-    runner = benchmarking.build_contender(_ALGORITHM.value, task, config)
+    runner = benchmark_contenders.build_contender(_ALGORITHM.value, task,
+                                                  config)
     phase('build the process + initialize')
-    runner.run_round(benchmarking.round_inputs(task, config, 0))
+    runner.run_round(benchmark_tasks.round_inputs(task, config, 0))
     phase('first round (compilation)')
     weights = runner.weights()
     weights_type = runner.process.get_model_weights.type_signature.result
     spec = task_lib.unbatched_spec(task.element_spec)
     batches = worker_datasets.build_batches_computation(
         spec, batch_size=config.batch_size,
-        num_batches=benchmarking.batches_per_round(_ALGORITHM.value,
-                                                   config.local_steps))
+        num_batches=algorithms.batches_per_round(_ALGORITHM.value,
+                                                 config.local_steps))
     parts = build_parts(weights_type, worker_datasets.input_type(spec),
                         batches)
     cases = list(parts) + ['no_data_round', 'round']
 
     def run_case(name, r):
-      inputs = benchmarking.round_inputs(task, config, r,
+      inputs = benchmark_tasks.round_inputs(task, config, r,
                                          empty=name == 'no_data_round')
       t0, p0, w0 = time.perf_counter(), time.process_time(), _worker_cpu()
       if name in parts:
@@ -281,8 +286,8 @@ def main(argv):
                     local_steps=config.local_steps,
                     batch_size=config.batch_size, rounds=config.rounds),
         phases_s=phases, parts=results, worker_perf=profile,
-        environment=benchmarking.environment_info())
-    benchmarking.write_json(report, _OUTPUT_JSON.value)
+        environment=benchmark_report.environment_info())
+    benchmark_report.write_json(report, _OUTPUT_JSON.value)
 
 
 if __name__ == '__main__':

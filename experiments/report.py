@@ -19,8 +19,12 @@ from typing import Optional, Sequence
 import numpy as np
 
 from perfed_tff.algorithms import LABELS
+from perfed_tff.program import population_eval
 
-POPULATIONS = ('seen', 'unseen', 'seen_paper', 'unseen_paper')
+POPULATIONS = tuple(population_eval.population_name(p, protocol)
+                    for protocol in population_eval.PROTOCOLS
+                    for p in population_eval.POPULATIONS)
+step_key = population_eval.step_key
 
 
 def population_title(population: str) -> str:
@@ -28,10 +32,6 @@ def population_title(population: str) -> str:
   base, _, protocol = population.partition('_')
   return f'{base} users' + (f', {protocol} protocol' if protocol else '')
 
-
-def step_key(k: int) -> str:
-  """Name of the metrics after k adaptation steps ('step_0' = no adaptation)."""
-  return f'step_{k}'
 
 # --------------------------------------------------------------------------
 # Tables.

@@ -2,7 +2,7 @@
 
 One federated round in eager PyTorch (CPU, one intra-op thread), written from
 the equations of Fallah, Mokhtari & Ozdaglar (2020), for the models of the
-benchmark tasks (`experiments.benchmarking.make_task`). It is the "PyTorch
+benchmark tasks (`experiments.benchmark_tasks.make_task`). It is the "PyTorch
 peer" contender: what the same round costs in another framework, with no TFF
 and no TF graph.
 
@@ -251,7 +251,7 @@ class TorchPeer:
 
   @classmethod
   def from_task(cls, task, **kwargs) -> 'TorchPeer':
-    """The peer of an `experiments.benchmarking.BenchmarkTask`: architecture
+    """The peer of an `experiments.benchmark_tasks.BenchmarkTask`: architecture
     from `task.name`, input shape from `task.element_spec['x']`, number of
     classes from the last bias of `initial_weights`; `kwargs` as for the
     constructor (variant, alpha, beta, delta, local_steps, initial_weights)."""

@@ -27,6 +27,8 @@ from absl import logging
 from experiments import cli
 
 cli.define_training_flags()
+flags.DEFINE_bool('compare_fedavg', False, 'Also train FedAvg with the same '
+                  'settings and print a side-by-side summary.')
 FLAGS = flags.FLAGS
 
 
@@ -81,7 +83,9 @@ def main(argv):
 
   def work():
     config = cli.training_config()
-    return training_loop.run(config, write=cli.log)
+    return training_loop.run(
+        config, write=cli.log,
+        also_train=('fedavg',) if FLAGS.compare_fedavg else ())
 
   results = cli.guard(work, 'Rerun the same command to resume from the last '
                       'checkpoint.', traceback_dir=FLAGS.root_output_dir)

@@ -1,4 +1,8 @@
-"""The algorithms an experiment can name, built as `LearningProcess`es.
+"""The algorithms an experiment can name: their rules and `LearningProcess`es.
+
+An algorithm name decides its Per-FedAvg variant (`variant_of`), the batches
+a client consumes per round (`batches_per_round`) and its gradient
+evaluations (`gradient_evaluations_per_round`); `build_algorithm` builds it.
 
 `fedavg` is TFF's own `tff.learning.algorithms.build_weighted_fed_avg` with
 client SGD at learning rate beta for tau local steps and server SGD at 1.0 (the
@@ -70,6 +74,18 @@ def batches_per_round(algorithm: str, local_steps: int, *,
   if variant is None:
     return local_steps
   return client_work_lib.batches_per_step(variant, inner_steps) * local_steps
+
+
+def gradient_evaluations_per_round(algorithm: str, local_steps: int, *,
+                                   inner_steps: int = 1) -> int:
+  """Batch gradient evaluations of one client in one round: tau for FedAvg;
+  for Per-FedAvg tau (nu + 1) (FO), tau (3 nu + 1) (HF) or tau (2 nu + 1)
+  (MAML) (`per_fedavg_client_work.gradient_evaluations_per_step`)."""
+  variant = variant_of(algorithm)
+  if variant is None:
+    return local_steps
+  return (client_work_lib.gradient_evaluations_per_step(variant, inner_steps)
+          * local_steps)
 
 
 def build_algorithm(

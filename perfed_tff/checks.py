@@ -29,6 +29,14 @@ class ArgumentError(ValueError):
   def flag_message(self) -> str:
     return f'--{self.name}: {self.reason}'
 
+  def within(self, name: str) -> 'ArgumentError':
+    """This error of an option held by the argument `name` (a dataset
+    option in `dataset_options`): named `name` (``--dataset_options: a
+    must be ...``), with the message of the option (`` `a` must be ...``)."""
+    error = ArgumentError(name, f'{self.name} {self.reason}')
+    error.args = self.args
+    return error
+
 
 def positive_float(name: str, value) -> float:
   if (isinstance(value, bool) or not isinstance(value, numbers.Real)
@@ -56,12 +64,19 @@ def step_size(name: str, value) -> float:
   return value
 
 
-def bounded_float(name: str, value, minimum: float, maximum: float) -> float:
-  """A finite number in [minimum, maximum]."""
-  if (isinstance(value, bool) or not isinstance(value, numbers.Real)
-      or not math.isfinite(value) or not minimum <= value <= maximum):
-    raise ArgumentError(name, f'must be a number in [{minimum:g}, '
-                        f'{maximum:g}], got {value!r}')
+def bounded_float(name: str, value, minimum: float, maximum: float, *,
+                  low_open: bool = False, high_open: bool = False) -> float:
+  """A finite number in [minimum, maximum]; `low_open` / `high_open` leave
+  out that end ((minimum, maximum], [minimum, maximum), ...)."""
+  ok = (not isinstance(value, bool) and isinstance(value, numbers.Real)
+        and math.isfinite(value)
+        and (value > minimum if low_open else value >= minimum)
+        and (value < maximum if high_open else value <= maximum))
+  if not ok:
+    interval = (f'{"(" if low_open else "["}{minimum:g}, {maximum:g}'
+                f'{")" if high_open else "]"}')
+    raise ArgumentError(name, f'must be a number in {interval}, got '
+                        f'{value!r}')
   return float(value)
 
 
@@ -75,6 +90,11 @@ def integer(name: str, value, minimum: int,
   return int(value)
 
 
+# The fewest training users a federated task (a data loader's `num_users`)
+# may have.
+MIN_USERS = 2
+
+
 def at_most(name: str, value, maximum):
   """`value` (already checked to be a number) is <= `maximum`."""
   if value > maximum:
@@ -83,24 +103,28 @@ def at_most(name: str, value, maximum):
   return value
 
 
-def fraction(name: str, value, *, low_open: bool = True,
-             high_open: bool = True) -> float:
-  """A number in (0, 1) (ends included when `*_open` is False)."""
-  ok = (not isinstance(value, bool) and isinstance(value, numbers.Real)
-        and math.isfinite(value)
-        and (value > 0 if low_open else value >= 0)
-        and (value < 1 if high_open else value <= 1))
-  if not ok:
-    interval = f'{"(" if low_open else "["}0, 1{")" if high_open else "]"}'
-    raise ArgumentError(name, f'must be in {interval}, got {value!r}')
-  return float(value)
-
-
 def choice(name: str, value, choices: Iterable[str]) -> str:
   choices = list(choices)
   if value not in choices:
     raise ArgumentError(name, f'must be one of {choices}, got {value!r}')
   return value
+
+
+def boolean(name: str, value) -> bool:
+  if not isinstance(value, bool):
+    raise ArgumentError(name, f'must be True or False, got {value!r}')
+  return value
+
+
+def nonempty_path(name: str, value, *, optional: bool = False) -> Optional[str]:
+  """A non-empty path (str or os.PathLike), made absolute with `~`
+  expanded; None stays None when `optional`."""
+  if optional and value is None:
+    return None
+  if not isinstance(value, (str, os.PathLike)) or not os.fspath(value):
+    raise ArgumentError(name, f'must be a non-empty path'
+                        f'{" or None" if optional else ""}, got {value!r}')
+  return os.path.abspath(os.path.expanduser(os.fspath(value)))
 
 
 def writable_dir(name: str, path) -> str:

@@ -30,7 +30,7 @@ import tensorflow as tf
 import tensorflow_federated as tff
 
 from perfed_tff import checks
-from perfed_tff import per_fedavg_client_work as client_work_lib
+from perfed_tff import model_oracles
 
 KerasModelFn = Callable[[], tf.keras.Model]
 
@@ -103,20 +103,20 @@ def personalize(model_weights, keras_model_fn: KerasModelFn,
   alpha = checks.positive_float('alpha', alpha)
   num_steps = checks.integer('num_steps', num_steps, 1)
   model = keras_model(model_weights, keras_model_fn)
-  loss = loss_fn()
+  # The Keras model as a VariableModel on the same variables (its loss is
+  # `loss_fn()` plus the model's regularization losses, as Keras trains it).
+  oracle = model_oracles.oracle_for(tff.learning.models.from_keras_model(
+      model, loss=loss_fn(), input_spec=batches.element_spec))
   variables = model.trainable_variables
 
-  @tf.function
-  def step(x, y):
-    with tf.GradientTape() as tape:
-      value = loss(y, model(x, training=True))
-    for v, g in zip(variables, tape.gradient(value, variables)):
-      if g is not None:
-        v.assign_sub(alpha * tf.cast(tf.convert_to_tensor(g), v.dtype))
+  @tf.function(autograph=False)
+  def adapt(initial):
+    final, _, _ = model_oracles.sgd_steps(oracle, initial, batches, alpha,
+                                          num_steps)
+    return final
 
-  for batch in batches.take(num_steps):
-    x, y = client_work_lib.split_batch(batch)
-    step(x, y)
+  for v, w in zip(variables, adapt(tuple(tf.identity(v) for v in variables))):
+    v.assign(w)
   return model
 
 
@@ -128,13 +128,13 @@ def personalized_model_for_client(task, model_weights, client_id, *,
                                   ) -> tf.keras.Model:
   """`personalize` on user `client_id` of `task` (a
   `perfed_tff.data.task.FederatedTask`) with the very batches that
-  `personalization_eval.evaluate_population(..., adapt_batch_size=batch_size,
+  `population_eval.evaluate_population(..., adapt_batch_size=batch_size,
   seed=seed, protocol=protocol)` adapts on (seeded by client id), so the
   model's test accuracy equals that user's `num_steps`-step accuracy there.
   """
-  from perfed_tff import personalization_eval  # pylint: disable=g-import-not-at-top
+  from perfed_tff.program import population_eval  # pylint: disable=g-import-not-at-top
   from perfed_tff.data import task as task_lib  # pylint: disable=g-import-not-at-top
-  personalization_eval.check_protocol(protocol)
+  population_eval.check_protocol(protocol)
   train, test = task.train, task.test
   if client_id not in test.client_ids:
     if task.unseen is None or client_id not in task.unseen[1].client_ids:
@@ -142,7 +142,7 @@ def personalized_model_for_client(task, model_weights, client_id, *,
           'client_id', f'is not a user of the task, got {client_id!r}')
     train, test = task.unseen
   source = test if protocol == 'paper' else train
-  batches = personalization_eval.adaptation_batches(
+  batches = population_eval.adaptation_batches(
       source.create_tf_dataset_for_client(client_id), num_steps=num_steps,
       batch_size=batch_size,
       seed=task_lib.derive_seed(seed, 'personalization', client_id))
@@ -157,7 +157,7 @@ def accuracy(model: tf.keras.Model, dataset: tf.data.Dataset,
   (unbatched) dataset, as `personalization_eval` measures it."""
   correct = entries = 0.0
   for batch in dataset.batch(batch_size):
-    x, y = client_work_lib.split_batch(batch)
+    x, y = model_oracles.split_batch(batch)
     predictions = model(x, training=False).numpy()
     labels = np.reshape(np.asarray(y), predictions.shape[:-1])
     hit = np.argmax(predictions, axis=-1) == labels

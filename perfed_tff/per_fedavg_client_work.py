@@ -1,4 +1,4 @@
-"""Per-FedAvg client work: tau local MAML steps with `tf.GradientTape`.
+"""Per-FedAvg's client work: tau local MAML steps per client, as a TFF process.
 
 One local step at weights w on the client's next batches D, D' (, D''):
 
@@ -13,7 +13,8 @@ One local step at weights w on the client's next batches D, D' (, D''):
          (`tff.learning.optimizers.Optimizer`), its step on the "gradient"
          `direction` (the optimizer state lives for the client's tau steps).
 
-g_B(v) is the gradient of the mean loss on batch B at weights v. The client
+g_B(v) is the gradient of the mean loss on batch B at weights v, from the
+model's oracle (`perfed_tff.model_oracles`, either kind of model). The client
 runs `local_steps` (tau) steps, consuming its batches strictly in order (D, D'
 for FO; D, D', D'' for HF and MAML), or fewer when its data run out before a
 full step. It returns `ClientResult(update = w_0 - w_tau, update_weight)`;
@@ -52,13 +53,14 @@ from __future__ import annotations
 import collections
 import enum
 import functools
-from typing import Any, Callable, Mapping, Optional, Union
+from typing import Any, Callable, Optional
 
 import tensorflow as tf
 import tensorflow_federated as tff
 
-ModelFn = Union[Callable[[], tff.learning.models.VariableModel],
-                tff.learning.models.FunctionalModel]
+from perfed_tff import model_oracles
+
+ModelFn = model_oracles.ModelFn
 
 # Keys of the unfinalized model metrics inside the client metrics.
 MODEL_METRICS = 'model'
@@ -89,168 +91,12 @@ def gradient_evaluations_per_step(variant: Variant,
           Variant.MAML: 2 * inner_steps + 1}[Variant(variant)]
 
 
-def split_batch(batch):
-  if isinstance(batch, Mapping):
-    return batch['x'], batch['y']
-  return batch[0], batch[1]
-
-
-def _dense(grads, like):
-  """Gradients as dense tensors (embeddings give IndexedSlices; an unused
-  weight gives None, i.e. zero)."""
-  return tuple(tf.zeros_like(w) if g is None else tf.convert_to_tensor(g)
-               for g, w in zip(grads, like))
-
-
-def _dot(xs, ys):
-  return tf.add_n([tf.reduce_sum(x * y) for x, y in zip(xs, ys)])
-
-
-def _axpy(a, xs, ys):
-  """a * xs + ys, elementwise over tuples of tensors."""
-  return tuple(a * x + y for x, y in zip(xs, ys))
-
-
-def _num_rows(structure):
-  return tf.shape(tf.nest.flatten(structure)[0], out_type=tf.int64)[0]
-
-
-class _FunctionalOracle:
-  """Losses, gradients and HVPs of a `tff.learning.models.FunctionalModel`.
-
-  Model metrics are functional: `tracked_loss_and_gradient` threads the
-  states of `model.update_metrics_state` (one at w on D, one at w~ on D').
-  """
-
-  def __init__(self, model: tff.learning.models.FunctionalModel,
-               non_trainable, track_metrics: bool = False):
-    self._model = model
-    self._non_trainable = non_trainable
-    self.tracks_metrics = bool(
-        track_metrics
-        and tf.nest.flatten(model.initialize_metrics_state()))
-
-  def _forward(self, trainable, batch, training):
-    x, y = split_batch(batch)
-    output = self._model.predict_on_batch(
-        (trainable, self._non_trainable), x, training)
-    loss = self._model.loss(output=output, label=y)
-    return loss, output, _num_rows(output), y
-
-  def loss_and_gradient(self, trainable, batch, training=True):
-    with tf.GradientTape() as tape:
-      tape.watch(trainable)
-      loss, _, num, _ = self._forward(trainable, batch, training)
-    return loss, _dense(tape.gradient(loss, trainable), trainable), num
-
-  def initial_metrics_state(self):
-    return collections.OrderedDict(
-        [(MODEL_METRICS, self._model.initialize_metrics_state()),
-         (PERSONALIZED_MODEL_METRICS, self._model.initialize_metrics_state())])
-
-  def tracked_loss_and_gradient(self, trainable, batch, metrics_state, which):
-    """`loss_and_gradient` (training mode) that also updates
-    `metrics_state[which]` with this batch's predictions."""
-    with tf.GradientTape() as tape:
-      tape.watch(trainable)
-      loss, output, num, y = self._forward(trainable, batch, True)
-    grads = _dense(tape.gradient(loss, trainable), trainable)
-    metrics_state = collections.OrderedDict(metrics_state)
-    metrics_state[which] = self._model.update_metrics_state(
-        metrics_state[which], labels=y,
-        batch_output=tff.learning.models.BatchOutput(
-            loss=loss, predictions=output, num_examples=num))
-    return loss, grads, num, metrics_state
-
-  def report_metrics(self, metrics_state):
-    return collections.OrderedDict(metrics_state)
-
-  def hessian_vector_product(self, trainable, batch, vector):
-    with tf.GradientTape() as outer:
-      outer.watch(trainable)
-      with tf.GradientTape() as inner:
-        inner.watch(trainable)
-        loss, _, _, _ = self._forward(trainable, batch, False)
-      grads = _dense(inner.gradient(loss, trainable), trainable)
-      grad_dot_v = _dot(grads, vector)
-    return _dense(outer.gradient(grad_dot_v, trainable), trainable)
-
-
-class _VariableOracle:
-  """The same for a `tff.learning.models.VariableModel`: weights are assigned
-  to the model's variables before each evaluation.
-
-  `metrics_models` (optional): `OrderedDict(model=m, personalized_model=m')`,
-  two more instances of the same model whose forward passes are only those at
-  w on D and at w~ on D', so that their own (Keras) metric variables
-  accumulate exactly those batches; the curvature and later inner passes run
-  on `model`, whose metrics are never read.
-  """
-
-  def __init__(self, model: tff.learning.models.VariableModel,
-               metrics_models: Optional[Mapping[str, Any]] = None):
-    self._model = model
-    self._vars = tuple(model.trainable_variables)
-    self._metrics_models = (collections.OrderedDict(metrics_models)
-                            if metrics_models else None)
-    self.tracks_metrics = bool(self._metrics_models)
-
-  @staticmethod
-  def _assign(variables, trainable):
-    for v, t in zip(variables, trainable):
-      v.assign(t)
-
-  @staticmethod
-  def _loss(model, batch, training):
-    out = model.forward_pass(batch, training=training)
-    if out.num_examples is not None:
-      num = tf.cast(out.num_examples, tf.int64)
-    else:
-      num = _num_rows(out.predictions)
-    return out.loss, num
-
-  def _loss_and_gradient(self, model, trainable, batch, training):
-    variables = tuple(model.trainable_variables)
-    self._assign(variables, trainable)
-    with tf.GradientTape() as tape:
-      loss, num = self._loss(model, batch, training)
-    return loss, _dense(tape.gradient(loss, variables), variables), num
-
-  def loss_and_gradient(self, trainable, batch, training=True):
-    return self._loss_and_gradient(self._model, trainable, batch, training)
-
-  def initial_metrics_state(self):
-    # The metric state lives in the metrics models' variables; a token keeps
-    # the interface of the functional oracle.
-    return tf.constant(0, tf.int64)
-
-  def tracked_loss_and_gradient(self, trainable, batch, metrics_state, which):
-    loss, grads, num = self._loss_and_gradient(
-        self._metrics_models[which], trainable, batch, True)
-    return loss, grads, num, metrics_state + 1
-
-  def report_metrics(self, metrics_state):
-    del metrics_state
-    return collections.OrderedDict(
-        (which, model.report_local_unfinalized_metrics())
-        for which, model in self._metrics_models.items())
-
-  def hessian_vector_product(self, trainable, batch, vector):
-    self._assign(self._vars, trainable)
-    with tf.GradientTape() as outer:
-      with tf.GradientTape() as inner:
-        loss, _ = self._loss(self._model, batch, False)
-      grads = _dense(inner.gradient(loss, self._vars), self._vars)
-      grad_dot_v = _dot(grads, vector)
-    return _dense(outer.gradient(grad_dot_v, self._vars), self._vars)
-
-
 def meta_direction(oracle, w, batches, *, variant: Variant, alpha, delta,
                    inner_steps: int = 1, metrics_state=None):
   """The Per-FedAvg meta-gradient at `w`: grad F(w) (see the module doc).
 
   Args:
-    oracle: a `_FunctionalOracle` or `_VariableOracle`.
+    oracle: a `model_oracles` oracle.
     w: trainable weights, a tuple of tensors.
     batches: the step's `batches_per_step(variant, inner_steps)` batches,
       D_0..D_{nu-1}, D', D''_0..D''_{nu-1}.
@@ -272,12 +118,11 @@ def meta_direction(oracle, w, batches, *, variant: Variant, alpha, delta,
     loss_d, grad_d, n_d, metrics_state = oracle.tracked_loss_and_gradient(
         w, inner[0], metrics_state, MODEL_METRICS)
   path = [w]                       # w_0 .. w_nu
-  w_j = _axpy(-alpha, grad_d, w)
+  w_j = model_oracles.axpy(-alpha, grad_d, w)
   examples = n_d
   for j in range(1, nu):
     path.append(w_j)
-    _, grad_j, n_j = oracle.loss_and_gradient(w_j, inner[j])
-    w_j = _axpy(-alpha, grad_j, w_j)
+    w_j, n_j = model_oracles.sgd_step(oracle, w_j, inner[j], alpha)
     examples += n_j
   w_tilde = w_j
   if metrics_state is None:
@@ -293,15 +138,15 @@ def meta_direction(oracle, w, batches, *, variant: Variant, alpha, delta,
     batch_dpp = curvature[j]
     if variant is Variant.HF:
       _, g_plus, n_dpp = oracle.loss_and_gradient(
-          _axpy(delta, v, path[j]), batch_dpp, training=False)
+          model_oracles.axpy(delta, v, path[j]), batch_dpp, training=False)
       _, g_minus, _ = oracle.loss_and_gradient(
-          _axpy(-delta, v, path[j]), batch_dpp, training=False)
+          model_oracles.axpy(-delta, v, path[j]), batch_dpp, training=False)
       h = tuple((p - m) / (2.0 * delta) for p, m in zip(g_plus, g_minus))
     else:
       h = oracle.hessian_vector_product(path[j], batch_dpp, v)
-      x, _ = split_batch(batch_dpp)
-      n_dpp = _num_rows(x)
-    v = _axpy(-alpha, h, v)
+      x, _ = model_oracles.split_batch(batch_dpp)
+      n_dpp = model_oracles.num_rows(x)
+    v = model_oracles.axpy(-alpha, h, v)
     examples += n_dpp
   return v, loss_d, loss_dp, examples, metrics_state
 
@@ -323,7 +168,7 @@ def per_fedavg_local_step(oracle, w, batches, *, variant: Variant, alpha,
       oracle, w, batches, variant=variant, alpha=alpha, delta=delta,
       inner_steps=inner_steps, metrics_state=metrics_state)
   if optimizer is None:
-    new_w = _axpy(-beta, direction, w)
+    new_w = model_oracles.axpy(-beta, direction, w)
   else:
     optimizer_state, new_w = optimizer.next(optimizer_state, w, direction)
     new_w = tuple(new_w)
@@ -339,7 +184,7 @@ def build_client_update(oracle, *, variant: Variant, alpha: float,
   local steps.
 
   Args:
-    oracle: a `_FunctionalOracle` or `_VariableOracle`.
+    oracle: a `model_oracles` oracle.
     variant: FO, HF or MAML.
     alpha, delta: inner step size and HF radius used when `hparams` is None.
     beta: outer step size, when `optimizer` is None (plain SGD).
@@ -496,13 +341,6 @@ def build_metrics_finalizer(model_finalizer=None) -> Callable[..., Any]:
   return finalize
 
 
-def _input_spec(model_fn: ModelFn):
-  if isinstance(model_fn, tff.learning.models.FunctionalModel):
-    return model_fn.input_spec
-  with tf.Graph().as_default():
-    return model_fn().input_spec
-
-
 def initial_hparams(*, alpha: float, delta: float,
                     optimizer: tff.learning.optimizers.Optimizer
                     ) -> collections.OrderedDict:
@@ -541,7 +379,8 @@ def build_per_fedavg_client_work(
   """
   variant = Variant(variant)
   functional = isinstance(model_fn, tff.learning.models.FunctionalModel)
-  element_type = tff.types.tensorflow_to_type(_input_spec(model_fn))
+  element_type = tff.types.tensorflow_to_type(
+      model_oracles.input_spec_of(model_fn))
   data_type = tff.SequenceType(element_type)
   if metrics_aggregator is None:
     metrics_aggregator = tff.learning.metrics.sum_then_finalize
@@ -560,14 +399,9 @@ def build_per_fedavg_client_work(
   @tff.tensorflow.computation(state_type, model_weights_type, data_type)
   @tf.autograph.experimental.do_not_convert
   def client_update(state, initial_weights, dataset):
-    if functional:
-      oracle = _FunctionalOracle(
-          model_fn, tuple(initial_weights.non_trainable), track_metrics=True)
-    else:
-      oracle = _VariableOracle(
-          model_fn(), collections.OrderedDict(
-              [(MODEL_METRICS, model_fn()),
-               (PERSONALIZED_MODEL_METRICS, model_fn())]))
+    oracle = model_oracles.oracle_for(
+        model_fn, non_trainable=tuple(initial_weights.non_trainable),
+        metrics_keys=(MODEL_METRICS, PERSONALIZED_MODEL_METRICS))
     update_fn = build_client_update(
         oracle, variant=variant, alpha=alpha, delta=delta,
         local_steps=local_steps, inner_steps=inner_steps,

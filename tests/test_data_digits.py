@@ -64,11 +64,11 @@ def test_same_seed_same_split_other_seed_other_split():
 
 
 @pytest.mark.parametrize('kwargs,match', [
-    (dict(num_users=0, classes_per_user=2), '`num_users` must be an int >= 1'),
-    (dict(num_users=5, classes_per_user=0), '`classes_per_user` must be an int >= 1'),
+    (dict(num_users=0, classes_per_user=2), '`num_users` must be an integer >= 1'),
+    (dict(num_users=5, classes_per_user=0), '`classes_per_user` must be an integer >= 1'),
     (dict(num_users=5, classes_per_user=11), r'`classes_per_user` must be <= 10'),
     (dict(num_users=5, classes_per_user=2, train_fraction=1.0),
-     r'`train_fraction` must be in \(0, 1\)'),
+     r'`train_fraction` must be a number in \(0, 1\)'),
     (dict(num_users=200, classes_per_user=10), 'too few for 200 users'),
 ])
 def test_invalid_arguments(kwargs, match):

@@ -226,8 +226,8 @@ def test_corrupt_files_are_one_clear_line(tmp_path):
 @pytest.mark.parametrize('kwargs,match', [
     (dict(dataset='fashion'),
      r"`dataset` must be one of \['mnist', 'cifar10'\]"),
-    (dict(timeout=0), '`timeout` must be a number > 0'),
-    (dict(download='yes'), '`download` must be a bool'),
+    (dict(timeout=0), '`timeout` must be a finite number > 0'),
+    (dict(download='yes'), '`download` must be True or False'),
     (dict(cache_dir=''), '`cache_dir` must be a non-empty path or None'),
 ])
 def test_invalid_arguments(tmp_path, kwargs, match):
@@ -340,7 +340,7 @@ def test_registry_options_and_offline_errors(tmp_path):
                      match=r'^EMNIST is not available offline: place '
                      r'emnist_all.sqlite in .* \(download disabled\)$'):
     registry.load_task('paper_emnist', cache_dir=str(tmp_path), download=False)
-  with pytest.raises(ValueError, match='`a` must be an even int >= 2'):
+  with pytest.raises(ValueError, match='`a` must be an even integer >= 2'):
     registry.load_task('paper_mnist', cache_dir=str(tmp_path), a=3)
   with pytest.raises(ValueError, match='`background` must be None, 0 or 1'):
     registry.load_task('paper_digits', background=0.5)

@@ -8,8 +8,10 @@ import urllib.request
 
 import pytest
 
+from perfed_tff import checks
 from perfed_tff.data import offline
 from perfed_tff.data import registry
+from perfed_tff.data import synthetic
 
 
 @pytest.mark.parametrize('name,filename,display', [
@@ -107,3 +109,41 @@ def test_unknown_dataset_and_option():
 def test_synthetic_through_registry():
   task = registry.load_task('synthetic', seed=3, num_users=4, num_unseen_users=2)
   assert len(task.client_ids) == 4 and len(task.unseen[0].client_ids) == 2
+  task = registry.load_task('synthetic', num_users=2, model_heterogeneity=0,
+                            input_heterogeneity=0.5)
+  assert task.name == 'synthetic(0,0.5)'
+
+
+def test_synthetic_heterogeneity_is_the_papers_alpha_and_beta():
+  by_name = synthetic.generate_synthetic(
+      model_heterogeneity=0.5, input_heterogeneity=2.0, num_users=3, seed=1)
+  by_position = synthetic.generate_synthetic(0.5, 2.0, 3, seed=1)
+  for (x1, y1), (x2, y2) in zip(by_name, by_position):
+    assert (x1 == x2).all() and (y1 == y2).all()
+  with pytest.raises(checks.ArgumentError,
+                     match=r'^`input_heterogeneity` must be a number in '
+                     r'\[0, 100\], got -1\.$'):
+    synthetic.generate_synthetic(0.5, -1, 3, seed=1)
+
+
+def test_old_synthetic_option_names_point_to_the_new_ones():
+  with pytest.raises(checks.ArgumentError) as info:
+    registry.load_task('synthetic', alpha=1, num_users=4)
+  assert info.value.name == 'dataset_options'
+  assert info.value.flag_message == (
+      "--dataset_options: renamed option(s) of dataset 'synthetic': use "
+      'model_heterogeneity instead of alpha')
+
+
+def test_bad_option_value_is_named_as_a_dataset_option():
+  """The loader's message, named `dataset_options` (the binaries' flag)."""
+  with pytest.raises(checks.ArgumentError) as info:
+    registry.load_task('digits', num_users=1)
+  assert str(info.value) == '`num_users` must be an integer >= 2, got 1.'
+  assert info.value.name == 'dataset_options'
+  assert info.value.flag_message == ('--dataset_options: num_users must be an '
+                                     'integer >= 2, got 1')
+  with pytest.raises(checks.ArgumentError) as info:
+    registry.load_task('emnist', download='yes')    # Before any file.
+  assert info.value.flag_message == ("--dataset_options: download must be "
+                                     "True or False, got 'yes'")

@@ -53,7 +53,7 @@ def test_sequences_and_padding_by_hand():
   np.testing.assert_array_equal(out[1]['x'], [89, 0, 0, 0])
   np.testing.assert_array_equal(out[1]['y'], [0, 0, 0, 0])
   assert out[0]['x'].dtype == np.int32
-  with pytest.raises(ValueError, match='`sequence_length` must be an int >= 1'):
+  with pytest.raises(ValueError, match='`sequence_length` must be an integer >= 1'):
     shakespeare.build_preprocess_fn(0)
 
 

@@ -13,7 +13,11 @@ import sys
 import numpy as np
 import pytest
 
-from experiments import benchmarking as benchmark
+from experiments import benchmark_contenders as contenders
+from experiments import benchmark_report
+from experiments import benchmark_tasks
+from experiments import benchmarking
+from perfed_tff import algorithms
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(clients_per_round=3, num_clients=6, examples_per_client=40,
@@ -23,17 +27,17 @@ TINY = dict(clients_per_round=3, num_clients=6, examples_per_client=40,
 def _config(task, **overrides):
   kwargs = dict(task=task, **TINY, rounds=2, warmup_rounds=1)
   kwargs.update(overrides)
-  return benchmark.BenchmarkConfig(**kwargs)
+  return contenders.BenchmarkConfig(**kwargs)
 
 
 def _one_round(task, contender, floor, config):
   """(TFF weights, floor weights) after one round on the same batches."""
-  runner = benchmark.build_contender(contender, task, config)
-  floor_runner = benchmark.build_contender(floor, task, config)
+  runner = contenders.build_contender(contender, task, config)
+  floor_runner = contenders.build_contender(floor, task, config)
   floor_runner.set_weights(tuple(runner.weights().trainable))
-  runner.run_round(benchmark.round_data(runner, task, config, contender, 0))
-  floor_runner.run_round(benchmark.round_data(floor_runner, task, config,
-                                              floor, 0))
+  runner.run_round(contenders.round_data(runner, task, config, contender, 0))
+  floor_runner.run_round(contenders.round_data(floor_runner, task, config,
+                                               floor, 0))
   return ([np.asarray(w) for w in runner.weights().trainable],
           [np.asarray(w) for w in floor_runner.weights])
 
@@ -45,10 +49,10 @@ def test_floor_and_tff_agree_after_one_round(contender):
   # The digits MLP has no dropout, so both must match to float rounding (a
   # model with dropout draws different masks in the two runtimes).
   config = _config('digits_mlp')
-  task = benchmark.make_task('digits_mlp', num_clients=6, seed=0)
-  tff_w, floor_w = _one_round(task, contender, benchmark.FLOOR_OF[contender],
+  task = benchmark_tasks.make_task('digits_mlp', num_clients=6, seed=0)
+  tff_w, floor_w = _one_round(task, contender, contenders.FLOOR_OF[contender],
                               config)
-  initial = benchmark.build_contender(contender, task, config).weights()
+  initial = contenders.build_contender(contender, task, config).weights()
   moved = max(float(np.max(np.abs(a - np.asarray(b))))
               for a, b in zip(tff_w, initial.trainable))
   assert moved > 1e-4  # the round did something
@@ -56,20 +60,40 @@ def test_floor_and_tff_agree_after_one_round(contender):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_contenders_follow_the_library_rules_of_their_algorithm():
+  assert contenders.algorithm_of('fedavg_reduce') == 'fedavg'
+  for tff_contender, floor in contenders.FLOOR_OF.items():
+    assert contenders.algorithm_of(floor) == contenders.algorithm_of(
+        tff_contender)
+  for alg, peer in contenders.PEER_OF.items():
+    assert contenders.algorithm_of(peer) == alg
+  assert {contenders.algorithm_of(c) for c in contenders.CONTENDERS} == set(
+      algorithms.ALGORITHMS)
+  with pytest.raises(ValueError, match='unknown contender'):
+    contenders.algorithm_of('floor_sgd')
+  config = _config('digits_mlp')
+  task = benchmark_tasks.make_task('digits_mlp', num_clients=6, seed=0)
+  for c in ('fedavg_reduce', 'floor_fo', 'torch_hf'):
+    streams = contenders.round_datasets(task, config, c, 0)
+    assert len(streams) == config.clients_per_round
+    assert sum(1 for _ in streams[0]) == algorithms.batches_per_round(
+        contenders.algorithm_of(c), config.local_steps)
+
+
 def test_run_benchmark_small_configuration_reports_ratios():
   pytest.importorskip('torch')  # ./run.sh setup installs the peer
   config = _config('digits_mlp', memory_rounds=3,
                    memory_contender='per_fedavg_fo', empty_rounds=1)
-  report = benchmark.run_benchmark(config, log=lambda _: None)
-  assert set(report['results']) == set(benchmark.CONTENDERS)
+  report = benchmarking.run_benchmark(config, log=lambda _: None)
+  assert set(report['results']) == set(contenders.CONTENDERS)
   assert not report['skipped'] and report['environment']['torch']
-  for alg, peer in benchmark.PEER_OF.items():
-    for c in (alg, benchmark.FLOOR_OF[alg]):
+  for alg, peer in contenders.PEER_OF.items():
+    for c in (alg, contenders.FLOOR_OF[alg]):
       assert math.isfinite(report['ratios'][f'{c}/{peer}'])
   for name, r in report['results'].items():
     assert len(r['round_s']) == config.rounds, name
     assert r['median_round_s'] > 0 and r['build_s'] >= 0
-  per = benchmark.gradient_evaluations_per_round
+  per = algorithms.gradient_evaluations_per_round
   assert report['results']['fedavg']['gradient_evaluations_per_round'] == (
       config.clients_per_round * config.local_steps)
   assert per('per_fedavg_fo', 5) == 10 and per('per_fedavg_hf', 5) == 20
@@ -81,9 +105,9 @@ def test_run_benchmark_small_configuration_reports_ratios():
   for name, r in report['results'].items():
     assert r['empty_round_s'] > 0, name
   assert set(report['compute_ratios']) == {
-      f'{c}/{benchmark.FLOOR_OF[c]}' for c in benchmark.FLOOR_OF}
+      f'{c}/{contenders.FLOOR_OF[c]}' for c in contenders.FLOOR_OF}
   assert report['memory']['rounds'] == 3
-  table = benchmark.markdown_table(report)
+  table = benchmark_report.markdown_table(report)
   assert '| per_fedavg_maml |' in table and 'pure-TF floor' in table
   assert '| torch_maml |' in table and 'vs PyTorch peer' in table
   json.dumps(report, default=str)
@@ -163,7 +187,7 @@ def test_compilation_ab_runs_each_contender_under_both_contexts(tff_context):
   config = _config('synthetic', contenders=('fedavg', 'per_fedavg_fo',
                                             'floor_fo'))
   with execution.ExecutionContext(graph_optimization='tff') as static:
-    report = benchmark.run_compilation_ab(
+    report = benchmarking.run_compilation_ab(
         config, {'auto': tff_context, 'tff': static}, log=lambda _: None)
   from tensorflow_federated.python.core.impl.context_stack import context_stack_impl
   assert context_stack_impl.context_stack.current is tff_context.context
@@ -174,7 +198,7 @@ def test_compilation_ab_runs_each_contender_under_both_contexts(tff_context):
 
 
 def test_shakespeare_lstm_task_has_next_character_labels():
-  task = benchmark.make_task('shakespeare_lstm', num_clients=2,
+  task = benchmark_tasks.make_task('shakespeare_lstm', num_clients=2,
                              examples_per_client=8)
   assert len(task.clients) == 2
   x, y = task.clients['client_0000']

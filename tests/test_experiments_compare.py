@@ -218,12 +218,14 @@ def test_compare_cli_end_to_end(tmp_path):
                f'--output_dir={out}/replot')
   assert r.returncode == 0, r.stderr[-3000:]
   assert '### At round 1' in (out / 'replot' / 'e2e.md').read_text()
-  r = _compare(tmp_path, "--sweep_levels=alpha=0,beta=0;alpha=1,beta=1",
+  r = _compare(tmp_path, ("--sweep_levels=model_heterogeneity=0,input_heterogeneity=0;"
+                "model_heterogeneity=1,input_heterogeneity=1"),
                '--algorithms=fedavg,per_fedavg_fo', '--seeds=0', '--rounds=1',
                '--eval_every=1', f'--output_dir={out}', '--prefix=sw')
   assert r.returncode == 0, r.stderr[-3000:]
   assert os.path.getsize(out / 'sw.png') > 0
-  assert 'alpha=1,beta=1' in (out / 'sw.md').read_text()
+  assert 'model_heterogeneity=1,input_heterogeneity=1' in (
+      out / 'sw.md').read_text()
   r = _compare(tmp_path, '--grid_alphas=0.05,0.1', '--grid_betas=0.05',
                '--algorithms=fedavg,per_fedavg_fo', '--seeds=0',
                '--rounds=1', f'--output_dir={out}', '--prefix=grid')

@@ -2,8 +2,8 @@
 
 Forward passes equal the Keras models on the same weights; one round of
 FedAvg / Per-FedAvg FO, HF and MAML equals the project's pure-TF floor
-(`experiments.benchmarking.PureTFFloor`, the TFF process's client loop) on
-the same batches, and, for softmax regression, the independent numpy
+(`experiments.benchmark_floor.PureTFFloor`, the TFF process's client loop)
+on the same batches, and, for softmax regression, the independent numpy
 reference.
 """
 
@@ -153,13 +153,13 @@ def _dataset(batches):
 @pytest.mark.parametrize('variant', [None, 'fo', 'hf', 'maml'])
 def test_one_mlp_round_equals_the_tf_floor(variant):
   pytest.importorskip('torch')
-  from experiments import benchmarking  # pylint: disable=g-import-not-at-top
+  from experiments import benchmark_floor  # pylint: disable=g-import-not-at-top
   from perfed_tff import per_fedavg_client_work as client_work  # pylint: disable=g-import-not-at-top
   from perfed_tff.models import mlp  # pylint: disable=g-import-not-at-top
   k = 1 if variant is None else client_work.batches_per_step(
       client_work.Variant(variant))
   clients = _clients(np.random.default_rng(11), k)
-  floor = benchmarking.PureTFFloor(
+  floor = benchmark_floor.PureTFFloor(
       mlp.mlp_model_fn((FEATURES,), CLASSES, seed=0),
       variant=None if variant is None else client_work.Variant(variant),
       alpha=ALPHA, beta=BETA, delta=DELTA, local_steps=TAU,

@@ -60,10 +60,15 @@ BAD_INPUTS = [
      'num_users must be an integer >= 2'),
     (dict(dataset_options='max_examples_per_user=0'), 'dataset_options',
      'max_examples_per_user must be an integer >= 2, got 0'),
-    (dict(dataset_options='alpha=inf'), 'dataset_options',
-     'alpha must be a number in [0, 100]'),
-    (dict(dataset_options='beta=-1'), 'dataset_options',
-     'beta must be a number in [0, 100]'),
+    (dict(dataset_options='model_heterogeneity=inf'), 'dataset_options',
+     'model_heterogeneity must be a number in [0, 100]'),
+    (dict(dataset_options='input_heterogeneity=-1'), 'dataset_options',
+     'input_heterogeneity must be a number in [0, 100]'),
+    (dict(dataset_options='alpha=1,beta=1'), 'dataset_options',
+     "renamed option(s) of dataset 'synthetic': use model_heterogeneity "
+     'instead of alpha, input_heterogeneity instead of beta'),
+    (dict(dataset_options='beta=0'), 'dataset_options',
+     'use input_heterogeneity instead of beta'),
     (dict(dataset_options='train_fraction=0'), 'dataset_options',
      'train_fraction must be a number in (0, 1)'),
     (dict(dataset_options='train_fraction=1.0'), 'dataset_options',
@@ -77,6 +82,13 @@ BAD_INPUTS = [
     (dict(batch_size=999999), 'batch_size', 'the most train examples a client'),
     (dict(dataset='digits', dataset_options='train_fraction=1.0'),
      'dataset_options', 'train_fraction must be a number in (0, 1)'),
+    (dict(dataset='digits', dataset_options='classes_per_user=0'),
+     'dataset_options', 'classes_per_user must be an integer >= 1, got 0'),
+    # Checked before the dataset file is looked for.
+    (dict(dataset='emnist', dataset_options='unseen_fraction=1'),
+     'dataset_options', 'unseen_fraction must be a number in [0, 1), got 1'),
+    (dict(dataset='emnist', dataset_options='download=yes'),
+     'dataset_options', "download must be True or False, got 'yes'"),
     (dict(clients_per_round=31), 'clients_per_round', '(30 clients), got 31'),
 ]
 

@@ -8,6 +8,7 @@ import tensorflow as tf
 import tensorflow_federated as tff
 
 import perfed_tff
+from perfed_tff import model_oracles
 from perfed_tff.models import linear
 from tests import numpy_reference as ref
 
@@ -148,3 +149,57 @@ def test_functional_model_gives_the_same_weights():
       functional, client_optimizer_fn=tff.learning.optimizers.build_sgdm(0.1))
   assert (fedavg.next.type_signature.parameter[0].member.global_model_weights
           == process.next.type_signature.parameter[0].member.global_model_weights)
+
+
+def _functional_softmax_regression():
+  return tff.learning.models.functional_model_from_keras(
+      linear.create_softmax_regression(DIM, CLASSES),
+      loss_fn=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+      input_spec=collections.OrderedDict(
+          x=tf.TensorSpec([None, DIM], tf.float32),
+          y=tf.TensorSpec([None], tf.int32)))
+
+
+@pytest.mark.parametrize('kind', ['variable_model_fn', 'variable_model',
+                                  'functional'])
+def test_sgd_steps_match_numpy_and_stop_when_batches_run_out(kind):
+  rng = np.random.default_rng(4)
+  x, y = _client(rng, 3 * 5 + 2)   # 4 batches, the last one short
+  w0 = _random_weights(rng)
+  model_fn = linear.softmax_regression_model_fn(DIM, CLASSES)
+  functional = _functional_softmax_regression()   # built outside a graph
+  make = {'variable_model_fn': lambda: model_fn,
+          'variable_model': model_fn,
+          'functional': lambda: functional}[kind]
+  kinds = []
+
+  # In a TFF computation, where a Keras FunctionalModel is usable.
+  @tff.tensorflow.computation
+  def adapt():
+    oracle = model_oracles.oracle_for(make())
+    kinds.append(type(oracle))
+    run = tf.function(model_oracles.sgd_steps, autograph=False)
+    return run(oracle, tuple(tf.constant(a) for a in w0), _dataset(x, y, 5),
+               0.3, 6)
+
+  got, steps, examples = adapt()
+  assert kinds == [model_oracles.FunctionalOracle if kind == 'functional'
+                   else model_oracles.VariableOracle]
+  want = tuple(a.astype(np.float64) for a in w0)
+  for batch in ref.batches_of(x.astype(np.float64), y, 5):
+    want = tuple(w - 0.3 * g for w, g in zip(want, ref.grad(want, batch)))
+  assert (int(steps), int(examples)) == (4, 17)
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(g, w, atol=1e-5, rtol=0)
+
+
+def test_oracle_for_tracks_metrics_of_a_variable_model_fn_only():
+  model_fn = linear.softmax_regression_model_fn(DIM, CLASSES)
+  keys = ('model', 'personalized_model')
+  assert model_oracles.oracle_for(model_fn, metrics_keys=keys).tracks_metrics
+  assert not model_oracles.oracle_for(model_fn).tracks_metrics
+  with pytest.raises(ValueError, match='callable'):
+    model_oracles.oracle_for(model_fn(), metrics_keys=keys)
+  functional = model_oracles.oracle_for(_functional_softmax_regression(),
+                                        metrics_keys=keys)
+  assert list(functional.initial_metrics_state()) == list(keys)

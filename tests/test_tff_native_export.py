@@ -8,6 +8,7 @@ import tensorflow as tf
 from perfed_tff import algorithms
 from perfed_tff import export
 from perfed_tff import personalization_eval as evaluation
+from perfed_tff.program import population_eval
 from perfed_tff.data import synthetic
 from perfed_tff.data import task as task_lib
 
@@ -28,7 +29,7 @@ def test_exported_models_reproduce_the_evaluation(tmp_path):
 
   computation = evaluation.build_personalized_evaluation(
       task.model_fn, alpha=ALPHA, adaptation_steps=STEPS)
-  result = evaluation.evaluate_population(
+  result = population_eval.evaluate_population(
       computation, weights, task.train, task.test, adapt_batch_size=BATCH,
       seed=0)
 

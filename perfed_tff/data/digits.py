@@ -22,6 +22,7 @@ import collections
 import numpy as np
 import tensorflow_federated as tff
 
+from perfed_tff import checks
 from perfed_tff.data import task as task_lib
 from perfed_tff.models import linear
 from perfed_tff.models import mlp
@@ -37,12 +38,6 @@ def load_arrays():
   digits = datasets.load_digits()
   x = (digits.data.astype(np.float32) / 16.0).reshape(-1, INPUT_DIM)
   return x, digits.target.astype(np.int32)
-
-
-def _check_int(name, value, low):
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-    raise ValueError(f'`{name}` must be an int >= {low}, got {value!r}.')
-  return int(value)
 
 
 def split_label_skew(labels: np.ndarray, num_users: int, classes_per_user: int,
@@ -64,15 +59,14 @@ def split_label_skew(labels: np.ndarray, num_users: int, classes_per_user: int,
       holders at least 2 examples (one train, one test).
   """
   labels = np.asarray(labels)
-  num_users = _check_int('num_users', num_users, 1)
+  num_users = checks.integer('num_users', num_users, 1)
   num_classes = int(labels.max()) + 1 if labels.size else 0
-  c = _check_int('classes_per_user', classes_per_user, 1)
+  c = checks.integer('classes_per_user', classes_per_user, 1)
   if c > num_classes:
-    raise ValueError(f'`classes_per_user` must be <= {num_classes} (the number '
-                     f'of classes), got {c}.')
-  if (isinstance(train_fraction, bool) or not isinstance(train_fraction, (int, float))
-      or not 0.0 < train_fraction < 1.0):
-    raise ValueError(f'`train_fraction` must be in (0, 1), got {train_fraction!r}.')
+    raise checks.ArgumentError('classes_per_user', f'must be <= {num_classes} '
+                               f'(the number of classes), got {c}')
+  checks.bounded_float('train_fraction', train_fraction, 0, 1, low_open=True,
+                       high_open=True)
   rng = np.random.default_rng(seed)
   counts = np.zeros(num_classes, np.int64)
   user_classes = []
@@ -138,14 +132,13 @@ def load_digits_task(*, num_users: int = 50, classes_per_user: int = 2,
                      seed: int = 0, model: str = 'mlp',
                      hidden_units=mlp.PAPER_HIDDEN_UNITS
                      ) -> task_lib.FederatedTask:
-  """8x8 digits split over `num_users` users holding `classes_per_user`
-  classes each (plus `num_unseen_users` never-trained users), with the
-  paper's MLP (`model='mlp'`) or softmax regression (`model='linear'`)."""
-  if model not in MODELS:
-    raise ValueError(f'`model` must be one of {list(MODELS)} for digits, got '
-                     f'{model!r}.')
-  num_users = _check_int('num_users', num_users, 1)
-  num_unseen_users = _check_int('num_unseen_users', num_unseen_users, 0)
+  """8x8 digits split over `num_users` (>= checks.MIN_USERS) users holding
+  `classes_per_user` classes each (plus `num_unseen_users` never-trained
+  users), with the paper's MLP (`model='mlp'`) or softmax regression
+  (`model='linear'`)."""
+  checks.choice('model', model, MODELS)
+  num_users = checks.integer('num_users', num_users, checks.MIN_USERS)
+  num_unseen_users = checks.integer('num_unseen_users', num_unseen_users, 0)
   x, y = load_arrays()
   splits = split_label_skew(y, num_users + num_unseen_users, classes_per_user,
                             seed=seed, train_fraction=train_fraction)

@@ -17,11 +17,13 @@ Client datasets are SQL queries built only when a client is asked for
 from __future__ import annotations
 
 import collections
+import os
 from typing import Optional
 
 import tensorflow as tf
 import tensorflow_federated as tff
 
+from perfed_tff import checks
 from perfed_tff.data import offline
 from perfed_tff.data import task as task_lib
 from perfed_tff.data import unseen as unseen_lib
@@ -60,28 +62,19 @@ def load_emnist(*, only_digits: bool = True, cache_dir: Optional[str] = None,
   Raises:
     offline.DatasetUnavailableError: the file is missing and not downloaded.
   """
-  if model not in MODELS:
-    raise ValueError(f'`model` must be one of {list(MODELS)} for EMNIST, got '
-                     f'{model!r}.')
+  checks.choice('model', model, MODELS)
+  unseen_lib.check_unseen_options(num_unseen_users, unseen_fraction)  # Before reading.
   name = 'EMNIST' if only_digits else 'EMNIST-62'
   train, test = offline.load_tff_file(
       name, FILENAME,
       lambda d: tff.simulation.datasets.emnist.load_data(
           only_digits=only_digits, cache_dir=d),
       cache_dir, download=download, download_timeout=download_timeout)
-  client_ids = unseen_lib.common_client_ids(train, test)
-  if not client_ids:
-    raise ValueError(f'{name}: no client has both train and test examples in '
-                     f'{offline.resolve_cache_dir(cache_dir)}/{FILENAME}.')
-  num_unseen = unseen_lib.num_unseen_from(
-      len(client_ids), num_unseen_users, unseen_fraction)
-  seen, unseen_ids = unseen_lib.split_unseen(client_ids, num_unseen, seed)
-
-  def client_data(source, ids):
-    return unseen_lib.lazy_client_data(source, ids, lambda d: d.map(to_xy))
-
-  unseen = ((client_data(train, unseen_ids), client_data(test, unseen_ids))
-            if unseen_ids else None)
+  train, test, unseen = unseen_lib.populations(
+      train, test, lambda d: d.map(to_xy), seed=seed,
+      num_unseen_users=num_unseen_users, unseen_fraction=unseen_fraction,
+      dataset=name,
+      path=os.path.join(offline.resolve_cache_dir(cache_dir), FILENAME))
 
   num_classes = 10 if only_digits else 62
   if model == 'cnn':
@@ -94,9 +87,7 @@ def load_emnist(*, only_digits: bool = True, cache_dir: Optional[str] = None,
                                             num_classes, seed=seed)
   return task_lib.FederatedTask(
       name=f"{'emnist' if only_digits else 'emnist62'}({model})",
-      train=client_data(train, seen),
-      test=client_data(test, seen),
-      unseen=unseen,
+      train=train, test=test, unseen=unseen,
       model_fn=model_fn,
       keras_model_fn=keras_model_fn,
       loss_fn=emnist_models.loss_fn,

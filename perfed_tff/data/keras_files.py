@@ -42,6 +42,7 @@ from typing import Optional
 
 import numpy as np
 
+from perfed_tff import checks
 from perfed_tff.data import offline
 
 DEFAULT_TIMEOUT = 10.0
@@ -97,19 +98,8 @@ def default_cache_dir() -> str:
 
 def resolve_cache_dir(cache_dir: Optional[str]) -> str:
   """Absolute `cache_dir`, or `default_cache_dir()` when None."""
-  if cache_dir is None:
-    return default_cache_dir()
-  if not isinstance(cache_dir, (str, os.PathLike)) or not os.fspath(cache_dir):
-    raise ValueError(f'`cache_dir` must be a non-empty path or None, got '
-                     f'{cache_dir!r}.')
-  return os.path.abspath(os.path.expanduser(os.fspath(cache_dir)))
-
-
-def _spec(dataset: str) -> KerasFile:
-  if not isinstance(dataset, str) or dataset not in FILES:
-    raise ValueError(f'`dataset` must be one of {list(DATASETS)}, got '
-                     f'{dataset!r}.')
-  return FILES[dataset]
+  directory = checks.nonempty_path('cache_dir', cache_dir, optional=True)
+  return default_cache_dir() if directory is None else directory
 
 
 def _unavailable(spec: KerasFile, directory: str,
@@ -119,12 +109,6 @@ def _unavailable(spec: KerasFile, directory: str,
       spec.display, f'{spec.filename} ({spec.written_by})', directory, reason)
   error.filename = spec.filename
   return error
-
-
-def _check_path(path) -> str:
-  if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
-    raise ValueError(f'`path` must be a non-empty path, got {path!r}.')
-  return os.path.abspath(os.path.expanduser(os.fspath(path)))
 
 
 def _labels(values, n: int, what: str) -> np.ndarray:
@@ -167,7 +151,7 @@ def load_mnist_npz(path: str):
     offline.DatasetUnavailableError: missing, unreadable or malformed file
       (one line naming the file).
   """
-  path = _check_path(path)
+  path = checks.nonempty_path('path', path)
   spec = FILES['mnist']
   if not os.path.isfile(path):
     raise _unavailable(spec, os.path.dirname(path), f'{path} not found')
@@ -228,7 +212,7 @@ def load_cifar10_dir(path: str):
     offline.DatasetUnavailableError: missing folder or batch, unreadable or
       malformed batch (one line naming the file).
   """
-  path = _check_path(path)
+  path = checks.nonempty_path('path', path)
   spec = FILES['cifar10']
   if not os.path.isdir(path):
     raise _unavailable(spec, os.path.dirname(path), f'{path} not found')
@@ -331,13 +315,10 @@ def find_or_download(dataset: str, cache_dir: Optional[str] = None, *,
     offline.DatasetUnavailableError: not there and not downloaded (one line:
       which file to place in which directory, and why).
   """
-  spec = _spec(dataset)
+  spec = FILES[checks.choice('dataset', dataset, DATASETS)]
   directory = resolve_cache_dir(cache_dir)
-  if not isinstance(download, bool):
-    raise ValueError(f'`download` must be a bool, got {download!r}.')
-  if (isinstance(timeout, bool) or not isinstance(timeout, (int, float))
-      or not timeout > 0):
-    raise ValueError(f'`timeout` must be a number > 0, got {timeout!r}.')
+  checks.boolean('download', download)
+  timeout = checks.positive_float('timeout', timeout)
   found = _find(spec, directory)
   if found:
     return found
@@ -356,10 +337,10 @@ def find_or_download(dataset: str, cache_dir: Optional[str] = None, *,
     os.makedirs(directory, exist_ok=True)
     if spec.folder:
       archive = os.path.join(directory, spec.archives[0])
-      _download(spec.url, archive, spec.sha256, float(timeout))
+      _download(spec.url, archive, spec.sha256, timeout)
       return _extract_cifar(archive, directory)
     path = os.path.join(directory, spec.filename)
-    _download(spec.url, path, spec.sha256, float(timeout))
+    _download(spec.url, path, spec.sha256, timeout)
     return path
   except Exception as e:  # pylint: disable=broad-except
     raise _unavailable(spec, directory,

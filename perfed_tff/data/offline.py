@@ -18,6 +18,8 @@ import os
 import socket
 from typing import Callable, Optional, TypeVar
 
+from perfed_tff import checks
+
 T = TypeVar('T')
 
 DEFAULT_DOWNLOAD_TIMEOUT = 10.0
@@ -57,12 +59,9 @@ def short_reason(reason) -> str:
 
 def resolve_cache_dir(cache_dir: Optional[str]) -> str:
   """TFF's cache directory: `cache_dir`, or `~/.tff` when `None`."""
-  if cache_dir is None:
-    return os.path.join(os.path.expanduser('~'), '.tff')
-  if not isinstance(cache_dir, (str, os.PathLike)) or not os.fspath(cache_dir):
-    raise ValueError(f'`cache_dir` must be a non-empty path or None, got '
-                     f'{cache_dir!r}.')
-  return os.path.abspath(os.path.expanduser(os.fspath(cache_dir)))
+  directory = checks.nonempty_path('cache_dir', cache_dir, optional=True)
+  return (os.path.join(os.path.expanduser('~'), '.tff') if directory is None
+          else directory)
 
 
 def load_tff_file(dataset: str, filename: str,
@@ -83,8 +82,9 @@ def load_tff_file(dataset: str, filename: str,
   Raises:
     DatasetUnavailableError: the file is missing and not downloaded.
   """
-  if download_timeout <= 0:
-    raise ValueError(f'`download_timeout` must be > 0, got {download_timeout!r}.')
+  checks.boolean('download', download)
+  download_timeout = checks.positive_float('download_timeout',
+                                           download_timeout)
   directory = resolve_cache_dir(cache_dir)
   path = os.path.join(directory, filename)
   if os.path.isfile(path):

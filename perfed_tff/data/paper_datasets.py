@@ -62,6 +62,7 @@ from typing import Optional
 import numpy as np
 import tensorflow_federated as tff
 
+from perfed_tff import checks
 from perfed_tff.data import digits
 from perfed_tff.data import emnist
 from perfed_tff.data import keras_files
@@ -109,8 +110,8 @@ def _check_background(background) -> Optional[int]:
   if background is None:
     return None
   if isinstance(background, bool) or background not in (0, 1):
-    raise ValueError(f'`background` must be None, 0 or 1, got '
-                     f'{background!r}.')
+    raise checks.ArgumentError('background', f'must be None, 0 or 1, got '
+                               f'{background!r}')
   return int(background)
 
 
@@ -124,7 +125,8 @@ def load_paper_task(*, source: str = 'digits', num_users: int = 50,
 
   Args:
     source: 'digits', 'mnist', 'cifar10' or 'emnist'.
-    num_users: trained users (half five-class, half two-class).
+    num_users: trained users (>= checks.MIN_USERS; half five-class, half
+      two-class).
     a: images per class of a five-class user (even, >= 2); None: the
       source's `DEFAULT_A`.
     num_unseen_users: extra users by the same rule, in `task.unseen`.
@@ -142,17 +144,14 @@ def load_paper_task(*, source: str = 'digits', num_users: int = 50,
     ValueError: bad arguments, or too few images for `a` and the users.
     offline.DatasetUnavailableError: dataset file missing or unreadable.
   """
-  if source not in SOURCES:
-    raise ValueError(f'`source` must be one of {list(SOURCES)}, got '
-                     f'{source!r}.')
-  if model not in MODELS:
-    raise ValueError(f'`model` must be one of {list(MODELS)}, got {model!r}.')
-  if not isinstance(download, bool):
-    raise ValueError(f'`download` must be a bool, got {download!r}.')
+  checks.choice('source', source, SOURCES)
+  checks.choice('model', model, MODELS)
+  checks.boolean('download', download)
   bg = _check_background(background)
   bg = PIXEL_BACKGROUND[source] if bg is None else bg
   a = DEFAULT_A[source] if a is None else a
   # Validate the split's arguments before reading any file.
+  checks.integer('num_users', num_users, checks.MIN_USERS)
   paper_split.check_arguments(num_users=num_users, a=a, seed=seed,
                               train_fraction=train_fraction,
                               num_unseen_users=num_unseen_users)

@@ -42,27 +42,23 @@ permutation of each class 0..9 in turn.
 
 from __future__ import annotations
 
+import numbers
 from typing import Optional
 
 import numpy as np
+
+from perfed_tff import checks
 
 NUM_CLASSES = 10
 LOW_CLASSES = (0, 1, 2, 3, 4)
 HIGH_CLASSES = (5, 6, 7, 8, 9)
 
 
-def _check_int(name: str, value, low: int) -> int:
-  if (isinstance(value, bool) or not isinstance(value, (int, np.integer))
-      or value < low):
-    raise ValueError(f'`{name}` must be an int >= {low}, got {value!r}.')
-  return int(value)
-
-
 def _check_a(a) -> int:
-  if (isinstance(a, bool) or not isinstance(a, (int, np.integer)) or a < 2
+  if (isinstance(a, bool) or not isinstance(a, numbers.Integral) or a < 2
       or a % 2):
-    raise ValueError(f'`a` must be an even int >= 2 (a/2 must be whole), got '
-                     f'{a!r}.')
+    raise checks.ArgumentError('a', 'must be an even integer >= 2 (a/2 must '
+                               f'be whole), got {a!r}')
   return int(a)
 
 
@@ -70,27 +66,21 @@ def _check_labels(labels) -> np.ndarray:
   labels = np.asarray(labels)
   if (labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer)
       or (labels.size and (labels.min() < 0 or labels.max() >= NUM_CLASSES))):
-    raise ValueError(f'`labels` must be a 1-D int array with values in 0..9, '
-                     f'got dtype {labels.dtype} shape {labels.shape}.')
+    raise checks.ArgumentError('labels', 'must be a 1-D int array with values '
+                               f'in 0..9, got dtype {labels.dtype} shape '
+                               f'{labels.shape}')
   return labels
-
-
-def _check_fraction(train_fraction) -> float:
-  if (isinstance(train_fraction, bool)
-      or not isinstance(train_fraction, (int, float, np.floating))
-      or not 0.0 < train_fraction < 1.0):
-    raise ValueError(f'`train_fraction` must be in (0, 1), got '
-                     f'{train_fraction!r}.')
-  return float(train_fraction)
 
 
 def check_arguments(*, num_users: int = 50, a: int, seed: int,
                     train_fraction: float = 0.8, num_unseen_users: int = 0):
   """Validated (num_users, a, seed, train_fraction, num_unseen_users) of
-  `paper_split`; ValueError naming the first bad argument."""
-  return (_check_int('num_users', num_users, 1), _check_a(a),
-          _check_int('seed', seed, 0), _check_fraction(train_fraction),
-          _check_int('num_unseen_users', num_unseen_users, 0))
+  `paper_split`; `checks.ArgumentError` naming the first bad argument."""
+  return (checks.integer('num_users', num_users, 1), _check_a(a),
+          checks.integer('seed', seed, 0),
+          checks.bounded_float('train_fraction', train_fraction, 0, 1,
+                               low_open=True, high_open=True),
+          checks.integer('num_unseen_users', num_unseen_users, 0))
 
 
 def _user_classes(num_users: int, num_unseen_users: int, seed: int,
@@ -113,17 +103,6 @@ def _user_classes(num_users: int, num_unseen_users: int, seed: int,
   return users
 
 
-def user_class_counts(*, num_users: int = 50, a: int, seed: int,
-                      num_unseen_users: int = 0) -> list[dict[int, int]]:
-  """Planned images per class of every user ({class: count}), seen users
-  first, then unseen ones; the histogram each user of `paper_split` gets."""
-  num_users, a, seed, _, num_unseen_users = check_arguments(
-      num_users=num_users, a=a, seed=seed, num_unseen_users=num_unseen_users)
-  return [({k: a for k in LOW_CLASSES} if c is None
-           else {c[0]: a // 2, c[1]: 2 * a})
-          for c in _user_classes(num_users, num_unseen_users, seed)]
-
-
 def _half_a_units(users) -> np.ndarray:
   """Images class k needs per unit of a/2 (need_k = (a/2) * units_k)."""
   units = np.zeros(NUM_CLASSES, np.int64)
@@ -141,9 +120,9 @@ def largest_a(labels, *, num_users: int = 50, seed: int,
   """The largest even `a` for which `paper_split` has enough images of every
   class (0 when not even a = 2 fits)."""
   labels = _check_labels(labels)
-  num_users = _check_int('num_users', num_users, 1)
-  num_unseen_users = _check_int('num_unseen_users', num_unseen_users, 0)
-  seed = _check_int('seed', seed, 0)
+  num_users = checks.integer('num_users', num_users, 1)
+  num_unseen_users = checks.integer('num_unseen_users', num_unseen_users, 0)
+  seed = checks.integer('seed', seed, 0)
   units = _half_a_units(_user_classes(num_users, num_unseen_users, seed))
   counts = np.bincount(labels, minlength=NUM_CLASSES)
   held = units > 0

@@ -24,8 +24,9 @@ described in `paper_datasets`.
 from __future__ import annotations
 
 import inspect
-from typing import Optional
+from typing import Any, Mapping, Optional
 
+from perfed_tff import checks
 from perfed_tff.data import digits
 from perfed_tff.data import emnist
 from perfed_tff.data import offline
@@ -36,60 +37,64 @@ from perfed_tff.data import task as task_lib
 
 DatasetUnavailableError = offline.DatasetUnavailableError
 
-DATASETS = ('emnist', 'emnist62', 'shakespeare', 'digits', 'synthetic',
-            'paper_digits', 'paper_mnist', 'paper_cifar10', 'paper_emnist')
-DOWNLOADED = ('emnist', 'emnist62', 'shakespeare', 'paper_mnist',
-              'paper_cifar10', 'paper_emnist')  # need cache_dir files
-FILENAMES = {'emnist': emnist.FILENAME, 'emnist62': emnist.FILENAME,
-             'shakespeare': shakespeare.FILENAME,
-             'paper_mnist': 'mnist.npz',
-             'paper_cifar10': 'cifar-10-batches-py',
-             'paper_emnist': emnist.FILENAME}
-
+# name: (loader, the loader's arguments the name fixes).
 _LOADERS = {
-    'emnist': lambda **kw: emnist.load_emnist(only_digits=True, **kw),
-    'emnist62': lambda **kw: emnist.load_emnist(only_digits=False, **kw),
-    'shakespeare': shakespeare.load_shakespeare,
-    'digits': digits.load_digits_task,
-    'synthetic': synthetic.load_synthetic,
-    'paper_digits': paper_datasets.load_paper_digits,
-    'paper_mnist': paper_datasets.load_paper_mnist,
-    'paper_cifar10': paper_datasets.load_paper_cifar10,
-    'paper_emnist': paper_datasets.load_paper_emnist,
+    'emnist': (emnist.load_emnist, {'only_digits': True}),
+    'emnist62': (emnist.load_emnist, {'only_digits': False}),
+    'shakespeare': (shakespeare.load_shakespeare, {}),
+    'digits': (digits.load_digits_task, {}),
+    'synthetic': (synthetic.load_synthetic, {}),
+    'paper_digits': (paper_datasets.load_paper_digits, {}),
+    'paper_mnist': (paper_datasets.load_paper_mnist, {}),
+    'paper_cifar10': (paper_datasets.load_paper_cifar10, {}),
+    'paper_emnist': (paper_datasets.load_paper_emnist, {}),
 }
-_SIGNATURES = {
-    'emnist': emnist.load_emnist, 'emnist62': emnist.load_emnist,
-    'shakespeare': shakespeare.load_shakespeare,
-    'digits': digits.load_digits_task, 'synthetic': synthetic.load_synthetic,
-    'paper_digits': paper_datasets.load_paper_digits,
-    'paper_mnist': paper_datasets.load_paper_mnist,
-    'paper_cifar10': paper_datasets.load_paper_cifar10,
-    'paper_emnist': paper_datasets.load_paper_emnist,
-}
-_FIXED = {'emnist': ('only_digits', 'cache_dir', 'seed'),
-          'emnist62': ('only_digits', 'cache_dir', 'seed'),
-          'shakespeare': ('cache_dir', 'seed'),
-          'digits': ('seed',), 'synthetic': ('seed',),
-          'paper_digits': ('seed',),
-          'paper_mnist': ('cache_dir', 'seed'),
-          'paper_cifar10': ('cache_dir', 'seed'),
-          'paper_emnist': ('cache_dir', 'seed')}
+DATASETS = tuple(_LOADERS)
+# Loader arguments that are not dataset options (`load_task`'s own).
+_OWN_ARGUMENTS = ('cache_dir', 'seed')
+# Datasets read from files in `cache_dir`: their loaders take one.
+DOWNLOADED = tuple(
+    name for name, (loader, _) in _LOADERS.items()
+    if 'cache_dir' in inspect.signature(loader).parameters)
+# Options that were renamed: {dataset: {old name: new name}}.
+_RENAMED_OPTIONS = {'synthetic': synthetic.RENAMED_OPTIONS}
 
 
 def check_dataset(name: str) -> str:
-  if name not in DATASETS:
-    raise ValueError(f'`dataset` must be one of {list(DATASETS)}, got {name!r}.')
-  return name
+  return checks.choice('dataset', name, DATASETS)
 
 
 def dataset_options(name: str) -> tuple[str, ...]:
   """Keyword options `load_task` accepts for `name` (besides cache_dir, seed)."""
-  params = inspect.signature(_SIGNATURES[check_dataset(name)]).parameters
-  return tuple(p for p in params if p not in _FIXED[name])
+  loader, fixed = _LOADERS[check_dataset(name)]
+  return tuple(p for p in inspect.signature(loader).parameters
+               if p not in fixed and p not in _OWN_ARGUMENTS)
+
+
+def check_options(name: str, options: Mapping[str, Any]) -> None:
+  """Every key of `options` is an option of dataset `name` (their values are
+  checked by its loader).
+
+  Raises:
+    checks.ArgumentError (`dataset_options`): an unknown option; one that
+      was renamed names its new name.
+  """
+  accepted = dataset_options(name)
+  unknown = sorted(set(options) - set(accepted))
+  renamed = {old: new for old, new in _RENAMED_OPTIONS.get(name, {}).items()
+             if old in unknown}
+  if renamed:
+    raise checks.ArgumentError(
+        'dataset_options', f'renamed option(s) of dataset {name!r}: use '
+        + ', '.join(f'{new} instead of {old}' for old, new in renamed.items()))
+  if unknown:
+    raise checks.ArgumentError(
+        'dataset_options', f'unknown option(s) {unknown} for dataset '
+        f'{name!r}; accepted: {list(accepted)}')
 
 
 def load_task(name: str, *, cache_dir: Optional[str] = None, seed: int = 0,
-              **dataset_options_) -> task_lib.FederatedTask:
+              **options) -> task_lib.FederatedTask:
   """The `FederatedTask` of dataset `name` (one of DATASETS), with its default
   model unless `model=` says otherwise (emnist*: 'cnn'|'mlp'; digits:
   'mlp'|'linear').
@@ -98,21 +103,26 @@ def load_task(name: str, *, cache_dir: Optional[str] = None, seed: int = 0,
   synthetic and paper_digits, which need no files). Other options go to the
   loader, e.g. digits: num_users=50, classes_per_user=2, num_unseen_users=0,
   train_fraction=0.8; emnist/shakespeare: num_unseen_users, unseen_fraction,
-  download; synthetic: alpha, beta, num_users, num_unseen_users; paper_*:
-  num_users=50, a, num_unseen_users=0, train_fraction=0.8, model, background
-  (and download for the file-backed ones).
+  download; synthetic: model_heterogeneity, input_heterogeneity (the paper's
+  alpha and beta), num_users, num_unseen_users; paper_*: num_users=50, a,
+  num_unseen_users=0, train_fraction=0.8, model, background (and download for
+  the file-backed ones). The loader checks their values.
 
   Raises:
-    ValueError: unknown dataset or option.
+    checks.ArgumentError (a ValueError): unknown dataset; an unknown option,
+      or an option value the loader rejects (named `dataset_options`, the
+      flag of the training binaries; the message names the option).
     DatasetUnavailableError (a ValueError): dataset file missing offline.
+    ValueError: data that do not fit the options (e.g. too few examples).
   """
-  check_dataset(name)
-  accepted = dataset_options(name)
-  unknown = sorted(set(dataset_options_) - set(accepted))
-  if unknown:
-    raise ValueError(f'unknown option(s) {unknown} for dataset {name!r}; '
-                     f'accepted: {list(accepted)}.')
-  kwargs = dict(dataset_options_, seed=seed)
+  check_options(name, options)
+  loader, fixed = _LOADERS[name]
+  kwargs = dict(options, seed=seed, **fixed)
   if name in DOWNLOADED:
     kwargs['cache_dir'] = cache_dir
-  return _LOADERS[name](**kwargs)
+  try:
+    return loader(**kwargs)
+  except checks.ArgumentError as e:
+    if e.name not in dataset_options(name):
+      raise
+    raise e.within('dataset_options') from e

@@ -19,12 +19,14 @@ SQL-backed `ClientData`.
 from __future__ import annotations
 
 import collections
+import os
 from typing import Optional
 
 import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
+from perfed_tff import checks
 from perfed_tff.data import offline
 from perfed_tff.data import task as task_lib
 from perfed_tff.data import unseen as unseen_lib
@@ -59,11 +61,7 @@ def encode(snippet) -> np.ndarray:
 
 def build_preprocess_fn(sequence_length: int = DEFAULT_SEQUENCE_LENGTH):
   """dataset of {'snippets': string} -> dataset of OrderedDict(x, y) int32 [L]."""
-  if (isinstance(sequence_length, bool) or not isinstance(sequence_length, int)
-      or sequence_length < 1):
-    raise ValueError(f'`sequence_length` must be an int >= 1, got '
-                     f'{sequence_length!r}.')
-  split = sequence_length + 1
+  split = checks.integer('sequence_length', sequence_length, 1) + 1
 
   def to_tokens(example):
     # A constant byte -> id table (no lookup-table resource, so the dataset
@@ -111,28 +109,18 @@ def load_shakespeare(*, cache_dir: Optional[str] = None, seed: int = 0,
     offline.DatasetUnavailableError: the file is missing and not downloaded.
   """
   preprocess = build_preprocess_fn(sequence_length)
+  unseen_lib.check_unseen_options(num_unseen_users, unseen_fraction)  # Before reading.
   train, test = offline.load_tff_file(
       'Shakespeare', FILENAME,
       lambda d: tff.simulation.datasets.shakespeare.load_data(cache_dir=d),
       cache_dir, download=download, download_timeout=download_timeout)
-  client_ids = unseen_lib.common_client_ids(train, test)
-  if not client_ids:
-    raise ValueError('Shakespeare: no client has both train and test examples '
-                     f'in {offline.resolve_cache_dir(cache_dir)}/{FILENAME}.')
-  num_unseen = unseen_lib.num_unseen_from(
-      len(client_ids), num_unseen_users, unseen_fraction)
-  seen, unseen_ids = unseen_lib.split_unseen(client_ids, num_unseen, seed)
-
-  def client_data(source, ids):
-    return unseen_lib.lazy_client_data(source, ids, preprocess)
-
-  unseen = ((client_data(train, unseen_ids), client_data(test, unseen_ids))
-            if unseen_ids else None)
+  train, test, unseen = unseen_lib.populations(
+      train, test, preprocess, seed=seed, num_unseen_users=num_unseen_users,
+      unseen_fraction=unseen_fraction, dataset='Shakespeare',
+      path=os.path.join(offline.resolve_cache_dir(cache_dir), FILENAME))
   return task_lib.FederatedTask(
       name='shakespeare',
-      train=client_data(train, seen),
-      test=client_data(test, seen),
-      unseen=unseen,
+      train=train, test=test, unseen=unseen,
       model_fn=shakespeare_models.char_lstm_model_fn(
           VOCAB_SIZE, sequence_length, pad_id=PAD, lstm_units=lstm_units,
           seed=seed),

@@ -3,22 +3,25 @@
 For user k: u_k ~ N(0, alpha^2), B_k ~ N(0, beta^2); W_k (60x10), b_k (10) have
 entries ~ N(u_k, 1); v_k has entries ~ N(B_k, 1); x ~ N(v_k, Sigma) with
 Sigma = diag(j^-1.2), j = 1..60; y = argmax softmax(x W_k + b_k). User k holds
-int(lognormal(4, 2)) + 50 samples, split train/test per user. alpha controls
-how different the users' models are, beta how different their inputs are;
-(0, 0) is near-IID, (1, 1) strongly heterogeneous.
+int(lognormal(4, 2)) + 50 samples, split train/test per user.
+
+The paper's alpha and beta are the arguments (and dataset options)
+`model_heterogeneity` (alpha: how different the users' models are) and
+`input_heterogeneity` (beta: how different their inputs are), named so that
+they are not mistaken for the step sizes alpha and beta; (0, 0) is near-IID,
+(1, 1) strongly heterogeneous. The task is still named `synthetic(alpha,beta)`.
 """
 
 from __future__ import annotations
 
 import collections
-import math
-import numbers
 import os
 
 import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
+from perfed_tff import checks
 from perfed_tff.data import task as task_lib
 from perfed_tff.models import linear
 
@@ -31,25 +34,10 @@ NUM_CLASSES = 10
 EXAMPLE_BYTES = INPUT_DIM * 4 + 4
 MEMORY_SHARE = 0.5
 MAX_HETEROGENEITY = 100.0
-
-
-def _number(name, value, low, high, *, open_low=False, open_high=False):
-  ok = (not isinstance(value, bool) and isinstance(value, numbers.Real)
-        and math.isfinite(value) and (value > low if open_low else value >= low)
-        and (value < high if open_high else value <= high))
-  if not ok:
-    interval = (f'{"(" if open_low else "["}{low:g}, {high:g}'
-                f'{")" if open_high else "]"}')
-    raise ValueError(f'`{name}` must be a number in {interval}, got '
-                     f'{value!r}.')
-  return float(value)
-
-
-def _int(name, value, low):
-  if (isinstance(value, bool) or not isinstance(value, numbers.Integral)
-      or value < low):
-    raise ValueError(f'`{name}` must be an int >= {low}, got {value!r}.')
-  return int(value)
+# The dataset options these arguments had before (the paper's symbols, which
+# are also the names of the step sizes), and their names now.
+RENAMED_OPTIONS = {'alpha': 'model_heterogeneity',
+                   'beta': 'input_heterogeneity'}
 
 
 def _physical_memory() -> int:
@@ -75,14 +63,20 @@ def check_population_memory(num_users: int,
         'max_examples_per_user.')
 
 
-def generate_synthetic(alpha: float, beta: float, num_users: int, *, seed: int,
+def generate_synthetic(model_heterogeneity: float, input_heterogeneity: float,
+                       num_users: int, *, seed: int,
                        max_examples_per_user: int | None = 1000):
-  """Returns a list of (x [n, 60] float32, y [n] int32) per user."""
-  _number('alpha', alpha, 0, MAX_HETEROGENEITY)
-  _number('beta', beta, 0, MAX_HETEROGENEITY)
-  _int('num_users', num_users, 1)
+  """Returns a list of (x [n, 60] float32, y [n] int32) per user.
+
+  `model_heterogeneity` is the paper's alpha (std of u_k),
+  `input_heterogeneity` its beta (std of B_k), each in [0, 100]."""
+  alpha = checks.bounded_float('model_heterogeneity', model_heterogeneity, 0,
+                               MAX_HETEROGENEITY)
+  beta = checks.bounded_float('input_heterogeneity', input_heterogeneity, 0,
+                              MAX_HETEROGENEITY)
+  checks.integer('num_users', num_users, 1)
   if max_examples_per_user is not None:
-    _int('max_examples_per_user', max_examples_per_user, 2)
+    checks.integer('max_examples_per_user', max_examples_per_user, 2)
   check_population_memory(num_users, max_examples_per_user)
   rng = np.random.default_rng(seed)
   sizes = rng.lognormal(4, 2, num_users).astype(np.int64) + 50
@@ -106,7 +100,8 @@ def _client_data(arrays: dict) -> tff.simulation.datasets.ClientData:
   return tff.simulation.datasets.TestClientData(arrays)
 
 
-def load_synthetic(alpha: float = 1.0, beta: float = 1.0, *,
+def load_synthetic(model_heterogeneity: float = 1.0,
+                   input_heterogeneity: float = 1.0, *,
                    num_users: int = 30, num_unseen_users: int = 0,
                    train_fraction: float = 0.9, seed: int = 0,
                    max_examples_per_user: int | None = 1000
@@ -114,19 +109,21 @@ def load_synthetic(alpha: float = 1.0, beta: float = 1.0, *,
   """Synthetic(alpha, beta) as a `FederatedTask` with a train/test split per
   user (first `train_fraction` of each user's samples train), plus
   `num_unseen_users` extra users for the unseen population.
+  `model_heterogeneity` is the paper's alpha, `input_heterogeneity` its beta.
 
   Raises:
-    ValueError: an argument out of range (alpha, beta in [0, 100]; users >=
-      1; unseen users >= 0; train_fraction in (0, 1) leaving every user a
-      test example; max_examples_per_user None or >= 2), or a population
-      that would not fit in memory.
+    ValueError: an argument out of range (model_heterogeneity,
+      input_heterogeneity in [0, 100]; users >= checks.MIN_USERS; unseen
+      users >= 0; train_fraction in (0, 1) leaving every user a test
+      example; max_examples_per_user None or >= 2), or a population that
+      would not fit in memory.
   """
-  _int('num_users', num_users, 1)
-  _int('num_unseen_users', num_unseen_users, 0)
-  _number('train_fraction', train_fraction, 0, 1, open_low=True,
-          open_high=True)
-  users = generate_synthetic(alpha, beta, num_users + num_unseen_users,
-                             seed=seed,
+  checks.integer('num_users', num_users, checks.MIN_USERS)
+  checks.integer('num_unseen_users', num_unseen_users, 0)
+  checks.bounded_float('train_fraction', train_fraction, 0, 1, low_open=True,
+                       high_open=True)
+  users = generate_synthetic(model_heterogeneity, input_heterogeneity,
+                             num_users + num_unseen_users, seed=seed,
                              max_examples_per_user=max_examples_per_user)
 
   def split(indices):
@@ -146,7 +143,7 @@ def load_synthetic(alpha: float = 1.0, beta: float = 1.0, *,
   unseen = (split(range(num_users, num_users + num_unseen_users))
             if num_unseen_users else None)
   return task_lib.FederatedTask(
-      name=f'synthetic({alpha:g},{beta:g})',
+      name=f'synthetic({model_heterogeneity:g},{input_heterogeneity:g})',
       train=train, test=test, unseen=unseen,
       model_fn=linear.softmax_regression_model_fn(INPUT_DIM, NUM_CLASSES),
       keras_model_fn=lambda: linear.create_softmax_regression(INPUT_DIM, NUM_CLASSES),

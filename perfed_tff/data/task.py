@@ -30,12 +30,10 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
+from perfed_tff.models import specs
 
-def unbatched_spec(batch_spec):
-  """The spec of one example: `batch_spec` without its batch dimension (TFF's
-  `_remove_batch_dim`), same containers."""
-  return tf.nest.map_structure(
-      lambda s: tf.TensorSpec(s.shape[1:], s.dtype), batch_spec)
+
+unbatched_spec = specs.unbatched_spec  # Where the data needs it.
 
 
 def accuracy_metrics() -> list:

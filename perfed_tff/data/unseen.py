@@ -9,25 +9,21 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
+from perfed_tff import checks
 
-def num_unseen_from(num_clients: int, num_unseen_users: Optional[int],
-                    unseen_fraction: Optional[float]) -> int:
-  """The number of unseen clients: `num_unseen_users`, or
-  round(`unseen_fraction` * `num_clients`); 0 when neither is given."""
+
+def check_unseen_options(num_unseen_users: Optional[int],
+                         unseen_fraction: Optional[float]) -> None:
+  """At most one of the two is given: `num_unseen_users` an int >= 0 or
+  `unseen_fraction` in [0, 1)."""
   if num_unseen_users is not None and unseen_fraction is not None:
     raise ValueError('give at most one of `num_unseen_users` and '
                      '`unseen_fraction`.')
   if unseen_fraction is not None:
-    if (isinstance(unseen_fraction, bool)
-        or not isinstance(unseen_fraction, (int, float))
-        or not 0.0 <= unseen_fraction < 1.0):
-      raise ValueError(f'`unseen_fraction` must be in [0, 1), got '
-                       f'{unseen_fraction!r}.')
-    return int(round(unseen_fraction * num_clients))
-  n = 0 if num_unseen_users is None else num_unseen_users
-  if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
-    raise ValueError(f'`num_unseen_users` must be an int >= 0, got {n!r}.')
-  return int(n)
+    checks.bounded_float('unseen_fraction', unseen_fraction, 0, 1,
+                         high_open=True)
+  if num_unseen_users is not None:
+    checks.integer('num_unseen_users', num_unseen_users, 0)
 
 
 def split_unseen(client_ids: Sequence[str], num_unseen: int, seed: int):
@@ -61,7 +57,37 @@ def lazy_client_data(
       list(client_ids), dataset_fn)
 
 
-def common_client_ids(train, test) -> list[str]:
-  """Ids present in both splits, in `train`'s order."""
+def populations(train, test, preprocess_fn, *, seed: int,
+                num_unseen_users: Optional[int],
+                unseen_fraction: Optional[float], dataset: str, path: str):
+  """(train, test, unseen) of a TFF dataset's `train` and `test` splits.
+
+  The clients in both splits (in `train`'s order) are the population;
+  `num_unseen_users` of them, or round(`unseen_fraction` * their number)
+  (0 when neither is given), chosen by `split_unseen`, are held out as
+  `unseen` = (their train, their test) `ClientData` (None when there are
+  none); `train` and `test` hold the others. Every client's dataset is
+  passed through `preprocess_fn`, lazily (`lazy_client_data`).
+
+  Raises:
+    ValueError: bad unseen options, or no client in both splits (the
+      message names `dataset` and the file at `path`).
+  """
+  check_unseen_options(num_unseen_users, unseen_fraction)
   test_ids = set(test.client_ids)
-  return [c for c in train.client_ids if c in test_ids]
+  client_ids = [c for c in train.client_ids if c in test_ids]
+  if not client_ids:
+    raise ValueError(f'{dataset}: no client has both train and test examples in '
+                     f'{path}.')
+  if unseen_fraction is not None:
+    num_unseen = int(round(unseen_fraction * len(client_ids)))
+  else:
+    num_unseen = int(num_unseen_users or 0)
+  seen, unseen_ids = split_unseen(client_ids, num_unseen, seed)
+
+  def client_data(split, ids):
+    return lazy_client_data(split, ids, preprocess_fn)
+
+  unseen = ((client_data(train, unseen_ids), client_data(test, unseen_ids))
+            if unseen_ids else None)
+  return client_data(train, seen), client_data(test, seen), unseen

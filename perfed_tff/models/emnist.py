@@ -16,13 +16,15 @@ from typing import Optional
 import tensorflow as tf
 import tensorflow_federated as tff
 
+from perfed_tff import checks
+
 IMAGE_SHAPE = (28, 28, 1)
 
 
 def _check_classes(num_classes) -> int:
   if num_classes not in (10, 62):
-    raise ValueError(f'`num_classes` must be 10 (digits) or 62 (all EMNIST '
-                     f'characters), got {num_classes!r}.')
+    raise checks.ArgumentError('num_classes', 'must be 10 (digits) or 62 (all '
+                               f'EMNIST characters), got {num_classes!r}')
   return num_classes
 
 

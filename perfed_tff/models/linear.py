@@ -10,10 +10,9 @@ import tensorflow_federated as tff
 
 
 def create_softmax_regression(input_dim: int, num_classes: int,
-                              seed: Optional[int] = 0,
-                              zero_init: bool = False) -> tf.keras.Model:
+                              seed: Optional[int] = 0) -> tf.keras.Model:
   """Keras model: one Dense layer producing logits (no activation)."""
-  init = 'zeros' if zero_init else tf.keras.initializers.GlorotUniform(seed)
+  init = tf.keras.initializers.GlorotUniform(seed)
   inputs = tf.keras.Input(shape=(input_dim,), dtype=tf.float32)
   logits = tf.keras.layers.Dense(num_classes, kernel_initializer=init,
                                  bias_initializer='zeros')(inputs)
@@ -27,14 +26,13 @@ def element_spec(input_dim: int) -> collections.OrderedDict:
       y=tf.TensorSpec([None], tf.int32))
 
 
-def softmax_regression_model_fn(input_dim: int, num_classes: int, seed=0,
-                                zero_init: bool = False):
+def softmax_regression_model_fn(input_dim: int, num_classes: int, seed=0):
   """No-arg callable returning a `tff.learning.models.VariableModel`
   (mean sparse softmax cross-entropy loss, accuracy metric)."""
 
   def model_fn():
     return tff.learning.models.from_keras_model(
-        create_softmax_regression(input_dim, num_classes, seed, zero_init),
+        create_softmax_regression(input_dim, num_classes, seed),
         loss=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         input_spec=element_spec(input_dim),
         metrics=[tf.keras.metrics.SparseCategoricalAccuracy()])

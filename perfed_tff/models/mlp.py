@@ -13,14 +13,16 @@ from typing import Optional, Sequence
 import tensorflow as tf
 import tensorflow_federated as tff
 
+from perfed_tff import checks
+
 PAPER_HIDDEN_UNITS = (80, 60)
 
 
 def _check_shape(input_shape) -> tuple:
   shape = tuple(input_shape)
   if not shape or any(not isinstance(d, int) or d < 1 for d in shape):
-    raise ValueError(f'`input_shape` must be a non-empty tuple of ints >= 1, '
-                     f'got {input_shape!r}.')
+    raise checks.ArgumentError('input_shape', 'must be a non-empty tuple of '
+                               f'ints >= 1, got {input_shape!r}')
   return shape
 
 
@@ -30,10 +32,10 @@ def create_mlp(input_shape: Sequence[int], num_classes: int, *,
                seed: Optional[int] = 0) -> tf.keras.Model:
   """Keras MLP producing logits; inputs of rank > 1 are flattened first."""
   shape = _check_shape(input_shape)
-  if num_classes < 2:
-    raise ValueError(f'`num_classes` must be >= 2, got {num_classes!r}.')
+  checks.integer('num_classes', num_classes, 2)
   if any(int(u) < 1 for u in hidden_units):
-    raise ValueError(f'`hidden_units` must be ints >= 1, got {hidden_units!r}.')
+    raise checks.ArgumentError('hidden_units', f'must be ints >= 1, got '
+                               f'{hidden_units!r}')
   init = lambda i: tf.keras.initializers.GlorotUniform(
       None if seed is None else seed + i)
   inputs = tf.keras.Input(shape=shape, dtype=tf.float32)

@@ -17,12 +17,31 @@ from typing import Optional
 import tensorflow as tf
 import tensorflow_federated as tff
 
+from perfed_tff import checks
+
 PAD_ID = 0
 EMBEDDING_DIM = 8
 LSTM_UNITS = 256
 
 
-class MaskedSparseCategoricalCrossentropy(tf.keras.losses.Loss):
+def _mask(y_true, pad_id: int, dtype, sample_weight=None):
+  """1 where the target is not `pad_id` (times `sample_weight`), else 0."""
+  mask = tf.cast(tf.not_equal(tf.cast(y_true, tf.int64), pad_id), dtype)
+  if sample_weight is not None:
+    mask *= tf.cast(sample_weight, dtype)
+  return mask
+
+
+class _PadIdConfig:
+  """`pad_id` in the Keras config of a masked loss or metric."""
+
+  def get_config(self):
+    config = super().get_config()
+    config['pad_id'] = self.pad_id
+    return config
+
+
+class MaskedSparseCategoricalCrossentropy(_PadIdConfig, tf.keras.losses.Loss):
   """Mean softmax cross-entropy (logits) over targets != `pad_id`.
 
   Unlike Keras' reduction, the mean is over the unmasked tokens of the whole
@@ -40,19 +59,12 @@ class MaskedSparseCategoricalCrossentropy(tf.keras.losses.Loss):
 
   def __call__(self, y_true, y_pred, sample_weight=None):
     ce = self.call(y_true, y_pred)
-    mask = tf.cast(tf.not_equal(tf.cast(y_true, tf.int64), self.pad_id),
-                   ce.dtype)
-    if sample_weight is not None:
-      mask *= tf.cast(sample_weight, ce.dtype)
+    mask = _mask(y_true, self.pad_id, ce.dtype, sample_weight)
     return tf.math.divide_no_nan(tf.reduce_sum(ce * mask), tf.reduce_sum(mask))
 
-  def get_config(self):
-    config = super().get_config()
-    config['pad_id'] = self.pad_id
-    return config
 
-
-class MaskedSparseCategoricalAccuracy(tf.keras.metrics.SparseCategoricalAccuracy):
+class MaskedSparseCategoricalAccuracy(
+    _PadIdConfig, tf.keras.metrics.SparseCategoricalAccuracy):
   """Accuracy over the targets that are not `pad_id`."""
 
   def __init__(self, pad_id: int = PAD_ID, name: str = 'accuracy', dtype=None):
@@ -60,22 +72,14 @@ class MaskedSparseCategoricalAccuracy(tf.keras.metrics.SparseCategoricalAccuracy
     self.pad_id = int(pad_id)
 
   def update_state(self, y_true, y_pred, sample_weight=None):
-    mask = tf.cast(tf.not_equal(tf.cast(y_true, tf.int64), self.pad_id),
-                   self.dtype)
-    if sample_weight is not None:
-      mask *= tf.cast(sample_weight, self.dtype)
+    mask = _mask(y_true, self.pad_id, self.dtype, sample_weight)
     num_classes = tf.shape(y_pred)[-1]
     return super().update_state(tf.reshape(y_true, [-1]),
                                 tf.reshape(y_pred, [-1, num_classes]),
                                 tf.reshape(mask, [-1]))
 
-  def get_config(self):
-    config = super().get_config()
-    config['pad_id'] = self.pad_id
-    return config
 
-
-class NumTokens(tf.keras.metrics.Sum):
+class NumTokens(_PadIdConfig, tf.keras.metrics.Sum):
   """Number of non-padding target tokens seen."""
 
   def __init__(self, pad_id: int = PAD_ID, name: str = 'num_tokens',
@@ -85,14 +89,8 @@ class NumTokens(tf.keras.metrics.Sum):
 
   def update_state(self, y_true, y_pred=None, sample_weight=None):
     del y_pred, sample_weight
-    mask = tf.cast(tf.not_equal(tf.cast(y_true, tf.int64), self.pad_id),
-                   self.dtype)
-    return super().update_state(tf.reduce_sum(mask))
-
-  def get_config(self):
-    config = super().get_config()
-    config['pad_id'] = self.pad_id
-    return config
+    return super().update_state(
+        tf.reduce_sum(_mask(y_true, self.pad_id, self.dtype)))
 
 
 class OneHotEmbedding(tf.keras.layers.Layer):
@@ -133,11 +131,8 @@ class OneHotEmbedding(tf.keras.layers.Layer):
 
 
 def _check(vocab_size, sequence_length):
-  if not isinstance(vocab_size, int) or vocab_size < 2:
-    raise ValueError(f'`vocab_size` must be an int >= 2, got {vocab_size!r}.')
-  if not isinstance(sequence_length, int) or sequence_length < 1:
-    raise ValueError('`sequence_length` must be an int >= 1, got '
-                     f'{sequence_length!r}.')
+  checks.integer('vocab_size', vocab_size, 2)
+  checks.integer('sequence_length', sequence_length, 1)
 
 
 def create_char_lstm(vocab_size: int, sequence_length: int, *,

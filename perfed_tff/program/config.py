@@ -15,8 +15,8 @@ from typing import Any, Mapping, Optional, Sequence
 
 from perfed_tff import algorithms
 from perfed_tff import checks
-from perfed_tff import personalization_eval
 from perfed_tff.data import registry
+from perfed_tff.program import population_eval
 from perfed_tff.runtime import compilation
 
 CLIENT_WEIGHTINGS = ('uniform', 'num_examples')
@@ -59,7 +59,6 @@ class TrainingConfig:
     of its test data, as the paper is quoted; populations 'seen_paper',
     'unseen_paper').
   adapt_batch_size: batch of each adaptation step; None: `batch_size`.
-  compare_fedavg: `run` also trains FedAvg with the same settings.
   workers: 'host:port' of running TFF workers; empty: one local worker.
   worker_timeout: seconds to wait for an unreachable worker (and for a
     worker to answer a health check).
@@ -92,7 +91,6 @@ class TrainingConfig:
   eval_steps: Sequence[int] = (1,)
   eval_protocols: Sequence[str] = ('heldout',)
   adapt_batch_size: Optional[int] = None
-  compare_fedavg: bool = False
   workers: Sequence[str] = ()
   worker_timeout: float = 30.0
   graph_optimization: str = 'auto'
@@ -181,55 +179,15 @@ def validate(config: TrainingConfig) -> TrainingConfig:
       dataset_options=checks.key_values('dataset_options',
                                         config.dataset_options),
   )
-  accepted = registry.dataset_options(config.dataset)
-  unknown = sorted(set(changes['dataset_options']) - set(accepted))
-  if unknown:
-    raise checks.ArgumentError(
-        'dataset_options', f'unknown option(s) {unknown} for dataset '
-        f'{config.dataset!r}; accepted: {list(accepted)}')
-  _check_dataset_options(changes['dataset_options'])
+  # Unknown or renamed option names fail now; option values are checked by
+  # the dataset's loader (`load_task`).
+  registry.check_options(config.dataset, changes['dataset_options'])
   config = dataclasses.replace(config, **changes)
   object.__setattr__(config, _VALIDATED, True)  # Not a field: not copied.
   return config
 
 
 _VALIDATED = '_validated'
-
-
-# Ranges of the dataset options several loaders share (each loader checks
-# its own again; these fail before anything is loaded).
-_INT_OPTIONS = {'num_users': (2, None), 'num_unseen_users': (0, None),
-                'classes_per_user': (1, None),
-                'max_examples_per_user': (2, None)}
-
-
-def _check_dataset_options(options: Mapping[str, Any]) -> None:
-  def bad(key, reason):
-    raise checks.ArgumentError('dataset_options', f'{key} {reason}, got '
-                               f'{options[key]!r}')
-  for key, value in options.items():
-    if key in _INT_OPTIONS:
-      low, high = _INT_OPTIONS[key]
-      if key == 'max_examples_per_user' and value is None:
-        continue
-      if (isinstance(value, bool) or not isinstance(value, int)
-          or value < low or (high is not None and value > high)):
-        bad(key, f'must be an integer >= {low}')
-    elif key == 'train_fraction':
-      if (isinstance(value, bool) or not isinstance(value, (int, float))
-          or not 0 < value < 1):
-        bad(key, 'must be a number in (0, 1) (each user needs train and test '
-            'examples)')
-    elif key == 'unseen_fraction':
-      if (isinstance(value, bool) or not isinstance(value, (int, float))
-          or not 0 <= value < 1):
-        bad(key, 'must be a number in [0, 1)')
-    elif key in ('alpha', 'beta'):  # Synthetic(alpha, beta): std devs.
-      if (isinstance(value, bool) or not isinstance(value, (int, float))
-          or not 0 <= value <= 100):
-        bad(key, 'must be a number in [0, 100]')
-    elif key == 'download' and not isinstance(value, bool):
-      bad(key, 'must be True or False')
 
 
 def check_output_paths(config: TrainingConfig) -> None:
@@ -264,7 +222,7 @@ def _protocols(value) -> tuple[str, ...]:
     raise checks.ArgumentError(
         'eval_protocols', f'must list distinct protocols, got {value!r}')
   for p in items:
-    personalization_eval.check_protocol(p)
+    population_eval.check_protocol(p)
   return items
 
 

@@ -1,23 +1,293 @@
-"""Personalized evaluation of a run's global model on its populations.
+"""Personalized evaluation of a model on populations of clients (the
+Python driver of `perfed_tff.personalization_eval`'s TFF computation).
 
-'seen' = the training users' held-out test data, 'unseen' = users never
-sampled for training (when the task has them); with the 'paper' protocol also
-'seen_paper' / 'unseen_paper' (the step on test data, see
-`perfed_tff.personalization_eval`). Each population is capped at
-`config.eval_clients` clients by `sample_eval_clients`, a seeded choice that
-is the same for every algorithm and every round of a run.
+A *population* is a set of clients of a task: 'seen' (the training users'
+held-out test data) and 'unseen' (users never sampled for training, when the
+task has them). Under the evaluation protocol 'paper' (the paper's own
+evaluation as it is quoted: the test-time step on a batch of the user's
+*test* data, then the test data) the same populations are named
+`population_name('seen', 'paper')` = 'seen_paper' and 'unseen_paper'; the
+default protocol 'heldout' adapts on the user's train data only, so the
+train split is the only data the adaptation reads.
+
+* `evaluate_population` prepares each client's input from `ClientData`
+  (seeded adaptation batches, the full test set, built on the TFF worker),
+  runs the computation and returns per-client results; `summarize` gives the
+  client mean (each client once), the example-weighted mean and percentiles.
+* `evaluate_task` does that for every population and protocol of a task.
+* `build_evaluate_fn` is the training program's evaluation: populations
+  capped at `config.eval_clients` clients by `sample_eval_clients` (a seeded
+  choice, the same for every algorithm and round of a run), at the run's
+  alpha and `eval_steps`.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+import collections
+import dataclasses
+from typing import Any, Callable, Mapping, Optional, Sequence, TYPE_CHECKING
 
 import numpy as np
+import tensorflow as tf
+import tensorflow_federated as tff
 
+from perfed_tff import checks
 from perfed_tff import personalization_eval
 from perfed_tff.data import task as task_lib
-from perfed_tff.program import config as config_lib
+from perfed_tff.data import worker_datasets
 from perfed_tff.program import metrics as metrics_lib
+
+if TYPE_CHECKING:
+  from perfed_tff.program import config as config_lib
+
+PERCENTILES = (10, 50, 90)
+PROTOCOLS = ('heldout', 'paper')
+POPULATIONS = ('seen', 'unseen')
+step_key = personalization_eval.step_key
+
+
+def check_protocol(protocol: str) -> str:
+  return checks.choice('eval_protocols', protocol, PROTOCOLS)
+
+
+def population_name(population: str, protocol: str) -> str:
+  """'seen', 'heldout' -> 'seen'; 'seen', 'paper' -> 'seen_paper'."""
+  return population if protocol == 'heldout' else f'{population}_{protocol}'
+
+
+def num_examples(dataset: tf.data.Dataset) -> int:
+  return int(dataset.reduce(np.int64(0), lambda n, _: n + 1).numpy())
+
+
+def adaptation_batches(train_dataset: tf.data.Dataset, *, num_steps: int,
+                       batch_size: Optional[int], seed: int,
+                       shuffle_buffer: int = 1000) -> tf.data.Dataset:
+  """The batches of the k adaptation steps, from the client's *train* data.
+
+  batch_size=None: every step is a full-batch gradient step on all the
+  client's train examples; otherwise steps take seeded stochastic batches
+  (`task.client_batches`, the same stream the training clients see).
+  """
+  if batch_size is None:
+    n = num_examples(train_dataset)
+    return _full_batch_steps(train_dataset, max(n, 1), num_steps)
+  return task_lib.client_batches(train_dataset, batch_size=batch_size,
+                                 num_batches=num_steps, seed=seed,
+                                 shuffle_buffer=shuffle_buffer)
+
+
+def _full_batch_steps(train_dataset, size, num_steps):
+  """`num_steps` batches, each all `size` examples of `train_dataset`."""
+  return task_lib.without_pipeline_rewrites(
+      train_dataset.batch(size).repeat(num_steps).take(num_steps))
+
+
+def build_worker_side_evaluation(evaluation: tff.Computation, element_spec,
+                                 *, adapt_batch_size: Optional[int],
+                                 eval_batch_size: int = 256,
+                                 shuffle_buffer: int = 1000
+                                 ) -> tff.Computation:
+  """`evaluation` (batched input) taking each client's examples instead of
+  datasets: `(weights@SERVER, {<adapt=examples, test=examples,
+  seed=int64>}@CLIENTS)`, with `client_input`'s batches built on the worker
+  (`perfed_tff.data.worker_datasets`; the same batches)."""
+  steps = max(evaluation.adaptation_steps)
+  examples = worker_datasets.examples_type(element_spec)
+
+  @tff.tensorflow.computation(collections.OrderedDict(
+      adapt=examples, test=examples, seed=np.int64))
+  def client_datasets(inputs):
+    train = tf.data.Dataset.from_tensor_slices(inputs['adapt'])
+    if adapt_batch_size is None:
+      size = tf.shape(tf.nest.flatten(inputs['adapt'])[0],
+                      out_type=tf.int64)[0]
+      train_data = _full_batch_steps(train, tf.maximum(size, 1), steps)
+    else:
+      train_data = task_lib.client_batches(
+          train, batch_size=adapt_batch_size, num_batches=steps,
+          seed=inputs['seed'], shuffle_buffer=shuffle_buffer)
+    test = tf.data.Dataset.from_tensor_slices(inputs['test'])
+    return collections.OrderedDict(
+        train_data=train_data,
+        test_data=task_lib.without_pipeline_rewrites(
+            test.batch(eval_batch_size)))
+
+  weights_type = evaluation.type_signature.parameter[0]
+
+  @tff.federated_computation(weights_type, tff.FederatedType(
+      client_datasets.type_signature.parameter, tff.CLIENTS))
+  def worker_side_evaluation(weights, client_inputs):
+    return evaluation(weights, tff.federated_map(client_datasets,
+                                                 client_inputs))
+
+  return worker_side_evaluation
+
+
+def client_input(train_dataset: tf.data.Dataset, test_dataset: tf.data.Dataset,
+                 *, num_steps: int, adapt_batch_size: Optional[int],
+                 seed: int, eval_batch_size: int = 256
+                 ) -> collections.OrderedDict:
+  """`OrderedDict(train_data=adaptation batches, test_data=test batches)`."""
+  return collections.OrderedDict(
+      train_data=adaptation_batches(train_dataset, num_steps=num_steps,
+                                    batch_size=adapt_batch_size, seed=seed),
+      test_data=task_lib.without_pipeline_rewrites(
+          test_dataset.batch(eval_batch_size)))
+
+
+@dataclasses.dataclass
+class PopulationResult:
+  """Per-client results of one population and their summary."""
+  client_ids: list
+  num_test_examples: np.ndarray            # [clients]
+  accuracy: dict                           # step k -> [clients]
+  loss: dict                               # step k -> [clients]
+  num_adaptation_steps: np.ndarray         # [clients]
+
+  @property
+  def steps(self) -> tuple[int, ...]:
+    return tuple(sorted(self.accuracy))
+
+  def summary(self) -> collections.OrderedDict:
+    return summarize(self)
+
+
+def _to_population(client_ids, outputs, steps) -> PopulationResult:
+  if isinstance(outputs, Mapping):  # A single client comes back unwrapped.
+    outputs = [outputs]
+  n_test = np.array([int(o['num_test_examples']) for o in outputs])
+  acc = {k: np.array([float(o['metrics'][step_key(k)]['accuracy'])
+                      for o in outputs]) for k in steps}
+  loss = {k: np.array([float(o['metrics'][step_key(k)]['loss'])
+                       for o in outputs]) for k in steps}
+  taken = np.array([int(o['num_adaptation_steps']) for o in outputs])
+  return PopulationResult(list(client_ids), n_test, acc, loss, taken)
+
+
+def summarize(result: PopulationResult) -> collections.OrderedDict:
+  """Per step k: client-mean accuracy and loss (each client once), the
+  example-weighted mean accuracy and loss, percentiles of per-client accuracy.
+
+  `num_clients`: the clients measured. `num_clients_empty`: clients without
+  test examples, left out of every metric (nothing to measure them on).
+  `num_clients_without_step`: measured clients whose adaptation took no step
+  (no adaptation example: an empty train split; under protocol 'paper',
+  which adapts on the test split, none); they stay in every step's metrics
+  with the global model's numbers (with no data to adapt on, their
+  personalized model is the global one), so step 0 and step k average over
+  the same clients.
+  """
+  keep = result.num_test_examples > 0
+  weights = result.num_test_examples[keep].astype(np.float64)
+  out = collections.OrderedDict(
+      num_clients=int(keep.sum()),
+      num_clients_empty=int((~keep).sum()),
+      num_clients_without_step=int(
+          (keep & (result.num_adaptation_steps == 0)).sum()),
+      num_test_examples=int(weights.sum()))
+  for k in result.steps:
+    acc = result.accuracy[k][keep]
+    loss = result.loss[k][keep]
+    s = collections.OrderedDict()
+    if acc.size:
+      s['accuracy_mean'] = float(np.mean(acc))
+      s['accuracy_weighted'] = float(np.average(acc, weights=weights))
+      for p in PERCENTILES:
+        s[f'accuracy_p{p}'] = float(np.percentile(acc, p))
+      s['loss_mean'] = float(np.mean(loss))
+      s['loss_weighted'] = float(np.average(loss, weights=weights))
+    else:
+      for name in (['accuracy_mean', 'accuracy_weighted']
+                   + [f'accuracy_p{p}' for p in PERCENTILES]
+                   + ['loss_mean', 'loss_weighted']):
+        s[name] = float('nan')
+    out[step_key(k)] = s
+  return out
+
+
+def evaluate_population(evaluation: tff.Computation, model_weights,
+                        train_data: tff.simulation.datasets.ClientData,
+                        test_data: tff.simulation.datasets.ClientData,
+                        client_ids: Optional[Sequence[str]] = None, *,
+                        adapt_batch_size: Optional[int] = 32, seed: int = 0,
+                        eval_batch_size: int = 256,
+                        protocol: str = 'heldout') -> PopulationResult:
+  """Runs `evaluation` (from `build_personalized_evaluation`) on clients.
+
+  Adaptation batches come from `train_data` (protocol 'heldout') or from
+  `test_data` (protocol 'paper'), seeded by `derive_seed(seed,
+  'personalization', client_id)` (the same for every algorithm); metrics
+  from `test_data`. Returns per-client results.
+  """
+  check_protocol(protocol)
+  steps = evaluation.adaptation_steps
+  if client_ids is None:
+    client_ids = list(test_data.client_ids)
+  client_ids = list(client_ids)
+  adapt_data = test_data if protocol == 'paper' else train_data
+  unbatched = getattr(evaluation, 'input_format', 'batched') == 'unbatched'
+  if unbatched:
+    # The computation batches by its own batch_size: the same batches.
+    adapt_batch_size = evaluation.batch_size
+  seeds = [task_lib.derive_seed(seed, 'personalization', cid)
+           for cid in client_ids]
+  if not unbatched:
+    # Batches built on the worker from the clients' examples.
+    key = (adapt_batch_size, eval_batch_size)
+    # Built once per evaluation computation and batch sizes.
+    if not hasattr(evaluation, 'worker_side_versions'):
+      evaluation.worker_side_versions = {}
+    cache = evaluation.worker_side_versions
+    if key not in cache:
+      cache[key] = build_worker_side_evaluation(
+          evaluation, test_data.element_type_structure,
+          adapt_batch_size=adapt_batch_size, eval_batch_size=eval_batch_size)
+    adapt_examples = worker_datasets.client_examples(adapt_data)
+    test_examples = worker_datasets.client_examples(test_data)
+    outputs = cache[key](model_weights, [
+        collections.OrderedDict(adapt=adapt_examples(cid),
+                                test=test_examples(cid), seed=np.int64(s))
+        for cid, s in zip(client_ids, seeds)])
+    return _to_population(client_ids, outputs, (0,) + tuple(steps))
+  inputs = [
+      client_input(adapt_data.create_tf_dataset_for_client(cid),
+                   test_data.create_tf_dataset_for_client(cid),
+                   num_steps=max(steps), adapt_batch_size=adapt_batch_size,
+                   seed=s, eval_batch_size=eval_batch_size)
+      for cid, s in zip(client_ids, seeds)]
+  if unbatched:
+    inputs = [collections.OrderedDict(
+        train_data=(x['train_data'].take(1).unbatch()
+                    if adapt_batch_size is None
+                    else x['train_data'].unbatch()),
+        test_data=x['test_data'].unbatch()) for x in inputs]
+  outputs = evaluation(model_weights, inputs)
+  return _to_population(client_ids, outputs, (0,) + tuple(steps))
+
+
+def evaluate_task(evaluation: tff.Computation, model_weights,
+                  task: task_lib.FederatedTask, *,
+                  adapt_batch_size: Optional[int] = 32, seed: int = 0,
+                  seen_client_ids: Optional[Sequence[str]] = None,
+                  unseen_client_ids: Optional[Sequence[str]] = None,
+                  eval_batch_size: int = 256,
+                  protocols: Sequence[str] = ('heldout',)
+                  ) -> collections.OrderedDict:
+  """Both populations under each protocol: 'seen' (training clients'
+  held-out test data) and 'unseen' (never-trained clients, when the task has
+  them); under protocol 'paper' they are named 'seen_paper' and
+  'unseen_paper'."""
+  out = collections.OrderedDict()
+  for protocol in protocols:
+    populations = [('seen', task.train, task.test, seen_client_ids)]
+    if task.unseen is not None:
+      populations.append(('unseen', *task.unseen, unseen_client_ids))
+    for name, train, test, ids in populations:
+      out[population_name(name, protocol)] = evaluate_population(
+          evaluation, model_weights, train, test, ids,
+          adapt_batch_size=adapt_batch_size, seed=seed,
+          eval_batch_size=eval_batch_size, protocol=protocol)
+  return out
 
 
 def sample_eval_clients(client_ids: Sequence[str], max_clients: int,
@@ -32,7 +302,7 @@ def sample_eval_clients(client_ids: Sequence[str], max_clients: int,
   return sorted(rng.choice(ids, max_clients, replace=False).tolist())
 
 
-def build_evaluate_fn(config: config_lib.TrainingConfig,
+def build_evaluate_fn(config: 'config_lib.TrainingConfig',
                       task: task_lib.FederatedTask
                       ) -> Callable[[Any], dict]:
   """`fn(model_weights) -> nested metrics {'seen': {'step_k': {...}}, ...}`:
@@ -48,7 +318,7 @@ def build_evaluate_fn(config: config_lib.TrainingConfig,
       task.unseen[1].client_ids, config.eval_clients, config.seed, 'unseen'))
 
   def evaluate(model_weights) -> dict:
-    results = personalization_eval.evaluate_task(
+    results = evaluate_task(
         computation, model_weights, task,
         adapt_batch_size=config.effective_adapt_batch_size, seed=config.seed,
         seen_client_ids=seen, unseen_client_ids=unseen,

@@ -42,7 +42,7 @@ import json
 import os
 import sys
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 from absl import logging
 import tensorflow_federated as tff
@@ -436,13 +436,20 @@ def execution_context(config: TrainingConfig):
 
 
 def run(config: TrainingConfig,
-        write: Optional[Callable[[str], None]] = None) -> list[TrainingResult]:
+        write: Optional[Callable[[str], None]] = None, *,
+        also_train: Sequence[str] = ()) -> list[TrainingResult]:
   """Validates `config`, opens its TFF execution context and trains
-  `config.algorithm`, then FedAvg too when `config.compare_fedavg`. The
-  context's workers are stopped on return, on an exception and on
-  SIGTERM/SIGINT/SIGHUP. `config.root_output_dir` is locked for the run
+  `config.algorithm`, then each algorithm of `also_train` with the same
+  settings (e.g. `('fedavg',)`, the baseline). The context's workers are
+  stopped on return, on an exception and on SIGTERM/SIGINT/SIGHUP.
+  `config.root_output_dir` is locked for the run
   (`checkpointing.OutputDirLock`): a second run there fails at once."""
   config = config_lib.validate(config)
+  configs = [config] + [
+      dataclasses.replace(config, algorithm=algorithms.check_algorithm(
+          a, 'also_train')) for a in also_train if a != config.algorithm]
+  # The data is read (and its options checked) before anything is written.
+  task = config_lib.load_task(config)
   with checkpointing.OutputDirLock(config.root_output_dir) as lock:
     owner = lock.previous_owner
     if owner:
@@ -450,9 +457,5 @@ def run(config: TrainingConfig,
           f'{config.root_output_dir}: took over the lock of a run that is no '
           f'longer running (pid {owner.get("pid")}, since '
           f'{owner.get("started")})')
-    task = config_lib.load_task(config)
-    configs = [config]
-    if config.compare_fedavg and config.algorithm != 'fedavg':
-      configs.append(dataclasses.replace(config, algorithm='fedavg'))
     with execution_context(config):
       return [run_training(c, task=task, write=write) for c in configs]

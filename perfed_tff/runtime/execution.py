@@ -544,3 +544,18 @@ class ExecutionContext:
 def current() -> Optional[ExecutionContext]:
   """The innermost open `ExecutionContext` (None when there is none)."""
   return _OPEN_CONTEXTS[-1] if _OPEN_CONTEXTS else None
+
+
+def release_tff_default_context() -> None:
+  """Replaces TFF's own default context (installed when TFF is imported) by
+  one that refuses to run computations, and collects it now. TFF's context
+  holds a worker manager whose finalizer fails ("Exception ignored in
+  ServiceManager.__del__") when it only runs at interpreter teardown; the
+  binaries call this at exit. An open `ExecutionContext` is left alone."""
+  import gc  # pylint: disable=g-import-not-at-top
+  if _OPEN_CONTEXTS:
+    return
+  context_stack_impl.context_stack.set_default_context(
+      runtime_error_context.RuntimeErrorContext())
+  gc.collect()
+

@@ -1,0 +1,207 @@
+"""The benchmark's contenders: their names, configuration, construction and
+the data each consumes in a round.
+
+Contenders:
+* `fedavg`: the project's baseline, TFF's
+  `tff.learning.algorithms.build_weighted_fed_avg` with client SGD at beta for
+  tau steps (`perfed_tff.algorithms`; TFF's DATASET_ITERATOR client loop).
+* `fedavg_reduce`: the same with TFF's default DATASET_REDUCE client loop
+  (slower on CPU; reported for reference).
+* `per_fedavg_{fo,hf,maml}`: `perfed_tff.build_per_fedavg`, same tau, batch,
+  on the task's model as a FunctionalModel (as the training program runs it).
+* TFF contenders get their clients' data the way the training program
+  does (`tff_client_data='worker'`, the default): each client's examples and
+  seed, with the batch stream built on the worker
+  (`perfed_tff.data.worker_datasets`); 'datasets' sends one serialized
+  `tf.data.Dataset` per client instead (TFF's plain interface).
+* `torch_{fedavg,fo,hf,maml}`: the PyTorch peer (`experiments.torch_peer`):
+  the same round in plain eager PyTorch (CPU, one thread), from the same
+  initial weights on the same batches (handed over as numpy arrays made
+  before its round is timed); skipped with a message without torch.
+* `floor_{fedavg,fo,hf,maml}`: the pure-TF floor
+  (`experiments.benchmark_floor.PureTFFloor`).
+
+Every contender runs one algorithm of `perfed_tff.algorithms`
+(`algorithm_of`), whose rules give its batches per round: FedAvg consumes the
+first tau batches of a client's stream, Per-FedAvg FO the first 2 tau, HF and
+MAML 3 tau.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import tensorflow as tf
+import tensorflow_federated as tff
+
+from experiments import benchmark_floor
+from experiments import benchmark_tasks
+from experiments import torch_peer
+from perfed_tff import algorithms as algorithms_lib
+from perfed_tff.data import task as task_lib
+from perfed_tff.data import worker_datasets
+
+FLOORS = ('floor_fedavg', 'floor_fo', 'floor_hf', 'floor_maml')
+# The PyTorch peer (`experiments.torch_peer`; skipped without torch).
+PEERS = ('torch_fedavg', 'torch_fo', 'torch_hf', 'torch_maml')
+# `fedavg` is the project's baseline (`algorithms.build_algorithm`: TFF's
+# build_weighted_fed_avg with the DATASET_ITERATOR client loop);
+# `fedavg_reduce` is the same with TFF's default DATASET_REDUCE loop.
+CONTENDERS = algorithms_lib.ALGORITHMS + ('fedavg_reduce',) + FLOORS + PEERS
+# The floor and the PyTorch peer of each TFF contender.
+FLOOR_OF = {'fedavg': 'floor_fedavg', 'fedavg_reduce': 'floor_fedavg',
+            'per_fedavg_fo': 'floor_fo',
+            'per_fedavg_hf': 'floor_hf', 'per_fedavg_maml': 'floor_maml'}
+PEER_OF = {'fedavg': 'torch_fedavg', 'per_fedavg_fo': 'torch_fo',
+           'per_fedavg_hf': 'torch_hf', 'per_fedavg_maml': 'torch_maml'}
+# The algorithm each contender outside `algorithms.ALGORITHMS` runs.
+_ALGORITHM_OF = {'fedavg_reduce': 'fedavg',
+                 **{floor: alg for alg, floor in FLOOR_OF.items()
+                    if alg in algorithms_lib.ALGORITHMS},
+                 **{peer: alg for alg, peer in PEER_OF.items()}}
+
+
+def algorithm_of(contender: str) -> str:
+  """The `perfed_tff.algorithms` name a contender runs (e.g. 'floor_hf' ->
+  'per_fedavg_hf', 'fedavg_reduce' -> 'fedavg')."""
+  if contender in algorithms_lib.ALGORITHMS:
+    return contender
+  if contender not in _ALGORITHM_OF:
+    raise ValueError(f'unknown contender {contender!r}; one of {CONTENDERS}')
+  return _ALGORITHM_OF[contender]
+
+
+def _batches_per_round(contender: str, local_steps: int) -> int:
+  """Batches a client of `contender` consumes in one round
+  (`algorithms.batches_per_round` of its algorithm)."""
+  return algorithms_lib.batches_per_round(algorithm_of(contender), local_steps)
+
+
+@dataclasses.dataclass
+class BenchmarkConfig:
+  """What the benchmark runs: task, cohort, rounds, contenders, hyperparameters
+  and how the contenders run."""
+  task: str = 'emnist_cnn'
+  clients_per_round: int = 10
+  num_clients: int = 20
+  examples_per_client: int = 200
+  local_steps: int = 5
+  batch_size: int = 32
+  rounds: int = 6              # measured rounds (after warm-up)
+  warmup_rounds: int = 1
+  contenders: Sequence[str] = CONTENDERS
+  alpha: float = 0.01
+  beta: float = 0.05
+  delta: float = 1e-3
+  seed: int = 0
+  # Clients run at once: by the floor; the TFF worker's own setting is the
+  # caller's ExecutionContext's (experiments/benchmark.py passes the same).
+  max_concurrent_computation_calls: int = 2
+  # Recorded with the results; like the concurrency, the caller's
+  # ExecutionContext applies it ('auto', 'runtime' or 'tff' as resolved by
+  # `perfed_tff.runtime.compilation`; each TFF contender's is in its results).
+  graph_optimization: str = 'auto'
+  # How TFF contenders get their clients' data: 'worker' (the training
+  # program's path: examples and seeds in, batches built on the worker by
+  # `worker_datasets`) or 'datasets' (one serialized tf.data.Dataset per
+  # client per round, TFF's plain interface).
+  tff_client_data: str = 'worker'
+  empty_rounds: int = 0        # rounds with empty client data (fixed cost)
+  memory_rounds: int = 0       # extra rounds of `memory_contender` for RSS
+  memory_contender: str = 'per_fedavg_hf'
+
+
+def build_contender(contender: str, task: benchmark_tasks.BenchmarkTask,
+                    config: BenchmarkConfig):
+  """A runner of `contender` on `task`: a `TFFRunner`, a
+  `benchmark_floor.PureTFFloor` or a `torch_peer.TorchPeer`, each with
+  `run_round(data)` (data from `round_data`)."""
+  variant = algorithms_lib.variant_of(algorithm_of(contender))
+  if contender in PEERS:
+    # The model's initial weights (the benchmark then sets every contender
+    # to the TFF process's).
+    return torch_peer.TorchPeer.from_task(
+        task, variant=variant, alpha=config.alpha, beta=config.beta,
+        delta=config.delta, local_steps=config.local_steps,
+        initial_weights=[v.numpy()
+                         for v in task.model_fn().trainable_variables])
+  if contender.startswith('floor_'):
+    return benchmark_floor.PureTFFloor(
+        task.model_fn, variant=variant, alpha=config.alpha, beta=config.beta,
+        delta=config.delta, local_steps=config.local_steps,
+        clients_per_round=config.clients_per_round,
+        parallel_clients=config.max_concurrent_computation_calls)
+  if contender == 'fedavg_reduce':
+    process = tff.learning.algorithms.build_weighted_fed_avg(
+        task.model_fn,
+        client_optimizer_fn=tff.learning.optimizers.build_sgdm(
+            learning_rate=config.beta),
+        server_optimizer_fn=tff.learning.optimizers.build_sgdm(
+            learning_rate=1.0),
+        client_weighting=tff.learning.ClientWeighting.UNIFORM,
+        loop_implementation=tff.learning.LoopImplementation.DATASET_REDUCE)
+  else:
+    model = task.model_fn
+    if contender != 'fedavg' and task.functional_model is not None:
+      model = task.functional_model()   # as the training program does
+    process = algorithms_lib.build_algorithm(
+        contender, model, alpha=config.alpha, beta=config.beta,
+        delta=config.delta, local_steps=config.local_steps,
+        client_weighting='uniform')
+  return TFFRunner(
+      process, worker_side=config.tff_client_data == 'worker',
+      element_spec=task_lib.unbatched_spec(task.element_spec),
+      batch_size=config.batch_size,
+      num_batches=_batches_per_round(contender, config.local_steps))
+
+
+class TFFRunner:
+  """A `LearningProcess` driven round by round: with `worker_side`, composed
+  with the worker-side batch pipeline (`worker_datasets.compose`, what the
+  training program runs; it takes `round_inputs`), else it takes datasets."""
+
+  def __init__(self, process, *, worker_side: bool = False,
+               element_spec=None, batch_size: int = 0, num_batches: int = 0):
+    self.worker_side = worker_side
+    if worker_side:
+      process = worker_datasets.compose(
+          process, element_spec, batch_size=batch_size,
+          num_batches=num_batches)
+    self.process = process
+    self.state = process.initialize()
+
+  def run_round(self, datasets) -> None:
+    self.state = self.process.next(self.state, list(datasets)).state
+
+  def weights(self):
+    return self.process.get_model_weights(self.state)
+
+
+def round_datasets(task: benchmark_tasks.BenchmarkTask,
+                   config: BenchmarkConfig, contender: str,
+                   round_num: int) -> list[tf.data.Dataset]:
+  """The batch streams `contender` consumes in round `round_num`: the
+  round's cohort (a pure function of (seed, round)), the batches per round
+  of its algorithm per client."""
+  return benchmark_tasks.client_datasets(
+      task, benchmark_tasks.cohort(task, config, round_num),
+      num_batches=_batches_per_round(contender, config.local_steps),
+      batch_size=config.batch_size, seed=config.seed, round_num=round_num)
+
+
+def round_data(runner, task: benchmark_tasks.BenchmarkTask,
+               config: BenchmarkConfig, contender: str, round_num: int, *,
+               empty: bool = False):
+  """What `runner` consumes in round `round_num`, always the same batches:
+  round inputs for a worker-side TFF process, the batches as numpy arrays
+  for the PyTorch peer (made before its round is timed, like every
+  contender's input), batch streams otherwise."""
+  if isinstance(runner, TFFRunner) and runner.worker_side:
+    return benchmark_tasks.round_inputs(task, config, round_num, empty=empty)
+  datasets = round_datasets(task, config, contender, round_num)
+  if empty:
+    datasets = [d.take(0) for d in datasets]
+  if contender in PEERS:
+    return [list(d.as_numpy_iterator()) for d in datasets]
+  return datasets
