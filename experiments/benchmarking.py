@@ -195,35 +195,28 @@ def run_compilation_ab(config: BenchmarkConfig, contexts: dict,
   which goes first, on the same batches. Returns per contender the median
   round under each and the median of the per-round ratios (first name /
   second name)."""
-  from tensorflow_federated.python.core.impl.context_stack import context_stack_impl  # pylint: disable=g-import-not-at-top
   names = list(contexts)
   if len(names) != 2:
     raise ValueError(f'expected two contexts, got {names}')
   contenders = [c for c in config.contenders
                 if c not in contenders_lib.FLOORS + contenders_lib.PEERS]
   task = _task(config)
-  previous = context_stack_impl.context_stack.current
   runners = {}
-  try:
-    for name in names:
-      context_stack_impl.context_stack.set_default_context(
-          contexts[name].context)
+  for name in names:
+    with contexts[name].activated():
       for c in contenders:
         runners[(name, c)] = build_contender(c, task, config)
-    times = collections.defaultdict(list)
-    for r in range(config.warmup_rounds + config.rounds):
-      for c in contenders:
-        for name in (names if r % 2 else names[::-1]):
-          context_stack_impl.context_stack.set_default_context(
-              contexts[name].context)
-          runner = runners[(name, c)]
+  times = collections.defaultdict(list)
+  for r in range(config.warmup_rounds + config.rounds):
+    for c in contenders:
+      for name in (names if r % 2 else names[::-1]):
+        runner = runners[(name, c)]
+        with contexts[name].activated():
           times[(name, c)].append(_timed_round(
               runner, round_data(runner, task, config, c, r)))
-      log(f'round {r}: ' + ', '.join(
-          f'{c}[{n}]={times[(n, c)][-1]:.3f}s' for c in contenders
-          for n in names))
-  finally:
-    context_stack_impl.context_stack.set_default_context(previous)
+    log(f'round {r}: ' + ', '.join(
+        f'{c}[{n}]={times[(n, c)][-1]:.3f}s' for c in contenders
+        for n in names))
   out = collections.OrderedDict()
   for c in contenders:
     a = times[(names[0], c)][config.warmup_rounds:]

@@ -128,9 +128,9 @@ def fail(message: str, status: int = checks.EXIT_USAGE, *,
     sys.exit(status)
   for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
     signal.signal(signum, signal.SIG_IGN)  # A second Ctrl-C changes nothing.
-  execution = sys.modules.get('perfed_tff.runtime.execution')
-  if execution is not None:
-    execution.stop_all_workers()
+  local_worker = sys.modules.get('perfed_tff.runtime.local_worker')
+  if local_worker is not None:
+    local_worker.stop_all_workers()
   try:  # atexit work (TF's generated-code files, ...), not C++ teardown.
     import atexit  # pylint: disable=g-import-not-at-top
     atexit._run_exitfuncs()  # pylint: disable=protected-access

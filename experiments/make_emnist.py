@@ -2,7 +2,7 @@ r"""Builds an EMNIST-sized federated population of real MNIST images, in the
 format of TFF's `emnist_all.sqlite`.
 
   python -m experiments.make_emnist --mnist=PATH/mnist.npz --cache_dir=DIR \
-      [--num_clients=3383] [--seed=0] [--overwrite]
+      [--num_clients=3383] [--num_images=0] [--seed=0] [--overwrite]
 
 writes DIR/emnist_all.sqlite, which
 `tff.simulation.datasets.emnist.load_data(only_digits=True, cache_dir=DIR)`
@@ -15,8 +15,8 @@ which 0 is the background) and `label` int in 0..9.
 
 The scheme, a pure function of the npz, --num_clients (N) and --seed:
 
-1. Pool. MNIST's 60,000 train and 10,000 test images (70,000) are pooled and
-   shuffled.
+1. Pool. MNIST's 60,000 train and 10,000 test images (70,000) are pooled (the
+   first --num_images of them when given) and shuffled.
 2. Client sizes. Client i gets n_i = 1 + m_i images, where (m_1, ..., m_N) ~
    Multinomial(70,000 - N, w / sum(w)) and w_i ~ LogNormal(0, 0.7): every
    client has at least one image, the sizes sum to 70,000 and are uneven
@@ -71,18 +71,27 @@ SIZE_SIGMA = 0.7            # LogNormal(0, sigma) client weights.
 TEST_FRACTION = 0.1
 SPLITS = (('digits_only_train', 'digits_only_test'), ('all_train', 'all_test'))
 
-flags.DEFINE_string('mnist', None, "Keras's mnist.npz (x_train, y_train, "
-                    'x_test, y_test).')
-flags.DEFINE_string('cache_dir', None, 'Directory to write emnist_all.sqlite '
-                    'into (created if missing).')
-flags.DEFINE_integer('num_clients', DEFAULT_NUM_CLIENTS,
-                     'Clients (writers), 1..number of images.', lower_bound=1)
-flags.DEFINE_integer('seed', 0, 'Seed of the whole population, >= 0.',
-                     lower_bound=0, upper_bound=2**32 - 1)
-flags.DEFINE_bool('overwrite', False, 'Replace an existing '
-                  'emnist_all.sqlite.')
-flags.mark_flag_as_required('mnist')
-flags.mark_flag_as_required('cache_dir')
+
+def define_flags() -> None:
+  """The binary's flags (defined when it runs, not on import: the test suite
+  imports this module beside the training binaries' --cache_dir)."""
+  flags.DEFINE_string('mnist', None, "Keras's mnist.npz (x_train, y_train, "
+                      'x_test, y_test).')
+  flags.DEFINE_string('cache_dir', None, 'Directory to write emnist_all.sqlite '
+                      'into (created if missing).')
+  flags.DEFINE_integer('num_clients', DEFAULT_NUM_CLIENTS,
+                       'Clients (writers), 1..number of images.', lower_bound=1)
+  flags.DEFINE_integer('num_images', 0, 'Use only the first N of the 70,000 '
+                       'pooled images (0: all); e.g. a 100-client population '
+                       'with the mean client size of 3,383 clients: '
+                       '--num_clients=100 --num_images=2069.', lower_bound=0)
+  flags.DEFINE_integer('seed', 0, 'Seed of the whole population, >= 0.',
+                       lower_bound=0, upper_bound=2**32 - 1)
+  flags.DEFINE_bool('overwrite', False, 'Replace an existing '
+                    'emnist_all.sqlite.')
+  flags.mark_flag_as_required('mnist')
+  flags.mark_flag_as_required('cache_dir')
+
 
 FLAGS = flags.FLAGS
 
@@ -172,7 +181,7 @@ def summary_line(path: str, population: Population, seconds: float) -> str:
 
 
 def make(mnist: str, cache_dir: str, *, num_clients: int = DEFAULT_NUM_CLIENTS,
-         seed: int = 0, overwrite: bool = False) -> str:
+         seed: int = 0, overwrite: bool = False, num_images: int = 0) -> str:
   """Builds and writes the population; returns the summary line.
 
   Raises:
@@ -199,6 +208,11 @@ def make(mnist: str, cache_dir: str, *, num_clients: int = DEFAULT_NUM_CLIENTS,
     raise checks.ArgumentError('mnist', e.reason) from None
   images = np.concatenate([x_train, x_test])
   labels = np.concatenate([y_train, y_test])
+  if num_images:
+    if not 1 <= num_images <= len(images):
+      raise checks.ArgumentError('num_images', f'must be between 1 and '
+                                 f'{len(images)} (0: all), got {num_images}')
+    images, labels = images[:num_images], labels[:num_images]
   if not 1 <= num_clients <= len(images):
     raise checks.ArgumentError('num_clients', f'must be between 1 and the '
                                f'number of images ({len(images)}), got '
@@ -271,7 +285,8 @@ def main(argv):
       signal.signal(signum, _raise_stopped)
   try:
     line = make(FLAGS.mnist, FLAGS.cache_dir, num_clients=FLAGS.num_clients,
-                seed=FLAGS.seed, overwrite=FLAGS.overwrite)
+                seed=FLAGS.seed, overwrite=FLAGS.overwrite,
+                num_images=FLAGS.num_images)
   except checks.ArgumentError as e:
     cli.fail(e.flag_message, checks.EXIT_USAGE, hard=True)
   except _Stopped as e:
@@ -288,4 +303,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main, flags_parser=parse_flags)

@@ -25,13 +25,19 @@ from absl import flags
 from experiments import cli
 from perfed_tff.data import shakespeare_plays as plays
 
-_TEXT = flags.DEFINE_string(
-    'text', None, 'The plays text (UTF-8): speeches headed by a line `NAME:`, '
-    'separated by blank lines (e.g. tinyshakespeare.txt).')
-_CACHE_DIR = flags.DEFINE_string(
-    'cache_dir', None, 'Directory to write shakespeare.sqlite in (created '
-    'when missing); pass it as --cache_dir of experiments.train.')
-flags.mark_flags_as_required(['text', 'cache_dir'])
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """The binary's flags (defined when it runs, not on import, so the module
+  can be imported beside the training binaries' --cache_dir)."""
+  flags.DEFINE_string(
+      'text', None, 'The plays text (UTF-8): speeches headed by a line '
+      '`NAME:`, separated by blank lines (e.g. tinyshakespeare.txt).')
+  flags.DEFINE_string(
+      'cache_dir', None, 'Directory to write shakespeare.sqlite in (created '
+      'when missing); pass it as --cache_dir of experiments.train.')
+  flags.mark_flags_as_required(['text', 'cache_dir'])
 
 
 class _Stopped(KeyboardInterrupt):
@@ -60,13 +66,13 @@ def main(argv):
     if signal.getsignal(signum) != signal.SIG_IGN:
       signal.signal(signum, _raise_stopped)
   try:
-    text_path = _TEXT.value
+    text_path = FLAGS.text
     text = plays.read_text(text_path)
     try:
       splits = plays.client_data_from_text(text)
     except plays.PlaysTextError as e:
       cli.fail(f'--text: {text_path}: {e}')
-    path = plays.write_shakespeare_sqlite(splits, _CACHE_DIR.value)
+    path = plays.write_shakespeare_sqlite(splits, FLAGS.cache_dir)
   except plays.PlaysTextError as e:
     cli.fail(f'--text: {e}')
   except plays.CacheDirError as e:
@@ -80,4 +86,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main, flags_parser=cli.parse_flags)

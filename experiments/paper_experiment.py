@@ -37,7 +37,7 @@ import numpy as np
 
 from experiments import comparison
 from experiments import report
-from perfed_tff.algorithms import LABELS
+from experiments.report import LABELS
 from perfed_tff.program import config as config_lib
 from perfed_tff.program import population_eval
 

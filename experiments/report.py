@@ -18,13 +18,19 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from perfed_tff.algorithms import LABELS
 from perfed_tff.program import population_eval
 
 POPULATIONS = tuple(population_eval.population_name(p, protocol)
                     for protocol in population_eval.PROTOCOLS
                     for p in population_eval.POPULATIONS)
 step_key = population_eval.step_key
+# Display names of the algorithms in tables and plots.
+LABELS = {
+    'fedavg': 'FedAvg',
+    'per_fedavg_fo': 'Per-FedAvg (FO)',
+    'per_fedavg_hf': 'Per-FedAvg (HF)',
+    'per_fedavg_maml': 'Per-FedAvg (MAML)',
+}
 
 
 def population_title(population: str) -> str:

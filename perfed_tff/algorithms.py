@@ -29,14 +29,6 @@ from perfed_tff import per_fedavg_client_work as client_work_lib
 ALGORITHMS = ('fedavg', 'per_fedavg_fo', 'per_fedavg_hf', 'per_fedavg_maml')
 
 
-LABELS = {
-    'fedavg': 'FedAvg',
-    'per_fedavg_fo': 'Per-FedAvg (FO)',
-    'per_fedavg_hf': 'Per-FedAvg (HF)',
-    'per_fedavg_maml': 'Per-FedAvg (MAML)',
-}
-
-
 def check_algorithm(algorithm: str, name: str = 'algorithm') -> str:
   """`algorithm` if it is one of ALGORITHMS, else `ArgumentError`."""
   return checks.choice(name, algorithm, ALGORITHMS)

@@ -56,3 +56,41 @@ def shared_data():
     pytest.skip(f'real data files not present ({SHARED_DATA_DIR}); CI has '
                 'them beside the checkout')
   return SHARED_DATA_DIR
+
+
+@pytest.fixture(scope='module')
+def small_task():
+  """A synthetic task of 8 clients (at most 60 examples each)."""
+  from perfed_tff.data import synthetic  # pylint: disable=g-import-not-at-top
+  return synthetic.load_synthetic(num_users=8, seed=1,
+                                  max_examples_per_user=60)
+
+
+@pytest.fixture(scope='module')
+def eval_1_2():
+  """The personalized evaluation of tff_helpers' EVAL_DIM x EVAL_CLASSES
+  softmax regression at alpha 0.3, after 1 and 2 steps."""
+  from perfed_tff import personalization_eval  # pylint: disable=g-import-not-at-top
+  from perfed_tff.models import linear  # pylint: disable=g-import-not-at-top
+  from tests import tff_helpers as h  # pylint: disable=g-import-not-at-top
+  return personalization_eval.build_personalized_evaluation(
+      linear.softmax_regression_model_fn(h.EVAL_DIM, h.EVAL_CLASSES),
+      alpha=0.3, adaptation_steps=(2, 1))
+
+
+@pytest.fixture
+def local_step_traces(monkeypatch):
+  """A Counter whose 'local_step' counts, from the test's start, the Python
+  traces of Per-FedAvg's local step (Python code runs only while TensorFlow
+  traces)."""
+  import collections  # pylint: disable=g-import-not-at-top
+  from perfed_tff import per_fedavg_client_work as client_work  # pylint: disable=g-import-not-at-top
+  traces = collections.Counter()
+  step = client_work.per_fedavg_local_step
+
+  def counting_step(*args, **kwargs):
+    traces['local_step'] += 1
+    return step(*args, **kwargs)
+
+  monkeypatch.setattr(client_work, 'per_fedavg_local_step', counting_step)
+  return traces

@@ -11,6 +11,7 @@ import pytest
 
 from experiments import make_emnist
 from perfed_tff import checks
+from perfed_tff.program import metrics as metrics_lib
 from tests import binary_helpers as h
 from tests import data_fixtures
 
@@ -249,3 +250,27 @@ def test_real_mnist_at_full_size(shared_data, tmp_path):
     assert [l for _, l in got] == labels[idx].tolist()
     np.testing.assert_array_equal(np.stack([p for p, _ in got]),
                                   make_emnist.emnist_pixels(images[idx]))
+
+
+@pytest.mark.slow
+def test_train_and_evaluate_the_cnn_on_real_mnist_writers(shared_data,
+                                                          tmp_path):
+  """The EMNIST-sized run's path at a tiny budget: a population of real
+  MNIST writers in TFF's format (clients with an empty test split among
+  them), Per-FedAvg HF with TFF's EMNIST CNN, personalized evaluation of
+  clients that include empty-test ones: no crash, and they are counted."""
+  cache = tmp_path / 'tff'
+  make_emnist.make(os.path.join(shared_data, 'mnist.npz'), str(cache),
+                   num_clients=60, num_images=1200, seed=3)
+  out = tmp_path / 'out'
+  r = h.run('--algorithm=per_fedavg_hf', '--dataset=emnist',
+            f'--cache_dir={cache}', '--rounds=1', '--clients_per_round=3',
+            '--local_steps=1', '--batch_size=4', '--eval_every=1',
+            '--eval_clients=0', f'--root_output_dir={out}')
+  assert r.returncode == 0, r.stderr[-3000:]
+  rows = metrics_lib.read_csv(
+      str(out / 'per_fedavg_hf' / 'metrics' / 'eval.csv'))
+  last = rows[-1]
+  assert last['seen/num_clients_empty'] > 0, last
+  assert last['seen/num_clients'] + last['seen/num_clients_empty'] <= 60
+  assert 0.0 <= last['seen/step_1/accuracy_mean'] <= 1.0

@@ -68,3 +68,22 @@ def test_bad_settings_are_one_line(tmp_path):
   assert last.startswith('reproduce_paper.py: error: --cache_dir: ')
   assert 'mnist.npz' in last and str(empty) in last
   assert 'Traceback' not in r.stderr
+
+
+@pytest.mark.slow
+def test_real_mnist_at_a_tiny_budget(tmp_path, shared_data):
+  """The command README's real-MNIST table comes from, at 1 round: the
+  paper's split of all 70,000 images (a = 196), both protocols."""
+  r = _reproduce(tmp_path, '--dataset=mnist', f'--cache_dir={shared_data}',
+                 '--seeds=0', '--alpha=0.03', '--beta=0.03', '--rounds=1',
+                 '--algorithms=fedavg,per_fedavg_hf', '--eval_every=1')
+  assert r.returncode == 0, r.stderr[-3000:]
+  with open(tmp_path / 'table.csv') as f:
+    rows = list(csv.DictReader(f))
+  assert {r['dataset'] for r in rows} == {'paper_mnist'}
+  cells = {(r['algorithm'], r['protocol']): float(r['mean']) for r in rows
+           if r['population'] == 'seen'}
+  assert set(cells) == {(a, p) for a in ('fedavg', 'per_fedavg_hf')
+                        for p in ('heldout', 'paper')}
+  # One round of ten users already beats chance after one step.
+  assert all(0.2 < v <= 1.0 for v in cells.values()), cells

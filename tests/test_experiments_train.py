@@ -45,7 +45,7 @@ def _file_as_run_folder(out):
   (out / 'per_fedavg_fo' / 'checkpoints').write_text('not a folder')
 
 
-# A representative handful of tests/test_faults_program.py's BAD_INPUTS
+# A representative handful of tests/test_program_config.py's BAD_INPUTS
 # (checked there in-process), end to end: exit 2, one line, no traceback,
 # nothing in the output directory changed.
 @pytest.mark.parametrize('flags,prepare,expected', [

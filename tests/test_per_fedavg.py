@@ -1,4 +1,6 @@
-"""The LearningProcess shape, server averaging, faults and argument checks."""
+"""`build_per_fedavg`: the LearningProcess shape, server averaging and
+optimizers, hyperparameters in the state, aggregator semantics, metrics
+aggregators, faults and argument checks."""
 
 import collections
 
@@ -9,26 +11,19 @@ import tensorflow_federated as tff
 
 import perfed_tff
 from perfed_tff import algorithms
+from perfed_tff import per_fedavg
 from perfed_tff.data import synthetic
 from perfed_tff.data import task as task_lib
 from perfed_tff.models import linear
 from tests import numpy_reference as ref
+from tests import tff_helpers as h
 
 DIM, CLASSES = 5, 3
 MODEL_FN = linear.softmax_regression_model_fn(DIM, CLASSES)
 
 
-def _dataset(x, y, batch_size):
-  return tf.data.Dataset.from_tensor_slices(
-      collections.OrderedDict(x=x, y=y)).batch(batch_size)
-
-
 def _clients(rng, sizes):
-  out = []
-  for n in sizes:
-    out.append((rng.normal(size=(n, DIM)).astype(np.float32),
-                rng.integers(0, CLASSES, n).astype(np.int32)))
-  return out
+  return [h.random_client(rng, n, DIM, CLASSES) for n in sizes]
 
 
 def test_is_a_learning_process_with_the_learning_process_signature():
@@ -89,7 +84,7 @@ def test_server_average_matches_numpy(weighting):
   state = process.initialize()
   w0 = tuple(np.asarray(t, np.float64)
              for t in process.get_model_weights(state).trainable)
-  out = process.next(state, [_dataset(x, y, bs) for x, y in data])
+  out = process.next(state, [h.dataset(x, y, bs) for x, y in data])
   got = process.get_model_weights(out.state).trainable
 
   models, weights = [], []
@@ -111,13 +106,13 @@ def test_server_average_matches_numpy(weighting):
 def test_empty_client_does_not_break_the_round():
   rng = np.random.default_rng(2)
   (x, y), = _clients(rng, [24])
-  empty = _dataset(x[:0], y[:0], 4)
+  empty = h.dataset(x[:0], y[:0], 4)
   for variant in ['fo', 'hf', 'maml']:
     process = perfed_tff.build_per_fedavg(
         MODEL_FN, variant=variant, alpha=0.1, beta=0.1, local_steps=2)
     state = process.initialize()
-    alone = process.next(state, [_dataset(x, y, 4)])
-    with_empty = process.next(state, [_dataset(x, y, 4), empty])
+    alone = process.next(state, [h.dataset(x, y, 4)])
+    with_empty = process.next(state, [h.dataset(x, y, 4), empty])
     for a, b in zip(process.get_model_weights(alone.state).trainable,
                     process.get_model_weights(with_empty.state).trainable):
       assert np.all(np.isfinite(b))
@@ -138,8 +133,8 @@ def test_non_finite_client_is_rejected_and_counted():
   process = perfed_tff.build_per_fedavg(
       MODEL_FN, variant='hf', alpha=0.1, beta=0.1, local_steps=2)
   state = process.initialize()
-  good = process.next(state, [_dataset(x, y, 4)])
-  mixed = process.next(state, [_dataset(x, y, 4), _dataset(bad_x, y, 4)])
+  good = process.next(state, [h.dataset(x, y, 4)])
+  mixed = process.next(state, [h.dataset(x, y, 4), h.dataset(bad_x, y, 4)])
   for a, b in zip(process.get_model_weights(good.state).trainable,
                   process.get_model_weights(mixed.state).trainable):
     np.testing.assert_allclose(a, b, atol=1e-6)
@@ -160,7 +155,7 @@ def test_unweighted_aggregator_composes():
   state = process.initialize()
   w0 = tuple(np.asarray(t, np.float64)
              for t in process.get_model_weights(state).trainable)
-  out = process.next(state, [_dataset(x, y, 4) for x, y in data])
+  out = process.next(state, [h.dataset(x, y, 4) for x, y in data])
   models = [ref.client_update(w0, ref.batches_of(x.astype(np.float64), y, 4),
                               'fo', 0.1, 0.1, 1e-3, 1)[0] for x, y in data]
   for i, g in enumerate(process.get_model_weights(out.state).trainable):
@@ -221,3 +216,202 @@ def test_model_fn_must_be_callable_or_functional():
   with pytest.raises(TypeError, match='model_fn'):
     perfed_tff.build_per_fedavg(42, variant='fo', alpha=0.1, beta=0.1,
                                 local_steps=1)
+
+
+# ---- Optimizers, hyperparameters, aggregators, metrics aggregators ----
+#
+# Against the numpy reference, on tff_helpers' 6-input, 4-class softmax
+# regression (h.MODEL_FN; the bytes in BEFORE are of that model).
+
+# Weights after one round of the code before this change (two clients, tau=2,
+# alpha=0.3, beta=0.2, delta=1e-2), float32 bytes in hex: nu = 1 and the
+# default optimizers must reproduce them bit for bit.
+BEFORE = {'fo': ['a08392beeb7e313eb45fef3e915fcd3e903541be0c81053f2480f73e2a71d0be1914043f5cf3de3cce2405bf16f915bf7a9abe3e7c4dd4be1c2582bec4ecb03ca29db1bdd81502bf2a93d0be928a06bfc900c7bec255303fa2fff4bdb48e07bf', '2cde9f3d2e4e65bc827c02bd4eec03bd'], 'fo_loss': 'd6ade83f', 'hf': ['ec64a4be4deb813ecc5ef23eef15b33ec13c4fbea4fcf63ec25b043f819fc6be1733113f58fdec3c612b14bfd08114bfd6a7c93e5fedd3be749a8cbec26aa13c719cfcbd24bcdebe020edcbe12250abf14f3f3beca5c283f5a49f1bdbc26d3be', 'd0bc4d3af0d1b13c0ef3c93cc01941bd'], 'hf_loss': 'c21dec3f', 'maml': ['e864a4be4aeb813eca5ef23eee15b33ec23c4fbea6fcf63ec25b043f7f9fc6be1833113f74fdec3c622b14bfd28114bfd4a7c93e62edd3be739a8cbed46aa13c729cfcbd24bcdebe060edcbe10250abf14f3f3becb5c283f6049f1bdbd26d3be', 'e0c44d3a52d2b13cf4f2c93cb61941bd'], 'maml_loss': 'c31dec3f'}
+
+
+@pytest.mark.parametrize('variant', ['fo', 'hf', 'maml'])
+def test_defaults_and_nu_1_reproduce_the_weights_before_the_change(variant):
+  process = perfed_tff.build_per_fedavg(
+      h.MODEL_FN, variant=variant, alpha=0.3, beta=0.2, delta=1e-2,
+      local_steps=2, inner_steps=1)
+  out = process.next(process.initialize(),
+                     [h.dataset(*h.random_client(0, 37), 5),
+                      h.dataset(*h.random_client(1, 37), 5)])
+  got = [a.astype(np.float32).tobytes().hex()
+         for a in h.trainable(process, out.state)]
+  assert got == BEFORE[variant]
+
+
+def test_server_momentum_over_two_rounds_matches_numpy():
+  clients = [h.random_client(10, 24), h.random_client(11, 30)]
+  w0 = h.random_weights(3)
+  alpha, beta, tau, bs = 0.2, 0.3, 2, 4
+  process = perfed_tff.build_per_fedavg(
+      h.MODEL_FN, variant='fo', alpha=alpha, beta=beta, local_steps=tau,
+      server_optimizer_fn=tff.learning.optimizers.build_sgdm(
+          1.0, momentum=0.9))
+  state = h.with_trainable(process, process.initialize(), w0)
+  server = ref.SGDM(1.0, momentum=0.9)
+  w = h.f64(w0)
+  for round_num in range(2):
+    # Round 2 sees other batches of the same clients.
+    data = [(cx[round_num::2], cy[round_num::2]) for cx, cy in clients]
+    state = process.next(state, [h.dataset(cx, cy, bs) for cx, cy in data]
+                         ).state
+    models = [ref.client_update_general(w, h.ref_batches(cx, cy, bs), 'fo',
+                                        alpha, 0.0, tau, beta=beta)[0]
+              for cx, cy in data]
+    update = tuple(np.mean([wi - mi[i] for mi in models], axis=0)
+                   for i, wi in enumerate(w))
+    w = server.step(w, update)
+  for g, want in zip(h.trainable(process, state), w):
+    np.testing.assert_allclose(g, want, atol=1e-5, rtol=0)
+  hparams = process.get_hparams(state)
+  assert hparams['finalizer']['momentum'] == pytest.approx(0.9)
+
+
+def test_set_hparams_changes_alpha_without_rebuild_or_retrace(
+    local_step_traces, tff_context):
+  traces = local_step_traces
+  x, y = h.random_client(13, 30)
+  data = [h.dataset(x, y, 5)]
+  kwargs = dict(variant='hf', beta=0.2, delta=1e-2, local_steps=2)
+  process = perfed_tff.build_per_fedavg(h.MODEL_FN, alpha=0.3, **kwargs)
+  state = process.initialize()
+  process.next(state, data)                      # compiles `next`
+  hparams = process.get_hparams(state)
+  state = process.set_hparams(state, hparams)    # compiles set_hparams
+  after_build = traces['local_step']
+  hparams['client_work']['alpha'] = np.float32(0.1)
+  hparams['client_work']['client_optimizer']['learning_rate'] = np.float32(
+      0.05)
+  with h.CompileCounter(tff_context) as compiles:
+    changed = process.set_hparams(state, hparams)
+    got = h.trainable(process, process.next(changed, data).state)
+    assert compiles.count == 0
+  assert traces['local_step'] == after_build
+  assert process.get_hparams(changed)['client_work']['alpha'] == (
+      pytest.approx(0.1))
+
+  rebuilt = perfed_tff.build_per_fedavg(
+      h.MODEL_FN, alpha=0.1, **dict(kwargs, beta=0.05))
+  want = h.trainable(rebuilt, rebuilt.next(rebuilt.initialize(), data).state)
+  for g, w in zip(got, want):
+    np.testing.assert_array_equal(g, w)
+  unchanged = h.trainable(process, process.next(state, data).state)
+  assert max(np.abs(a - b).max() for a, b in zip(got, unchanged)) > 1e-4
+
+
+@pytest.mark.parametrize('factory', [
+    tff.aggregators.SumFactory(),
+    tff.aggregators.SecureSumFactory(100.0, -100.0),
+    tff.aggregators.clipping_factory(1.0, tff.aggregators.SumFactory()),
+    tff.aggregators.EncodedSumFactory.quantize_above_threshold(8),
+], ids=['sum', 'secure_sum', 'clipped_sum', 'encoded_sum'])
+def test_sum_factories_raise_type_error(factory):
+  with pytest.raises(TypeError, match='sums the client updates'):
+    perfed_tff.build_per_fedavg(h.MODEL_FN, variant='fo', alpha=0.1, beta=0.1,
+                                local_steps=1, model_aggregator=factory)
+  with pytest.raises(TypeError, match='sums the client updates'):
+    algorithms.build_algorithm('fedavg', h.MODEL_FN, alpha=0.1, beta=0.1,
+                               local_steps=1, model_aggregator=factory)
+
+
+def test_mean_like_factories_are_recognised():
+  for factory in [
+      tff.aggregators.UnweightedMeanFactory(),
+      tff.learning.robust_aggregator(weighted=False),
+      tff.learning.compression_aggregator(weighted=False),
+      tff.learning.dp_aggregator(noise_multiplier=0.0, clients_per_round=2),
+      tff.aggregators.DifferentiallyPrivateFactory.tree_aggregation(
+          noise_multiplier=0.0, clients_per_round=2, l2_norm_clip=1.0,
+          record_specs=tf.TensorSpec([2])),
+  ]:
+    assert per_fedavg.aggregation_semantics(factory) == 'mean', factory
+
+
+@pytest.mark.parametrize('name', ['mean', 'dp_fixed', 'dp', 'robust',
+                                  'compression'])
+def test_mean_dp_robust_and_compression_aggregators_compose(name):
+  factory = {
+      'mean': tff.aggregators.MeanFactory(),
+      'dp_fixed': tff.aggregators.DifferentiallyPrivateFactory.gaussian_fixed(
+          noise_multiplier=0.0, clients_per_round=2, clip=100.0),
+      'dp': tff.learning.dp_aggregator(noise_multiplier=0.0,
+                                       clients_per_round=2),
+      'robust': tff.learning.robust_aggregator(),
+      'compression': tff.learning.compression_aggregator(),
+  }[name]
+  clients = [h.random_client(20, 16), h.random_client(21, 16)]
+  w0 = h.random_weights(5)
+  process = perfed_tff.build_per_fedavg(
+      h.MODEL_FN, variant='fo', alpha=0.1, beta=0.1, local_steps=1,
+      model_aggregator=factory)
+  state = h.with_trainable(process, process.initialize(), w0)
+  out = process.next(state, [h.dataset(cx, cy, 4) for cx, cy in clients])
+  got = h.trainable(process, out.state)
+  models = [ref.client_update_general(h.f64(w0), h.ref_batches(cx, cy, 4),
+                                      'fo', 0.1, 0.0, 1, beta=0.1)[0]
+            for cx, cy in clients]
+  mean = [(a + b) / 2 for a, b in zip(*models)]
+  if name in ('mean', 'dp_fixed'):   # no clipping, no noise: the mean
+    for g, w in zip(got, mean):
+      np.testing.assert_allclose(g, w, atol=1e-5, rtol=0)
+  else:   # adaptive clipping / quantization: the mean's direction, not a sum
+    step = np.concatenate([(g - w).ravel() for g, w in zip(got, w0)])
+    want = np.concatenate([(m - w).ravel() for m, w in zip(mean, w0)])
+    assert np.all(np.isfinite(step))
+    cosine = step @ want / np.linalg.norm(step) / np.linalg.norm(want)
+    assert cosine > 0.9, cosine
+    assert np.linalg.norm(step) <= 1.05 * np.linalg.norm(want)
+
+
+@pytest.mark.parametrize('kwargs, error, match', [
+    (dict(inner_steps=0), ValueError, ''),
+    (dict(beta=None), ValueError, ''),
+    (dict(client_optimizer_fn=tff.learning.optimizers.build_sgdm(0.1)),
+     ValueError, ''),
+    (dict(beta=None, client_optimizer_fn=lambda: tf.keras.optimizers.SGD(0.1)),
+     TypeError, 'client_optimizer_fn'),
+    (dict(server_optimizer_fn='sgd'), TypeError, 'server_optimizer_fn'),
+    (dict(model_distributor=object()), TypeError, 'model_distributor'),
+])
+def test_bad_arguments(kwargs, error, match):
+  args = dict(variant='hf', alpha=0.1, beta=0.1, local_steps=1)
+  args.update(kwargs)
+  with pytest.raises(error, match=match):
+    perfed_tff.build_per_fedavg(h.MODEL_FN, **args)
+
+
+def test_secure_sum_then_finalize_as_metrics_aggregator(tff_context):
+  """It builds (the (sum, count) pairs are lists, not tuples) and gives the
+  same metrics as the default. TFF 0.87's native runtime does not execute
+  secure intrinsics, so this runs them as TFF's test backend does (secure
+  sums replaced by plain sums) on the session's own worker."""
+  from tensorflow_federated.python.core.backends.test import compiler as test_compiler  # pylint: disable=g-import-not-at-top
+  from tensorflow_federated.python.core.impl.execution_contexts import sync_execution_context  # pylint: disable=g-import-not-at-top
+  from perfed_tff.runtime import execution  # pylint: disable=g-import-not-at-top
+  kwargs = execution._context_kwargs('tff', True)  # pylint: disable=protected-access
+  compile_native = kwargs['compiler_fn']
+  kwargs['compiler_fn'] = lambda comp: compile_native(
+      test_compiler.replace_secure_intrinsics_with_bodies(comp))
+  context = sync_execution_context.SyncExecutionContext(
+      execution._executor_factory(tff_context.addresses[0], 0, 60.0, 30.0),  # pylint: disable=protected-access
+      **kwargs)
+  data = [h.dataset(*h.random_client(40, 20), 4),
+          h.dataset(*h.random_client(41, 12), 4)]
+  metrics = {}
+  for name, aggregator in (
+      ('secure', tff.learning.metrics.secure_sum_then_finalize),
+      ('plain', None)):
+    process = perfed_tff.build_per_fedavg(
+        h.MODEL_FN, variant='hf', alpha=0.2, beta=0.2, local_steps=2,
+        metrics_aggregator=aggregator)
+    with tff.framework.get_context_stack().install(context):
+      metrics[name] = process.next(process.initialize(), data).metrics[
+          'client_work']['train']
+  assert 'secure_sum_measurements' in metrics['secure']
+  for key, value in metrics['plain'].items():
+    np.testing.assert_allclose(metrics['secure'][key], value, rtol=1e-5,
+                               err_msg=key)
+

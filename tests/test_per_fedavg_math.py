@@ -11,24 +11,9 @@ import perfed_tff
 from perfed_tff import model_oracles
 from perfed_tff.models import linear
 from tests import numpy_reference as ref
+from tests import tff_helpers as h
 
-DIM, CLASSES = 6, 4
-
-
-def _client(rng, n):
-  x = rng.normal(size=(n, DIM)).astype(np.float32)
-  y = rng.integers(0, CLASSES, n).astype(np.int32)
-  return x, y
-
-
-def _dataset(x, y, batch_size):
-  return tf.data.Dataset.from_tensor_slices(
-      collections.OrderedDict(x=x, y=y)).batch(batch_size)
-
-
-def _random_weights(rng):
-  return (rng.normal(scale=0.5, size=(DIM, CLASSES)).astype(np.float32),
-          rng.normal(scale=0.5, size=(CLASSES,)).astype(np.float32))
+DIM, CLASSES = h.DIM, h.CLASSES
 
 
 def _run_one_round(process, w0, client_datasets):
@@ -46,13 +31,14 @@ def _run_one_round(process, w0, client_datasets):
 @pytest.mark.parametrize('local_steps', [1, 3])
 def test_one_client_matches_numpy(variant, local_steps):
   rng = np.random.default_rng(7)
-  x, y = _client(rng, 5 * 9 + 3)   # several full batches and a short last one
-  w0 = _random_weights(rng)
+  # Several full batches and a short last one.
+  x, y = h.random_client(rng, 5 * 9 + 3)
+  w0 = h.random_weights(rng)
   alpha, beta, delta = 0.3, 0.2, 1e-2
   process = perfed_tff.build_per_fedavg(
       linear.softmax_regression_model_fn(DIM, CLASSES), variant=variant,
       alpha=alpha, beta=beta, delta=delta, local_steps=local_steps)
-  output, got = _run_one_round(process, w0, [_dataset(x, y, 5)])
+  output, got = _run_one_round(process, w0, [h.dataset(x, y, 5)])
 
   w64 = tuple(a.astype(np.float64) for a in w0)
   want, steps, examples = ref.client_update(
@@ -72,12 +58,12 @@ def test_steps_chain_and_stop_when_data_run_out(variant):
   """tau=4 requested, data for only 2 full steps (plus a partial one)."""
   rng = np.random.default_rng(3)
   k = 2 if variant == 'fo' else 3
-  x, y = _client(rng, 4 * (2 * k + 1))   # 2 full steps + 1 batch
-  w0 = _random_weights(rng)
+  x, y = h.random_client(rng, 4 * (2 * k + 1))   # 2 full steps + 1 batch
+  w0 = h.random_weights(rng)
   process = perfed_tff.build_per_fedavg(
       linear.softmax_regression_model_fn(DIM, CLASSES), variant=variant,
       alpha=0.5, beta=0.5, delta=1e-2, local_steps=4)
-  output, got = _run_one_round(process, w0, [_dataset(x, y, 4)])
+  output, got = _run_one_round(process, w0, [h.dataset(x, y, 4)])
   want, steps, _ = ref.client_update(
       tuple(a.astype(np.float64) for a in w0),
       ref.batches_of(x.astype(np.float64), y, 4), variant, 0.5, 0.5, 1e-2, 4)
@@ -89,13 +75,13 @@ def test_steps_chain_and_stop_when_data_run_out(variant):
 
 def test_metrics_are_losses_at_w_on_d_and_at_w_tilde_on_d_prime():
   rng = np.random.default_rng(11)
-  x, y = _client(rng, 12)
-  w0 = _random_weights(rng)
+  x, y = h.random_client(rng, 12)
+  w0 = h.random_weights(rng)
   alpha = 0.4
   process = perfed_tff.build_per_fedavg(
       linear.softmax_regression_model_fn(DIM, CLASSES), variant='fo',
       alpha=alpha, beta=0.1, local_steps=1)
-  output, _ = _run_one_round(process, w0, [_dataset(x, y, 6)])
+  output, _ = _run_one_round(process, w0, [h.dataset(x, y, 6)])
   w64 = tuple(a.astype(np.float64) for a in w0)
   d, d_prime = ref.batches_of(x.astype(np.float64), y, 6)
   w_tilde = tuple(a - alpha * g for a, g in zip(w64, ref.grad(w64, d)))
@@ -107,9 +93,9 @@ def test_metrics_are_losses_at_w_on_d_and_at_w_tilde_on_d_prime():
 
 def test_hf_approaches_maml_quadratically_in_delta():
   rng = np.random.default_rng(5)
-  x, y = _client(rng, 3 * 16)
-  w0 = tuple(3 * a for a in _random_weights(rng))   # curved region
-  ds = _dataset(x, y, 16)
+  x, y = h.random_client(rng, 3 * 16)
+  w0 = tuple(3 * a for a in h.random_weights(rng))   # curved region
+  ds = h.dataset(x, y, 16)
   model_fn = linear.softmax_regression_model_fn(DIM, CLASSES)
   kwargs = dict(alpha=1.0, beta=1.0, local_steps=1)
   _, maml = _run_one_round(
@@ -119,7 +105,7 @@ def test_hf_approaches_maml_quadratically_in_delta():
     _, hf = _run_one_round(
         perfed_tff.build_per_fedavg(model_fn, variant='hf', delta=delta,
                                     **kwargs), w0, [ds])
-    errors.append(max(np.abs(h - m).max() for h, m in zip(hf, maml)))
+    errors.append(max(np.abs(f - m).max() for f, m in zip(hf, maml)))
   ratios = [errors[i] / errors[i + 1] for i in range(2)]
   assert errors[-1] < errors[0]
   for r in ratios:   # O(delta^2): halving delta divides the error by ~4
@@ -128,8 +114,8 @@ def test_hf_approaches_maml_quadratically_in_delta():
 
 def test_functional_model_gives_the_same_weights():
   rng = np.random.default_rng(2)
-  x, y = _client(rng, 30)
-  w0 = _random_weights(rng)
+  x, y = h.random_client(rng, 30)
+  w0 = h.random_weights(rng)
   functional = tff.learning.models.functional_model_from_keras(
       linear.create_softmax_regression(DIM, CLASSES),
       loss_fn=tf.keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -164,8 +150,8 @@ def _functional_softmax_regression():
                                   'functional'])
 def test_sgd_steps_match_numpy_and_stop_when_batches_run_out(kind):
   rng = np.random.default_rng(4)
-  x, y = _client(rng, 3 * 5 + 2)   # 4 batches, the last one short
-  w0 = _random_weights(rng)
+  x, y = h.random_client(rng, 3 * 5 + 2)   # 4 batches, the last one short
+  w0 = h.random_weights(rng)
   model_fn = linear.softmax_regression_model_fn(DIM, CLASSES)
   functional = _functional_softmax_regression()   # built outside a graph
   make = {'variable_model_fn': lambda: model_fn,
@@ -179,7 +165,7 @@ def test_sgd_steps_match_numpy_and_stop_when_batches_run_out(kind):
     oracle = model_oracles.oracle_for(make())
     kinds.append(type(oracle))
     run = tf.function(model_oracles.sgd_steps, autograph=False)
-    return run(oracle, tuple(tf.constant(a) for a in w0), _dataset(x, y, 5),
+    return run(oracle, tuple(tf.constant(a) for a in w0), h.dataset(x, y, 5),
                0.3, 6)
 
   got, steps, examples = adapt()

@@ -5,63 +5,37 @@ runs only while TensorFlow traces), TFF compilations of the computations the
 process invokes, and `tf.function` traces of the pure-TF floor.
 """
 
-import collections
-
 import pytest
 
-from experiments import benchmarking as benchmark
-from perfed_tff import per_fedavg_client_work as client_work
+from experiments import benchmark_contenders
+from experiments import benchmark_tasks
+from tests import tff_helpers as h
 
-CONFIG = benchmark.BenchmarkConfig(
+CONFIG = benchmark_contenders.BenchmarkConfig(
     task='digits_mlp', clients_per_round=3, num_clients=8, local_steps=2,
     batch_size=8)
 
 
 @pytest.fixture(scope='module')
 def task():
-  return benchmark.make_task('digits_mlp', num_clients=8, seed=0)
+  return benchmark_tasks.make_task('digits_mlp', num_clients=8, seed=0)
 
 
 def _round_data(runner, task, contender, round_num):
-  """What `runner` consumes in round `round_num` (benchmark.round_data)."""
-  return benchmark.round_data(runner, task, CONFIG, contender, round_num)
-
-
-class _CompileCounter:
-  """Counts TFF compilations in the installed execution context."""
-
-  def __init__(self, context):
-    self._pipeline = context.context._async_context._compiler_pipeline  # pylint: disable=protected-access
-    self._inner = self._pipeline._compiler_fn  # pylint: disable=protected-access
-    self.count = 0
-
-  def __enter__(self):
-    def counting(comp):
-      self.count += 1
-      return self._inner(comp)
-    self._pipeline._compiler_fn = counting  # pylint: disable=protected-access
-    return self
-
-  def __exit__(self, *exc):
-    self._pipeline._compiler_fn = self._inner  # pylint: disable=protected-access
+  """What `runner` consumes in round `round_num`."""
+  return benchmark_contenders.round_data(runner, task, CONFIG, contender,
+                                         round_num)
 
 
 @pytest.mark.parametrize('contender', ['per_fedavg_fo', 'per_fedavg_hf',
                                        'per_fedavg_maml'])
-def test_tff_rounds_2_to_5_add_no_traces(contender, task, monkeypatch,
+def test_tff_rounds_2_to_5_add_no_traces(contender, task, local_step_traces,
                                          tff_context):
-  traces = collections.Counter()
-  step = client_work.per_fedavg_local_step
-
-  def counting_step(*args, **kwargs):
-    traces['local_step'] += 1
-    return step(*args, **kwargs)
-
-  monkeypatch.setattr(client_work, 'per_fedavg_local_step', counting_step)
-  runner = benchmark.build_contender(contender, task, CONFIG)
+  traces = local_step_traces
+  runner = benchmark_contenders.build_contender(contender, task, CONFIG)
   after_build = traces['local_step']
   assert after_build >= 1
-  with _CompileCounter(tff_context) as compiles:
+  with h.CompileCounter(tff_context) as compiles:
     runner.run_round(_round_data(runner, task, contender, 1))
     after_round_1 = (traces['local_step'], compiles.count)
     assert compiles.count >= 1  # round 1 compiled `next`: the counter works
@@ -73,8 +47,8 @@ def test_tff_rounds_2_to_5_add_no_traces(contender, task, monkeypatch,
 
 
 def test_tff_fedavg_rounds_2_to_5_add_no_compilations(task, tff_context):
-  runner = benchmark.build_contender('fedavg', task, CONFIG)
-  with _CompileCounter(tff_context) as compiles:
+  runner = benchmark_contenders.build_contender('fedavg', task, CONFIG)
+  with h.CompileCounter(tff_context) as compiles:
     runner.run_round(_round_data(runner, task, 'fedavg', 1))
     after_round_1 = compiles.count
     assert after_round_1 >= 1
@@ -86,7 +60,7 @@ def test_tff_fedavg_rounds_2_to_5_add_no_compilations(task, tff_context):
 @pytest.mark.parametrize('contender', ['floor_fo', 'floor_hf', 'floor_maml',
                                        'floor_fedavg'])
 def test_floor_rounds_2_to_5_add_no_traces(contender, task):
-  floor = benchmark.build_contender(contender, task, CONFIG)
+  floor = benchmark_contenders.build_contender(contender, task, CONFIG)
   floor.run_round(_round_data(floor, task, contender, 1))
   assert floor.tracing_count() == 1
   for r in range(2, 6):

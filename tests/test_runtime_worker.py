@@ -40,3 +40,14 @@ def test_served_worker_accepts_a_context():
     proc.wait(timeout=30)
   # exec: the Python process became the worker_binary itself.
   assert proc.returncode in (-15, 0, 143)
+
+
+def test_worker_refuses_a_busy_port():
+  import socket  # pylint: disable=g-import-not-at-top
+  sock = socket.socket()
+  sock.bind(('', 0))
+  sock.listen()
+  try:
+    assert worker.port_in_use(sock.getsockname()[1])
+  finally:
+    sock.close()

@@ -1,6 +1,7 @@
 """Everything that touches TFF's runtime internals: execution contexts that own
 their C++ workers (`execution`), how computations are compiled for the worker
-(`compilation`) and the worker binary (`python -m perfed_tff.runtime.worker`).
+(`compilation`), the local worker processes (`local_worker`), run supervision
+(`supervision`) and the worker binary (`python -m perfed_tff.runtime.worker`).
 
 Open the project's context with one line before running computations:
 
@@ -15,7 +16,7 @@ import importlib
 
 _LAZY = {
     'ExecutionContext': ('perfed_tff.runtime.execution', 'ExecutionContext'),
-    'WorkerProcess': ('perfed_tff.runtime.execution', 'WorkerProcess'),
+    'WorkerProcess': ('perfed_tff.runtime.local_worker', 'WorkerProcess'),
     'WorkerUnavailableError': ('perfed_tff.runtime.execution',
                                'WorkerUnavailableError'),
 }

@@ -4,13 +4,11 @@ TFF's `tff.backends.native.create_sync_local_cpp_execution_context()` starts a
 `worker_binary` child that inherits the parent's stdout/stderr and is killed
 only when its Python manager is garbage collected. Such a child can outlive the
 interpreter and keep a pipe open, so `pytest | tee log` (or a CI runner) waits
-forever. Here the worker is started explicitly:
-
-* its output goes to a log file (never the parent's pipes),
-* it receives SIGTERM when the parent process dies, even by SIGKILL
-  (Linux `PR_SET_PDEATHSIG`),
-* it is stopped at interpreter exit, on SIGTERM/SIGINT, and when the
-  `ExecutionContext` that started it is closed.
+forever. Here the worker is a
+`perfed_tff.runtime.local_worker.WorkerProcess` (its output in a log file,
+stopped with its parent, at exit, on signals and when the `ExecutionContext`
+that started it is closed), and the context talks gRPC to it with bounded
+retries and health checks.
 
 The same `worker_binary` served on other hosts is TFF's multi-machine engine:
 `ExecutionContext(workers=['host:port', ...])` connects to such workers and
@@ -20,19 +18,12 @@ spreads every round's clients over them with
 
 from __future__ import annotations
 
-import atexit
-import ctypes
+import contextlib
 import os
-import shutil
-import signal
-import subprocess
-import tempfile
-import threading
 import time
 from typing import Optional, Sequence
 
 import grpc
-import portpicker
 import tensorflow_federated as tff
 from tensorflow_federated.python.core.impl.executor_stacks import python_executor_stacks
 from tensorflow_federated.python.core.impl.executors import executors_errors
@@ -46,7 +37,9 @@ from tensorflow_federated.python.core.impl.context_stack import context_stack_im
 from tensorflow_federated.python.core.impl.context_stack import runtime_error_context
 
 from perfed_tff.runtime import compilation
-from perfed_tff.runtime.worker import worker_binary_path
+from perfed_tff.runtime.local_worker import WorkerProcess
+from perfed_tff.runtime.local_worker import install_exit_handlers
+from perfed_tff.runtime.local_worker import stop_all_workers
 
 _GRPC_MAX_MESSAGE_BYTES = 2 * 1000 * 1000 * 1000
 _GRPC_OPTIONS = [
@@ -54,184 +47,6 @@ _GRPC_OPTIONS = [
     ('grpc.max_receive_message_length', _GRPC_MAX_MESSAGE_BYTES),
     ('grpc.max_send_message_length', _GRPC_MAX_MESSAGE_BYTES),
 ]
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent():  # Runs in the child between fork and exec.
-  try:
-    libc = ctypes.CDLL('libc.so.6', use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-  except OSError:  # Not Linux: atexit and signal handlers still apply.
-    pass
-  _default_signals()
-
-
-def _default_signals():
-  # An ignored signal stays ignored across exec: a parent started with
-  # SIGINT ignored must still be able to stop its worker with SIGINT.
-  # (libc, not `signal.signal`: Popen may run outside the main thread.)
-  try:
-    libc = ctypes.CDLL('libc.so.6', use_errno=True)
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-      libc.signal(int(signum), 0)  # 0: SIG_DFL
-  except OSError:
-    pass
-
-
-class WorkerProcess:
-  """One `worker_binary` process serving TFF's executor service on a port.
-
-  Args:
-    port: TCP port to serve on; a free one is picked when `None`.
-    max_concurrent_computation_calls: TFF's limit on concurrent calls of one
-      computation inside the worker (clients run in parallel up to this);
-      nonpositive means unlimited.
-    log_path: file for the worker's output; a temporary file when `None`
-      (deleted by `stop()`; copy it first with `keep_log` to keep it).
-    die_with_parent: stop the worker when this Python process dies.
-
-  The worker runs in its own session, so a Ctrl-C on the terminal reaches
-  only the Python process, which decides (an ignored SIGINT stays ignored
-  and leaves the worker running).
-  """
-
-  def __init__(
-      self,
-      port: Optional[int] = None,
-      *,
-      max_concurrent_computation_calls: int = -1,
-      log_path: Optional[str] = None,
-      die_with_parent: bool = True,
-  ):
-    self.port = port or portpicker.pick_unused_port()
-    self._temporary_log = log_path is None
-    if log_path is None:
-      fd, log_path = tempfile.mkstemp(prefix='tff_worker_', suffix='.log')
-      os.close(fd)
-    self.log_path = log_path
-    self._log = open(log_path, 'ab')
-    args = [
-        worker_binary_path(),
-        f'--port={self.port}',
-        f'--max_concurrent_computation_calls={max_concurrent_computation_calls}',
-    ]
-    self.process = subprocess.Popen(
-        args,
-        stdin=subprocess.DEVNULL,
-        stdout=self._log,
-        stderr=subprocess.STDOUT,
-        close_fds=True,
-        start_new_session=True,
-        preexec_fn=_die_with_parent if die_with_parent else _default_signals,
-    )
-    _LIVE_WORKERS.add(self)
-
-  @property
-  def pid(self) -> int:
-    return self.process.pid
-
-  @property
-  def address(self) -> str:
-    return f'localhost:{self.port}'
-
-  def running(self) -> bool:
-    return self.process.poll() is None
-
-  def frozen(self) -> bool:
-    """Whether the process is stopped (SIGSTOP, SIGTSTP, a debugger)."""
-    try:
-      with open(f'/proc/{self.pid}/stat') as f:
-        state = f.read().rsplit(')', 1)[1].split()[0]
-    except (OSError, IndexError):
-      return False
-    return state in ('T', 't')
-
-  def kill(self) -> None:
-    """SIGKILL (a stopped process dies too) and reap."""
-    if self.process.poll() is None:
-      try:
-        self.process.kill()
-        self.process.send_signal(signal.SIGCONT)
-      except ProcessLookupError:
-        pass
-      self.process.wait()
-
-  def keep_log(self, path: str) -> Optional[str]:
-    """Copies the worker's log to `path` (for a failed run); returns `path`,
-    or None when there is nothing to copy."""
-    try:
-      if not self._log.closed:
-        self._log.flush()
-      if os.path.getsize(self.log_path) == 0:
-        return None
-      shutil.copyfile(self.log_path, path)
-      return path
-    except OSError:
-      return None
-
-  def stop(self, timeout: float = 10.0) -> None:
-    """Stops the worker (SIGINT, then SIGKILL after `timeout` seconds) and
-    deletes its temporary log."""
-    if self.process.poll() is None:
-      try:
-        if self.frozen():
-          raise subprocess.TimeoutExpired(self.process.args, 0)
-        self.process.send_signal(signal.SIGINT)
-        self.process.wait(timeout=timeout)
-      except subprocess.TimeoutExpired:
-        self.kill()
-      except ProcessLookupError:
-        pass
-    if not self._log.closed:
-      self._log.close()
-    if self._temporary_log:
-      try:
-        os.remove(self.log_path)
-      except OSError:
-        pass
-    _LIVE_WORKERS.discard(self)
-
-
-_LIVE_WORKERS: set[WorkerProcess] = set()
-_HANDLERS_INSTALLED = False
-_HANDLER_LOCK = threading.Lock()
-
-
-def stop_all_workers() -> None:
-  """Stops every worker this process started and has not stopped yet."""
-  for worker in list(_LIVE_WORKERS):
-    worker.stop(timeout=5.0)
-
-
-def _install_exit_handlers() -> None:
-  """Stops workers at exit and on SIGTERM/SIGINT/SIGHUP (then behaves as
-  before); a signal that is ignored stays ignored and stops nothing."""
-  global _HANDLERS_INSTALLED
-  with _HANDLER_LOCK:
-    if _HANDLERS_INSTALLED:
-      return
-    _HANDLERS_INSTALLED = True
-  atexit.register(stop_all_workers)
-  if threading.current_thread() is not threading.main_thread():
-    return
-  for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-    previous = signal.getsignal(signum)
-    if previous in (signal.SIG_IGN, None):
-      continue
-
-    def handler(sig, frame, previous=previous):
-      stop_all_workers()
-      if callable(previous):
-        return previous(sig, frame)
-      if previous == signal.SIG_IGN:
-        return None
-      # Default action: die by the same signal so the exit status says so.
-      signal.signal(sig, signal.SIG_DFL)
-      os.kill(os.getpid(), sig)
-
-    signal.signal(signum, handler)
-
-
 class WorkerUnavailableError(ConnectionError):
   """A TFF worker stopped answering and did not come back in time."""
 
@@ -429,7 +244,7 @@ class ExecutionContext:
       graph_optimization: str = 'auto',
   ):
     compilation.check_graph_optimization(graph_optimization)
-    _install_exit_handlers()
+    install_exit_handlers()
     self.context = None
     self.stubs: list[_BoundedRetryStub] = []
     self.aborted: Optional[WorkerUnavailableError] = None
@@ -533,6 +348,17 @@ class ExecutionContext:
         context_stack_impl.context_stack.set_default_context(
             runtime_error_context.RuntimeErrorContext()
         )
+
+  @contextlib.contextmanager
+  def activated(self):
+    """Runs TFF's computations of the block in this context (another open
+    one may be current around it), then restores the one that was current."""
+    previous = context_stack_impl.context_stack.current
+    context_stack_impl.context_stack.set_default_context(self.context)
+    try:
+      yield self
+    finally:
+      context_stack_impl.context_stack.set_default_context(previous)
 
   def __enter__(self) -> 'ExecutionContext':
     return self

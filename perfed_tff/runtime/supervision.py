@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import contextlib
 import gc
 import os
 import signal
@@ -428,10 +429,15 @@ class Supervisor:
     """`run_sync(work)`, interruptible between rounds."""
     return run_sync(work, self._stop)
 
+  @contextlib.contextmanager
   def saving(self, label: str):
     """A watched, uninterruptible phase for a checkpoint write:
-    `with supervisor.saving('checkpoint 5'): ...`."""
-    return _Saving(self, label)
+    `with supervisor.saving('checkpoint 5'): ...`. A deferred interrupt
+    raises at its end, with the phase still named."""
+    self.begin(label, 'checkpoint')
+    with critical_section():
+      yield
+    self.end()
 
   def __enter__(self) -> 'Supervisor':
     return self
@@ -479,23 +485,3 @@ class Supervisor:
       return error
     return type(error)(f'{str(error).rstrip()} (worker log: '
                        f'{", ".join(kept)})')
-
-
-class _Saving:
-
-  def __init__(self, supervisor: Supervisor, label: str):
-    self._supervisor = supervisor
-    self._label = label
-    self._critical = critical_section()
-
-  def __enter__(self):
-    self._supervisor.begin(self._label, 'checkpoint')
-    self._critical.__enter__()
-    return self
-
-  def __exit__(self, *exc_info):
-    # A deferred interrupt raises here, its phase still named.
-    self._critical.__exit__(*exc_info)
-    if exc_info[0] is None:
-      self._supervisor.end()
-    return False

@@ -1,0 +1,139 @@
+"""Run supervision (`perfed_tff/runtime/supervision.py`): interrupts deferred
+to the end of a critical section (also during a checkpoint write), the
+watchdog's health checks and deadlines."""
+
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+import tensorflow_federated as tff
+
+from perfed_tff.program import metrics as metrics_lib
+from perfed_tff.program import training_loop as tp
+from perfed_tff.runtime import execution
+from perfed_tff.runtime import supervision
+from tests import tff_helpers as h
+
+
+def test_interrupt_is_deferred_to_the_end_of_a_critical_section():
+  previous = {s: signal.getsignal(s) for s in supervision.INTERRUPT_SIGNALS}
+  try:
+    supervision.install_interrupt_handlers()
+    done = []
+    with pytest.raises(supervision.Interrupted) as e:
+      with supervision.critical_section():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.2)  # The handler has run: deferred.
+        done.append(True)
+    assert done == [True]
+    assert e.value.signum == signal.SIGTERM and e.value.exit_status == 143
+    with pytest.raises(supervision.Interrupted) as e:
+      os.kill(os.getpid(), signal.SIGHUP)
+      time.sleep(1)
+    assert e.value.exit_status == 129
+  finally:
+    for s, handler in previous.items():
+      signal.signal(s, handler)
+    supervision.clear_interrupt()
+
+
+def test_sigint_during_a_checkpoint_write_completes_it(tmp_path, small_task,
+                                                       monkeypatch):
+  """The signal arrives mid-save: the save finishes, then the run stops;
+  the rerun resumes from that checkpoint."""
+  real_save = tff.program.FileProgramStateManager.save
+
+  async def slow_save(self, state, version):
+    if version == 2:
+      os.kill(os.getpid(), signal.SIGINT)
+      time.sleep(0.2)
+    await real_save(self, state, version)
+
+  monkeypatch.setattr(tff.program.FileProgramStateManager, 'save', slow_save)
+  previous = {s: signal.getsignal(s) for s in supervision.INTERRUPT_SIGNALS}
+  config = h.training_config(tmp_path, **h.FAULTS_RUN)
+  try:
+    supervision.install_interrupt_handlers()
+    with pytest.raises(supervision.Interrupted) as e:
+      tp.run_training(config, task=small_task, process=h.StubProcess())
+  finally:
+    for s, handler in previous.items():
+      signal.signal(s, handler)
+    supervision.clear_interrupt()
+  assert e.value.phase is None or 'checkpoint 2' in e.value.phase
+  ckpts = tp.output_paths(config)['checkpoints']
+  assert sorted(os.listdir(ckpts)) == ['program_state_0', 'program_state_1',
+                                       'program_state_2']
+  monkeypatch.setattr(tff.program.FileProgramStateManager, 'save', real_save)
+  result = tp.run_training(config, task=small_task, process=h.StubProcess())
+  assert result.resumed_from == 2
+  w = metrics_lib.load_model_weights(result.paths['final_model'])
+  np.testing.assert_array_equal(w['trainable_0'], np.full(3, 4.0))
+
+
+class _FakeContext:
+
+  def __init__(self, bad=()):
+    self.bad = list(bad)
+    self.aborted = None
+    self.local_workers = []
+
+  def unhealthy(self, timeout):
+    del timeout
+    return self.bad
+
+  def describe(self, address):
+    return f'TFF worker at {address}'
+
+  def abort(self, error):
+    self.aborted = error
+
+
+def test_watchdog_fails_a_phase_on_an_unhealthy_worker():
+  context = _FakeContext([('h:1', 'did not answer a health check within 5s')])
+  lines = []
+  dog = supervision.Watchdog(round_timeout=0, health_timeout=5, write=lines.append,
+                     context=context)
+  try:
+    dog.begin('round 4', 'round')
+    deadline = time.monotonic() + 10
+    while context.aborted is None and time.monotonic() < deadline:
+      time.sleep(0.1)
+    dog.end()
+  finally:
+    dog.stop()
+  assert isinstance(context.aborted, execution.WorkerUnavailableError)
+  assert str(context.aborted) == (
+      'TFF worker at h:1 did not answer a health check within 5s during '
+      'round 4; stopped the run.')
+  assert dog.error is context.aborted
+
+
+def test_watchdog_deadlines():
+  dog = supervision.Watchdog(round_timeout=0, health_timeout=5, write=print)
+  try:
+    assert dog.deadline('initialization') == supervision.FIRST_ROUND_TIMEOUT
+    assert dog.deadline('round') == supervision.FIRST_ROUND_TIMEOUT
+    dog._seconds['round'] = [30.0, 0.1, 0.2, 10.0]  # First: compilation.
+    assert dog.deadline('round') == 60.0  # max(60, 20 x median 0.2)
+    dog._seconds['round'] = [30.0, 5.0, 5.0]
+    assert dog.deadline('round') == 100.0
+    assert dog.deadline('evaluation') == supervision.MIN_EVAL_TIMEOUT
+  finally:
+    dog.stop()
+  explicit = supervision.Watchdog(round_timeout=1.0, health_timeout=5, write=print,
+                          context=_FakeContext())
+  try:
+    explicit._seconds['round'] = [9.0]
+    explicit.begin('round 2', 'round')
+    deadline = time.monotonic() + 10
+    while explicit.error is None and time.monotonic() < deadline:
+      time.sleep(0.1)
+    explicit.end()
+  finally:
+    explicit.stop()
+  assert isinstance(explicit.error, execution.RoundTimeoutError)
+  assert 'round 2 did not finish within its 1s deadline' in str(
+      explicit.error)
