@@ -12,7 +12,7 @@ scikit-learn digits, synthetic FedProx Synthetic(1, 1).
 
 Prints a Markdown table and writes JSON with the per-contender timings and the
 ratios Per-FedAvg / FedAvg and TFF / pure-TF floor (see
-`experiments.benchmarking`; the contenders are in
+`experiments.benchmark_lib`; the contenders are in
 `experiments.benchmark_contenders`). All TFF computations run in an owned
 `perfed_tff.ExecutionContext`, whose worker is stopped on exit.
 """
@@ -28,7 +28,7 @@ import tensorflow as tf
 from experiments import benchmark_contenders
 from experiments import benchmark_report
 from experiments import benchmark_tasks
-from experiments import benchmarking
+from experiments import benchmark_lib
 from perfed_tff.runtime import execution
 
 _TASK = flags.DEFINE_enum('task', 'emnist_cnn', list(benchmark_tasks.TASKS),
@@ -125,7 +125,7 @@ def main(argv):
         graph_optimization='runtime') as runtime, execution.ExecutionContext(
             max_concurrent_computation_calls=_CONCURRENCY.value,
             graph_optimization='tff') as static:
-      report = benchmarking.run_compilation_ab(
+      report = benchmark_lib.run_compilation_ab(
           config, {'runtime': runtime, 'tff': static}, log=logging.info)
     report['command'] = ' '.join(['python'] + sys.argv)
     print('| contender | runtime (s) | tff (s) | runtime / tff |')
@@ -140,7 +140,7 @@ def main(argv):
       max_concurrent_computation_calls=_CONCURRENCY.value,
       graph_optimization=_GRAPH_OPTIMIZATION.value) as context:
     config.graph_optimization = context.graph_optimization
-    report = benchmarking.run_benchmark(config, log=logging.info)
+    report = benchmark_lib.run_benchmark(config, log=logging.info)
   report['command'] = ' '.join(['python'] + sys.argv)
   table = benchmark_report.markdown_table(report)
   print(table)

@@ -107,10 +107,10 @@ def parse_step_sizes(text: str, names) -> dict:
 
 
 def build_comparison():
-  from experiments import comparison  # pylint: disable=g-import-not-at-top
+  from experiments import compare_lib  # pylint: disable=g-import-not-at-top
   base = cli.training_config(algorithm='fedavg', seed=0)
   names = algorithms.parse_algorithms(FLAGS.algorithms)
-  return comparison.Comparison(
+  return compare_lib.Comparison(
       base=base, algorithms=names,
       seeds=checks.int_list('seeds', FLAGS.seeds, 0),
       step_sizes=parse_step_sizes(FLAGS.step_sizes, names))
@@ -122,7 +122,7 @@ def _command() -> str:
 
 def run() -> dict:
   """Runs (or resumes) what the flags ask for; returns the written paths."""
-  from experiments import comparison  # pylint: disable=g-import-not-at-top
+  from experiments import compare_lib  # pylint: disable=g-import-not-at-top
   from experiments import report  # pylint: disable=g-import-not-at-top
   table_rounds = (checks.int_list('table_rounds', FLAGS.table_rounds, 0)
                   if FLAGS.table_rounds else ())
@@ -139,12 +139,12 @@ def run() -> dict:
                                'grid (--grid_alphas/--grid_betas)')
   alphas = _floats('grid_alphas', FLAGS.grid_alphas or [spec.base.alpha])
   betas = _floats('grid_betas', FLAGS.grid_betas or [spec.base.beta])
-  levels = (comparison.parse_levels(FLAGS.sweep_levels)
+  levels = (compare_lib.parse_levels(FLAGS.sweep_levels)
             if FLAGS.sweep_levels else None)
   kind = 'grid' if grid else 'sweep' if levels else 'compare'
   run_dir = (os.path.abspath(FLAGS.run_dir) if FLAGS.run_dir else
              os.path.join(spec.base.root_output_dir,
-                          comparison.default_name(spec, kind)))
+                          compare_lib.default_name(spec, kind)))
   if FLAGS.run_dir:
     checks.writable_dir('run_dir', run_dir)
   prefix = FLAGS.prefix or os.path.basename(run_dir)
@@ -158,12 +158,12 @@ def run() -> dict:
       def on_cell(partial):
         partial['command'] = _command()
         report.write_results(partial, run_dir, prefix)
-      results = comparison.run_grid(spec, alphas, betas, run_dir, cli.log,
+      results = compare_lib.run_grid(spec, alphas, betas, run_dir, cli.log,
                                     on_cell=on_cell)
     elif levels:
-      results = comparison.run_sweep(spec, levels, run_dir, cli.log)
+      results = compare_lib.run_sweep(spec, levels, run_dir, cli.log)
     else:
-      results = comparison.run_comparison(spec, run_dir, cli.log)
+      results = compare_lib.run_comparison(spec, run_dir, cli.log)
   results['command'] = _command()
   paths = report.write_results(results, run_dir, prefix, table_rounds)
   if FLAGS.output_dir:

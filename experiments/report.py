@@ -1,6 +1,6 @@
 """Tables and plots of comparison results (Markdown, CSV, PNG).
 
-Results are the JSON-able dicts `experiments.comparison` builds from the runs'
+Results are the JSON-able dicts `experiments.compare_lib` builds from the runs'
 metric files: `{'config', 'task', 'runs': [{'algorithm', 'seed', 'curve':
 [[round, {'seen': summary, 'unseen': summary}], ...], 'final': ...}]}`, a
 sweep `{'sweep', 'levels', 'results'}` or a grid `{'grid', 'config', 'rows'}`.

@@ -83,7 +83,7 @@ def _floats(name, values):
 
 
 def build_experiment():
-  from experiments import paper_experiment  # pylint: disable=g-import-not-at-top
+  from experiments import reproduce_paper_lib  # pylint: disable=g-import-not-at-top
   if (FLAGS.alpha is None) != (FLAGS.beta is None):
     raise checks.ArgumentError('alpha', 'give both --alpha and --beta (no '
                                'tuning) or neither (tuning)')
@@ -102,7 +102,7 @@ def build_experiment():
     raise checks.ArgumentError(
         'tuning_seeds', f'must not overlap the reported --seeds, got '
         f'{sorted(set(seeds) & set(tuning_seeds))} in both')
-  return paper_experiment.PaperExperiment(
+  return reproduce_paper_lib.PaperExperiment(
       base=base, algorithms=algorithms.parse_algorithms(FLAGS.algorithms),
       seeds=seeds, tuning_seeds=tuning_seeds,
       grid_alphas=_floats('grid_alphas', FLAGS.grid_alphas),
@@ -113,7 +113,7 @@ def build_experiment():
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  from experiments import paper_experiment  # pylint: disable=g-import-not-at-top
+  from experiments import reproduce_paper_lib  # pylint: disable=g-import-not-at-top
   from perfed_tff.program import config as config_lib  # pylint: disable=g-import-not-at-top
   from perfed_tff.program import training_loop  # pylint: disable=g-import-not-at-top
   from perfed_tff.runtime import supervision  # pylint: disable=g-import-not-at-top
@@ -123,10 +123,10 @@ def main(argv):
     experiment, output_dir = build_experiment()
     config_lib.load_task(experiment.base)  # A missing file fails here, once.
     with training_loop.execution_context(experiment.base):
-      results = paper_experiment.run(experiment, output_dir, cli.log)
+      results = reproduce_paper_lib.run(experiment, output_dir, cli.log)
     results['command'] = ('python -m experiments.reproduce_paper '
                           + shlex.join(sys.argv[1:]))
-    return paper_experiment.write_outputs(results, output_dir)
+    return reproduce_paper_lib.write_outputs(results, output_dir)
 
   paths = cli.guard(work, 'Rerun the same command to resume.')
   with open(paths['md']) as f:

@@ -16,7 +16,7 @@ import pytest
 from experiments import benchmark_contenders as contenders
 from experiments import benchmark_report
 from experiments import benchmark_tasks
-from experiments import benchmarking
+from experiments import benchmark_lib
 from perfed_tff import algorithms
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -84,7 +84,7 @@ def test_run_benchmark_small_configuration_reports_ratios():
   pytest.importorskip('torch')  # ./run.sh setup installs the peer
   config = _config('digits_mlp', memory_rounds=3,
                    memory_contender='per_fedavg_fo', empty_rounds=1)
-  report = benchmarking.run_benchmark(config, log=lambda _: None)
+  report = benchmark_lib.run_benchmark(config, log=lambda _: None)
   assert set(report['results']) == set(contenders.CONTENDERS)
   assert not report['skipped'] and report['environment']['torch']
   for alg, peer in contenders.PEER_OF.items():
@@ -187,7 +187,7 @@ def test_compilation_ab_runs_each_contender_under_both_contexts(tff_context):
   config = _config('synthetic', contenders=('fedavg', 'per_fedavg_fo',
                                             'floor_fo'))
   with execution.ExecutionContext(graph_optimization='tff') as static:
-    report = benchmarking.run_compilation_ab(
+    report = benchmark_lib.run_compilation_ab(
         config, {'auto': tff_context, 'tff': static}, log=lambda _: None)
   from tensorflow_federated.python.core.impl.context_stack import context_stack_impl
   assert context_stack_impl.context_stack.current is tff_context.context

@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from experiments import comparison
+from experiments import compare_lib
 from experiments import report
 from perfed_tff.data import task as task_lib
 from tests import data_fixtures
@@ -84,14 +84,14 @@ def test_unseen_users_never_contribute_to_training(tmp_path):
 
 def _comparison(tmp_path, algorithms=('fedavg', 'per_fedavg_fo'),
                 seeds=(0, 1), **kw):
-  return comparison.Comparison(base=_base(tmp_path, **kw),
+  return compare_lib.Comparison(base=_base(tmp_path, **kw),
                                algorithms=algorithms, seeds=seeds)
 
 
 def test_comparison_is_a_set_of_training_runs(tmp_path):
   spec = _comparison(tmp_path, eval_every=2)
   run_dir = str(tmp_path / 'cmp')
-  results = comparison.run_comparison(spec, run_dir, write=lambda s: None)
+  results = compare_lib.run_comparison(spec, run_dir, write=lambda s: None)
   assert [(r['algorithm'], r['seed']) for r in results['runs']] == [
       ('fedavg', 0), ('per_fedavg_fo', 0), ('fedavg', 1),
       ('per_fedavg_fo', 1)]
@@ -109,14 +109,14 @@ def test_comparison_is_a_set_of_training_runs(tmp_path):
                                    'per_fedavg_fo')),
       h.final_weights(single.output_dir), atol=0)
   # Rerunning reads every finished run back: same results, nothing retrained.
-  again = comparison.run_comparison(spec, run_dir, write=lambda s: None)
+  again = compare_lib.run_comparison(spec, run_dir, write=lambda s: None)
   assert again['runs'] == results['runs']
 
 
 def test_comparison_names_its_run_directory_from_the_settings(tmp_path):
-  a = comparison.default_name(_comparison(tmp_path))
-  assert a == comparison.default_name(_comparison(tmp_path))
-  assert a != comparison.default_name(_comparison(tmp_path, rounds=4))
+  a = compare_lib.default_name(_comparison(tmp_path))
+  assert a == compare_lib.default_name(_comparison(tmp_path))
+  assert a != compare_lib.default_name(_comparison(tmp_path, rounds=4))
   assert a.startswith('compare_synthetic_')
 
 
@@ -174,7 +174,7 @@ def test_sweep_outputs(tmp_path):
   assert os.path.getsize(paths['plot']) > 0
   rows = list(csv.DictReader(open(paths['csv'])))
   assert len(rows) == 4 * 2 * 2
-  assert comparison.parse_levels('alpha=0,beta=0;alpha=0.5,beta=1') == [
+  assert compare_lib.parse_levels('alpha=0,beta=0;alpha=0.5,beta=1') == [
       {'alpha': 0, 'beta': 0}, {'alpha': 0.5, 'beta': 1}]
 
 
@@ -247,10 +247,10 @@ def test_compare_cli_bad_flags(tmp_path):
 
 
 def test_per_algorithm_step_sizes(tmp_path):
-  spec = comparison.Comparison(
+  spec = compare_lib.Comparison(
       base=_base(tmp_path, rounds=1), algorithms=('fedavg', 'per_fedavg_fo'),
       seeds=(0,), step_sizes={'per_fedavg_fo': {'alpha': 0.2, 'beta': 0.3}})
-  results = comparison.run_comparison(spec, str(tmp_path / 'cmp'),
+  results = compare_lib.run_comparison(spec, str(tmp_path / 'cmp'),
                                       write=lambda s: None)
   sizes = {r['algorithm']: (r['alpha'], r['beta']) for r in results['runs']}
   assert sizes == {'fedavg': (0.05, 0.05), 'per_fedavg_fo': (0.2, 0.3)}

@@ -35,7 +35,7 @@ from typing import Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
-from experiments import comparison
+from experiments import compare_lib
 from experiments import report
 from experiments.report import LABELS
 from perfed_tff.program import config as config_lib
@@ -70,10 +70,10 @@ def _runs(base, algorithms, seeds, step_sizes: Mapping[str, tuple],
     groups[step_sizes[a]].append(a)
   runs = []
   for (alpha, beta), algs in groups.items():
-    spec = comparison.Comparison(
+    spec = compare_lib.Comparison(
         base=dataclasses.replace(base, alpha=alpha, beta=beta),
         algorithms=tuple(algs), seeds=tuple(seeds))
-    res = comparison.run_comparison(
+    res = compare_lib.run_comparison(
         spec, os.path.join(run_dir, f'alpha_{alpha:g}_beta_{beta:g}'), write)
     runs += res['runs']
   order = {a: i for i, a in enumerate(algorithms)}
