@@ -161,6 +161,16 @@ def as_flags(message: str) -> str:
                                         or m[1] in FLAGS else m[0]), message)
 
 
+def stopped(interrupt: KeyboardInterrupt) -> tuple[str, int]:
+  """('interrupted' or 'stopped by SIGTERM', exit status 128 + signum) of an
+  interrupt (`supervision.Interrupted` carries its signal; a plain
+  KeyboardInterrupt is SIGINT)."""
+  signum = getattr(interrupt, 'signum', signal.SIGINT)
+  if signum == signal.SIGINT:
+    return 'interrupted', 128 + signum
+  return f'stopped by {signal.Signals(signum).name}', 128 + signum
+
+
 def guard(work, resume_hint: str, traceback_dir=None):
   """Runs `work()` and returns its result; any failure ends the process with
   one line on stderr and its exit status (see the module docstring)."""
@@ -177,12 +187,10 @@ def guard(work, resume_hint: str, traceback_dir=None):
   except execution.WorkerUnavailableError as e:
     fail(f'{as_flags(str(e))} {resume_hint}', 1, hard=True)
   except KeyboardInterrupt as e:
-    signum = getattr(e, 'signum', signal.SIGINT)
-    name = signal.Signals(signum).name
-    what = 'interrupted' if signum == signal.SIGINT else f'stopped by {name}'
+    what, status = stopped(e)
     if getattr(e, 'phase', None):
       what += f' during {e.phase}'
-    fail(f'{what}; {resume_hint[0].lower()}{resume_hint[1:]}', 128 + signum,
+    fail(f'{what}; {resume_hint[0].lower()}{resume_hint[1:]}', status,
          hard=True)
   except OSError as e:
     where = f' ({e.filename})' if e.filename else ''

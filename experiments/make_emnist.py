@@ -50,8 +50,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import signal
-import sys
 import time
 
 if __name__ == '__main__':  # Not when imported (tests, notebooks).
@@ -64,6 +62,7 @@ import numpy as np
 
 from experiments import cli
 from perfed_tff import checks
+from perfed_tff.runtime import supervision
 
 FILENAME = 'emnist_all.sqlite'
 DEFAULT_NUM_CLIENTS = 3383  # TFF's EMNIST-10 writers.
@@ -241,67 +240,25 @@ def _remove(path: str) -> None:
     pass
 
 
-class _Stopped(Exception):
-
-  def __init__(self, signum):
-    super().__init__(signal.Signals(signum).name)
-    self.signum = signum
-
-
-def _raise_stopped(signum, frame):
-  del frame
-  raise _Stopped(signum)
-
-
-def _leave(status: int):
-  """Exits now, as `cli.fail(hard=True)` does: atexit work, no interpreter
-  teardown (where the execution context TFF makes at import prints an
-  ignored exception)."""
-  try:
-    import atexit  # pylint: disable=g-import-not-at-top
-    atexit._run_exitfuncs()  # pylint: disable=protected-access
-  except Exception:  # pylint: disable=broad-except
-    pass
-  for stream in (sys.stdout, sys.stderr):
-    try:
-      stream.flush()
-    except (OSError, ValueError):
-      pass
-  os._exit(status)  # pylint: disable=protected-access
-
-
-def parse_flags(argv):
-  """`cli.parse_flags` (a bad flag: one line, exit 2), leaving as `_leave`."""
-  try:
-    return cli.parse_flags(argv)
-  except SystemExit as e:
-    _leave(e.code if isinstance(e.code, int) else checks.EXIT_USAGE)
-
-
 def main(argv):
   del argv
-  for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-    if signal.getsignal(signum) != signal.SIG_IGN:
-      signal.signal(signum, _raise_stopped)
+  # A signal raises (nothing half-written stays: see `make`).
+  supervision.install_interrupt_handlers()
   try:
     line = make(FLAGS.mnist, FLAGS.cache_dir, num_clients=FLAGS.num_clients,
                 seed=FLAGS.seed, overwrite=FLAGS.overwrite,
                 num_images=FLAGS.num_images)
   except checks.ArgumentError as e:
     cli.fail(e.flag_message, checks.EXIT_USAGE, hard=True)
-  except _Stopped as e:
-    cli.fail(f'stopped by {e}; nothing was written', 128 + e.signum,
-             hard=True)
-  except KeyboardInterrupt:
-    cli.fail('interrupted; nothing was written', 128 + signal.SIGINT,
-             hard=True)
+  except KeyboardInterrupt as e:
+    what, status = cli.stopped(e)
+    cli.fail(f'{what}; nothing was written', status, hard=True)
   except OSError as e:
     where = f' ({e.filename})' if e.filename else ''
     cli.fail(f'{e.strerror or e}{where}; nothing was written', 1, hard=True)
   print(line, flush=True)
-  _leave(0)
 
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main, flags_parser=parse_flags)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -13,7 +13,6 @@ directory); 130 when interrupted (143 SIGTERM, 129 SIGHUP), also with nothing
 written. An existing `shakespeare.sqlite` there is replaced as a whole.
 """
 
-import signal
 
 if __name__ == '__main__':  # Not when imported (tests, notebooks).
   from experiments import startup  # pylint: disable=g-import-not-at-top
@@ -24,6 +23,7 @@ from absl import flags
 
 from experiments import cli
 from perfed_tff.data import shakespeare_plays as plays
+from perfed_tff.runtime import supervision
 
 FLAGS = flags.FLAGS
 
@@ -40,18 +40,6 @@ def define_flags() -> None:
   flags.mark_flags_as_required(['text', 'cache_dir'])
 
 
-class _Stopped(KeyboardInterrupt):
-
-  def __init__(self, signum):
-    super().__init__(signum)
-    self.signum = signum
-
-
-def _raise_stopped(signum, frame):
-  del frame
-  raise _Stopped(signum)
-
-
 def format_summary(splits, path: str) -> str:
   clients, train, test = plays.summary(splits)
   return (f'{clients} clients, {train + test} snippets ({train} train, {test} '
@@ -60,11 +48,9 @@ def format_summary(splits, path: str) -> str:
 
 def main(argv):
   del argv
-  # The write removes what it made when a signal stops it (startup's handler
+  # A signal raises: the write removes what it made (startup's handler
   # would exit at once and could leave a partial file).
-  for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-    if signal.getsignal(signum) != signal.SIG_IGN:
-      signal.signal(signum, _raise_stopped)
+  supervision.install_interrupt_handlers()
   try:
     text_path = FLAGS.text
     text = plays.read_text(text_path)
@@ -78,10 +64,8 @@ def main(argv):
   except plays.CacheDirError as e:
     cli.fail(f'--cache_dir: {e}')
   except KeyboardInterrupt as e:
-    signum = getattr(e, 'signum', signal.SIGINT)
-    what = ('interrupted' if signum == signal.SIGINT
-            else f'stopped by {signal.Signals(signum).name}')
-    cli.fail(f'{what}; nothing was written', 128 + signum)
+    what, status = cli.stopped(e)
+    cli.fail(f'{what}; nothing was written', status)
   print(format_summary(splits, path), flush=True)
 
 
