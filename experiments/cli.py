@@ -2,7 +2,8 @@
 
 `define_training_flags(exclude=...)` defines them (a binary leaves out the
 fields it replaces, e.g. compare.py's --algorithms/--seeds for --algorithm/
---seed); `training_config(**overrides)` builds the config; `fail` prints the
+--seed; `only=` defines a few, e.g. reproduce_paper.py's `OPTIMIZER_FLAGS`);
+`training_config(**overrides)` builds the config; `fail` prints the
 one-line error and exits (2 for a usage error); `parse_flags` makes absl's own
 flag errors one line with exit 2 too; `guard` runs a binary's work and turns
 every failure into one line and an exit status (2 usage, 1 failure, 128 +
@@ -12,6 +13,7 @@ signal number for SIGINT/SIGTERM/SIGHUP).
 from __future__ import annotations
 
 import errno
+import inspect
 import os
 import re
 import signal
@@ -21,11 +23,51 @@ import traceback
 
 from absl import flags
 
+from perfed_tff import algorithms
 from perfed_tff import checks
 from perfed_tff.program import config as config_lib
 
 FLAGS = flags.FLAGS
 _D = config_lib.TrainingConfig()
+_OPTIMIZER_NAMES = ', '.join(f"'{name}'" for name in algorithms.OPTIMIZERS)
+
+
+def _optimizer_help() -> dict:
+  """Help of the optimizer flags (`config_lib.optimizer_fields`)."""
+  out = {
+      'client_optimizer': (
+          f'Client optimizer, one of {_OPTIMIZER_NAMES} '
+          "(tff.learning.optimizers.build_<name>; 'sgd' is build_sgdm). It "
+          "applies each local step's direction (Per-FedAvg's meta-gradient, "
+          "FedAvg's gradient); its state starts afresh every round. Its "
+          'hyperparameters: the --client_<name>_* flags.'),
+      'client_learning_rate': (
+          'Learning rate of the client optimizer, > 0 (default: --beta; '
+          'give only one of the two).'),
+      'server_optimizer': (
+          f'Server optimizer applying the averaged client update, one of '
+          f'{_OPTIMIZER_NAMES}. Its hyperparameters: the --server_<name>_* '
+          'flags.'),
+      'server_learning_rate': (
+          'Learning rate of the server optimizer, > 0 (SGD at 1.0: the new '
+          'global model is the average of the client models).'),
+  }
+  for side in config_lib.SIDES:
+    for name, (builder, hparams) in algorithms.OPTIMIZERS.items():
+      for hparam in hparams:
+        default = inspect.signature(builder).parameters[hparam].default
+        default = ('none (plain SGD)' if default is None else f'{default:g}')
+        limits = ('in [0, 1)' if hparam in ('momentum', 'beta_1', 'beta_2',
+                                            'decay')
+                  else f'in [0, {algorithms.MAX_OPTIMIZER_HPARAM:g}]')
+        out[f'{side}_{name}_{hparam}'] = (
+            f'{hparam} of the {side} optimizer with --{side}_optimizer='
+            f'{name} (tff.learning.optimizers.{builder.__name__}), {limits}; '
+            f'default {default}.')
+  return out
+
+
+OPTIMIZER_FLAGS = config_lib.OPTIMIZER_FIELDS
 
 _HELP = {
     'algorithm': "One of 'fedavg', 'per_fedavg_fo', 'per_fedavg_hf', "
@@ -39,15 +81,21 @@ _HELP = {
     'rounds': 'Total training rounds, >= 1.',
     'clients_per_round': 'Clients sampled per round, 1..population.',
     'alpha': 'Inner (personalization) step, > 0.',
-    'beta': "Outer (meta) step, > 0 (FedAvg's client learning rate).",
+    'beta': "Outer (meta) step, > 0: the default learning rate of the "
+            "client optimizer (FedAvg's client learning rate); see "
+            '--client_learning_rate.',
     'delta': 'HF finite-difference radius, > 0.',
     'local_steps': 'Local steps per round (tau), >= 1.',
     'inner_steps': 'nu: SGD steps at alpha inside the meta-objective (1: the '
                    'paper); evaluate with --eval_steps=nu to match.',
     'batch_size': 'Client batch size, >= 1.',
     'client_weighting': "'uniform' (the paper) or 'num_examples'.",
+    **_optimizer_help(),
     'seed': 'Seed of data split, model, sampling and shuffling, >= 0.',
     'root_output_dir': 'Writable directory for the run folders.',
+    'experiment_name': 'Folder name grouping runs: a run writes to '
+                       '<root_output_dir>/<experiment_name>/<algorithm>/ '
+                       '(empty: <root_output_dir>/<algorithm>/).',
     'checkpoint_every': 'Checkpoint every N rounds (and at the end), >= 1.',
     'keep_checkpoints': 'Latest checkpoints kept, >= 1.',
     'eval_every': 'Personalized evaluation at round 0, every N rounds and at '
@@ -72,10 +120,11 @@ _HELP = {
 }
 
 
-def define_training_flags(exclude=()) -> None:
-  """Defines one flag per `TrainingConfig` field not in `exclude`."""
+def define_training_flags(exclude=(), only=None) -> None:
+  """Defines one flag per `TrainingConfig` field not in `exclude` (and in
+  `only`, when given)."""
   for name, help_text in _HELP.items():
-    if name in exclude:
+    if name in exclude or (only is not None and name not in only):
       continue
     default = getattr(_D, name)
     if name == 'dataset_options':
@@ -86,6 +135,10 @@ def define_training_flags(exclude=()) -> None:
       flags.DEFINE_list(name, [str(k) for k in default], help_text)
     elif name == 'adapt_batch_size':
       flags.DEFINE_integer(name, None, help_text)
+    elif name in OPTIMIZER_FLAGS and default is None:
+      # client_learning_rate (None: beta) and the hyperparameters (None:
+      # the builder's default).
+      flags.DEFINE_float(name, None, help_text)
     elif isinstance(default, bool):
       flags.DEFINE_bool(name, default, help_text)
     elif isinstance(default, int):
@@ -111,6 +164,12 @@ def training_config(**overrides) -> config_lib.TrainingConfig:
   if 'eval_steps' in values and not isinstance(values['eval_steps'], tuple):
     values['eval_steps'] = checks.int_list('eval_steps', values['eval_steps'],
                                            1)
+  if (values.get('client_learning_rate') is not None and 'beta' in FLAGS
+      and 'beta' not in overrides and FLAGS['beta'].present):
+    # --beta given at its default value: config.validate cannot see it.
+    raise checks.ArgumentError(
+        'client_learning_rate', f'and beta={FLAGS.beta!r} both set the '
+        'client learning rate (beta is its default); give only one')
   return config_lib.validate(config_lib.TrainingConfig(**values))
 
 

@@ -2,10 +2,12 @@ r"""FedAvg vs Per-FedAvg (FO, HF, MAML): same data, model, budget and seeds.
 
 A comparison is a set of runs of the training loop (the same one
 `experiments/train.py` runs), one per algorithm and seed, in a run directory
-named from the settings under --root_output_dir (or --run_dir), so rerunning
-the same command resumes a stopped comparison. It writes the results table
-(Markdown and CSV), accuracy-vs-round curves and a bar chart (PNG) and the
-raw JSON there, and also into --output_dir when given:
+named from the settings under --root_output_dir (and --experiment_name, when
+given; or --run_dir), so rerunning the same command resumes a stopped
+comparison. Every algorithm trains with the same optimizer flags
+(--client_optimizer, --server_optimizer, ...; see train.py). It writes the
+results table (Markdown and CSV), accuracy-vs-round curves and a bar chart
+(PNG) and the raw JSON there, and also into --output_dir when given:
 
   python -m experiments.compare --dataset=digits \
       --dataset_options=num_users=50,classes_per_user=2,num_unseen_users=10 \
@@ -50,18 +52,20 @@ flags.DEFINE_list('seeds', ['0', '1', '2'], 'Seeds (ints >= 0).')
 flags.DEFINE_string('step_sizes', '',
                     "Per-algorithm step sizes, 'algorithm:alpha=A,beta=B;...' "
                     "(others use --alpha/--beta), e.g. 'fedavg:alpha=0.1;"
-                    "per_fedavg_hf:alpha=0.02,beta=0.05'.")
+                    "per_fedavg_hf:alpha=0.02,beta=0.05'. beta is the client "
+                    'learning rate: not with --client_learning_rate.')
 flags.DEFINE_string('sweep_levels', None,
                     "Heterogeneity sweep: dataset options per level, "
                     "'k=v,k=v;k=v,...' (e.g. 'classes_per_user=1;"
                     "classes_per_user=5').")
 flags.DEFINE_list('grid_alphas', [], 'Grid: alphas (use tuning seeds).')
-flags.DEFINE_list('grid_betas', [], 'Grid: betas (use tuning seeds).')
+flags.DEFINE_list('grid_betas', [], 'Grid: betas, the client learning '
+                  'rates (use tuning seeds; not with --client_learning_rate).')
 flags.DEFINE_list('table_rounds', [],
                   'Also tabulate these rounds (must be evaluation rounds).')
 flags.DEFINE_string('run_dir', None,
-                    'Run directory (default: <root_output_dir>/<a name made '
-                    'from the settings>).')
+                    'Run directory (default: <root_output_dir>/'
+                    '[<experiment_name>/]<a name made from the settings>).')
 flags.DEFINE_string('output_dir', None,
                     'Also copy the tables, plots and JSON here (e.g. '
                     'docs/results); default: only the run directory.')
@@ -108,12 +112,24 @@ def parse_step_sizes(text: str, names) -> dict:
 
 def build_comparison():
   from experiments import compare_lib  # pylint: disable=g-import-not-at-top
-  base = cli.training_config(algorithm='fedavg', seed=0)
   names = algorithms.parse_algorithms(FLAGS.algorithms)
+  # The settings are checked as those of a Per-FedAvg run when one is
+  # compared (FedAvg keeps its own inner steps in a comparison, see
+  # `training_loop.build_process`), else as FedAvg's.
+  checked_as = next((a for a in names if a != 'fedavg'), 'fedavg')
+  base = cli.training_config(algorithm=checked_as, seed=0)
+  step_sizes = parse_step_sizes(FLAGS.step_sizes, names)
+  if base.client_learning_rate is not None:
+    with_beta = sorted(a for a, sizes in step_sizes.items() if 'beta' in sizes)
+    if with_beta:
+      raise checks.ArgumentError(
+          'client_learning_rate', f'and the beta of --step_sizes '
+          f'({", ".join(with_beta)}) both set the client learning rate (beta '
+          'is its default); give only one')
   return compare_lib.Comparison(
       base=base, algorithms=names,
       seeds=checks.int_list('seeds', FLAGS.seeds, 0),
-      step_sizes=parse_step_sizes(FLAGS.step_sizes, names))
+      step_sizes=step_sizes)
 
 
 def _command() -> str:
@@ -137,13 +153,24 @@ def run() -> dict:
   if grid and FLAGS.sweep_levels:
     raise checks.ArgumentError('sweep_levels', 'cannot be combined with a '
                                'grid (--grid_alphas/--grid_betas)')
+  if FLAGS.grid_betas and spec.base.client_learning_rate is not None:
+    raise checks.ArgumentError(
+        'client_learning_rate', 'and --grid_betas both set the client '
+        'learning rate (beta is its default); give only one')
   alphas = _floats('grid_alphas', FLAGS.grid_alphas or [spec.base.alpha])
   betas = _floats('grid_betas', FLAGS.grid_betas or [spec.base.beta])
   levels = (compare_lib.parse_levels(FLAGS.sweep_levels)
             if FLAGS.sweep_levels else None)
   kind = 'grid' if grid else 'sweep' if levels else 'compare'
+  if FLAGS.run_dir and spec.base.experiment_name:
+    raise checks.ArgumentError(
+        'experiment_name', 'places the comparison under <root_output_dir>/'
+        '<experiment_name>/; --run_dir names its folder itself: give only '
+        'one')
+  # The runs go to <root_output_dir>/<experiment_name>/<name>/runs/...
   run_dir = (os.path.abspath(FLAGS.run_dir) if FLAGS.run_dir else
              os.path.join(spec.base.root_output_dir,
+                          spec.base.experiment_name,
                           compare_lib.default_name(spec, kind)))
   if FLAGS.run_dir:
     checks.writable_dir('run_dir', run_dir)

@@ -34,6 +34,8 @@ from perfed_tff.program import metrics as metrics_lib
 from perfed_tff.program import population_eval
 from perfed_tff.program import training_loop
 
+_DEFAULT_CONFIG = config_lib.TrainingConfig()
+
 
 @dataclasses.dataclass(frozen=True)
 class Comparison:
@@ -49,16 +51,17 @@ class Comparison:
   def config_for(self, algorithm: str, seed: int,
                  run_dir: str) -> config_lib.TrainingConfig:
     # A comparison always evaluates the final model (eval_every=0: only at
-    # round 0 and at the end).
+    # round 0 and at the end). `run_dir` already holds the experiment name.
     return dataclasses.replace(
         self.base, algorithm=algorithm, seed=seed,
         eval_every=self.base.eval_every or self.base.rounds,
         root_output_dir=os.path.join(run_dir, 'runs', f'seed_{seed}'),
+        experiment_name='',
         **dict(self.step_sizes.get(algorithm, {})))
 
   def to_json(self) -> dict:
     out = self.base.to_json()
-    for k in ('algorithm', 'seed', 'root_output_dir',
+    for k in ('algorithm', 'seed', 'root_output_dir', 'experiment_name',
               'progress', 'workers'):
       out.pop(k, None)
     out.update(algorithms=list(self.algorithms), seeds=list(self.seeds))
@@ -70,7 +73,13 @@ class Comparison:
 def default_name(comparison: Comparison, kind: str = 'compare') -> str:
   """A run-directory name that is a pure function of the settings (so a
   rerun of the same command resumes) and differs when they differ."""
-  settings = json.dumps(comparison.to_json(), sort_keys=True, default=str)
+  settings = comparison.to_json()
+  for k in config_lib.OPTIMIZER_FIELDS:
+    # At their defaults the optimizer settings leave the name as it was
+    # before they existed: such comparisons still resume.
+    if settings[k] == getattr(_DEFAULT_CONFIG, k):
+      del settings[k]
+  settings = json.dumps(settings, sort_keys=True, default=str)
   digest = hashlib.sha256(settings.encode()).hexdigest()[:8]
   return f'{kind}_{comparison.base.dataset}_{digest}'
 

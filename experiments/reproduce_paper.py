@@ -19,8 +19,16 @@ command resumes.
 
 Defaults not stated in the quoted setup follow common re-implementations:
 10 of the 50 users per round, tau = 4 local steps, batch 40, delta = 1e-3.
+
+The optimizer flags are train.py's (--client_optimizer, --server_optimizer,
+--server_learning_rate, --client_adam_beta_1, ...). Here beta is the client
+optimizer's learning rate, given (--beta, or its other name
+--client_learning_rate) or tuned on --grid_betas. --experiment_name puts
+everything (tables and run folders) under --output_dir/<experiment_name>/.
 """
 
+import dataclasses
+import os
 import shlex
 import sys
 
@@ -56,7 +64,8 @@ flags.DEFINE_list('tuning_seeds', ['100'],
 flags.DEFINE_list('grid_alphas', ['0.01', '0.03', '0.1'], 'Tuning grid.')
 flags.DEFINE_list('grid_betas', ['0.01', '0.03', '0.1'], 'Tuning grid.')
 flags.DEFINE_float('alpha', None, 'Given: no tuning, one alpha for all.')
-flags.DEFINE_float('beta', None, 'Given: no tuning, one beta for all.')
+flags.DEFINE_float('beta', None, 'Given: no tuning, one beta (the client '
+                   "optimizer's learning rate) for all.")
 flags.DEFINE_integer('rounds', 100, 'Training rounds.')
 flags.DEFINE_integer('clients_per_round', 10, 'Users per round (of 50).')
 flags.DEFINE_integer('local_steps', 4, 'tau.')
@@ -66,6 +75,7 @@ flags.DEFINE_integer('eval_every', 10, 'Rounds between curve points.')
 flags.DEFINE_string('output_dir', '/tmp/perfed_tff/reproduce_paper',
                     'Tables, curves and the run folders (rerun: resume).')
 flags.DEFINE_bool('progress', False, 'Progress bars.')
+cli.define_training_flags(only=cli.OPTIMIZER_FLAGS + ('experiment_name',))
 
 FLAGS = flags.FLAGS
 
@@ -84,18 +94,33 @@ def _floats(name, values):
 
 def build_experiment():
   from experiments import reproduce_paper_lib  # pylint: disable=g-import-not-at-top
-  if (FLAGS.alpha is None) != (FLAGS.beta is None):
-    raise checks.ArgumentError('alpha', 'give both --alpha and --beta (no '
-                               'tuning) or neither (tuning)')
+  beta = FLAGS.beta
+  if FLAGS.client_learning_rate is not None:
+    # Here beta is the client learning rate under its other name.
+    if FLAGS.beta is not None:
+      raise checks.ArgumentError(
+          'client_learning_rate', 'and --beta both set the client learning '
+          'rate (here --client_learning_rate is another name of --beta); give '
+          'only one')
+    beta = FLAGS.client_learning_rate
+  if (FLAGS.alpha is None) != (beta is None):
+    raise checks.ArgumentError(
+        'alpha', 'give both --alpha and --beta (or its other name '
+        '--client_learning_rate; no tuning) or neither (tuning)')
   output_dir = checks.writable_dir('output_dir', FLAGS.output_dir)
   base = cli.training_config(
       algorithm='fedavg', dataset=f'paper_{FLAGS.dataset}', seed=0,
       dataset_options=FLAGS.dataset_options, cache_dir=FLAGS.cache_dir,
       rounds=FLAGS.rounds, clients_per_round=FLAGS.clients_per_round,
       local_steps=FLAGS.local_steps, batch_size=FLAGS.batch_size,
-      delta=FLAGS.delta, alpha=FLAGS.alpha or 0.01, beta=FLAGS.beta or 0.01,
-      eval_every=FLAGS.eval_every, eval_clients=0,
+      delta=FLAGS.delta, alpha=FLAGS.alpha or 0.01, beta=beta or 0.01,
+      client_learning_rate=None, eval_every=FLAGS.eval_every, eval_clients=0,
       root_output_dir=output_dir, progress=FLAGS.progress)
+  if base.experiment_name:
+    # Tables and runs of this experiment go to its own folder.
+    output_dir = os.path.join(output_dir, base.experiment_name)
+    base = dataclasses.replace(base, root_output_dir=output_dir,
+                               experiment_name='')
   seeds = checks.int_list('seeds', FLAGS.seeds, 0)
   tuning_seeds = checks.int_list('tuning_seeds', FLAGS.tuning_seeds, 0)
   if FLAGS.alpha is None and set(seeds) & set(tuning_seeds):
@@ -107,7 +132,7 @@ def build_experiment():
       seeds=seeds, tuning_seeds=tuning_seeds,
       grid_alphas=_floats('grid_alphas', FLAGS.grid_alphas),
       grid_betas=_floats('grid_betas', FLAGS.grid_betas),
-      alpha=FLAGS.alpha, beta=FLAGS.beta), output_dir
+      alpha=FLAGS.alpha, beta=beta), output_dir
 
 
 def main(argv):

@@ -38,6 +38,7 @@ import numpy as np
 from experiments import compare_lib
 from experiments import report
 from experiments.report import LABELS
+from perfed_tff import algorithms
 from perfed_tff.program import config as config_lib
 from perfed_tff.program import population_eval
 
@@ -181,7 +182,8 @@ def markdown(results, rows) -> str:
            f'Settings: {c["rounds"]} rounds, {c["clients_per_round"]} clients '
            f'per round, tau = {c["local_steps"]} local steps, batch '
            f'{c["batch_size"]}, delta = {c["delta"]:g}, dataset options '
-           f'{c["dataset_options"] or "(defaults)"}.', '']
+           f'{c["dataset_options"] or "(defaults)"}.'
+           + _optimizers_text(c), '']
   framings = list(results['framings'])
   head = ['Algorithm'] + [f'{p} protocol, {f} step sizes'
                           for p in PROTOCOLS for f in framings]
@@ -205,6 +207,24 @@ def markdown(results, rows) -> str:
   if results.get('command'):
     lines += ['', 'Command:', '', '```', results['command'], '```']
   return '\n'.join(lines) + '\n'
+
+
+def _optimizers_text(c) -> str:
+  """' Optimizers: ...' when a run's config `c` (JSON) names optimizers
+  other than the defaults (SGD at beta on the clients, SGD at 1.0 on the
+  server), else ''."""
+  parts, default = [], True
+  for side in config_lib.SIDES:
+    name = c.get(f'{side}_optimizer', 'sgd')
+    hparams = [f'{hp}={c[f"{side}_{name}_{hp}"]:g}'
+               for hp in algorithms.optimizer_hparams(name)
+               if c.get(f'{side}_{name}_{hp}') is not None]
+    rate = ('beta' if side == 'client' else
+            f'{c.get("server_learning_rate", 1.0):g}')
+    default = default and name == 'sgd' and not hparams and rate in ('beta',
+                                                                     '1')
+    parts.append(f'{side} {name} (learning rate {", ".join([rate] + hparams)})')
+  return '' if default else f' Optimizers: {", ".join(parts)}.'
 
 
 def _gain_lines(results, rows) -> list[str]:

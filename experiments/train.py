@@ -5,9 +5,23 @@ r"""Trains Per-FedAvg (or FedAvg) with checkpoints, exact resume and metrics.
       --root_output_dir=/tmp/perfed_tff_demo
 
 Rerunning the same command resumes from the latest checkpoint under
---root_output_dir/<algorithm>/. With --workers=host:port,... each round's
-clients run on TFF workers started by
-`python -m perfed_tff.runtime.worker --port=N`. All logic lives in
+--root_output_dir/<algorithm>/ (--root_output_dir/<experiment_name>/
+<algorithm>/ with --experiment_name), where the run also writes its
+settings (config.json, and hparams.csv: one row of every setting, flat).
+The optimizers, as in TFF's research binaries:
+
+  python -m experiments.train --client_optimizer=adam \
+      --client_learning_rate=0.001 --server_optimizer=sgd \
+      --server_learning_rate=1.0 --server_sgd_momentum=0.9
+
+(--client_optimizer / --server_optimizer: sgd, adam, adamw, adagrad, yogi,
+rmsprop from `tff.learning.optimizers`, each with its hyperparameters as
+--client_<optimizer>_<name> / --server_<optimizer>_<name> flags; by default
+SGD at --beta on the clients and SGD at 1.0 on the server). A changed
+optimizer setting is a different run: resuming one is refused.
+
+With --workers=host:port,... each round's clients run on TFF workers
+started by `python -m perfed_tff.runtime.worker --port=N`. All logic lives in
 `perfed_tff.program`; exit status 2 means a bad flag (or an unusable
 checkpoint, or a --root_output_dir in use by another run), 1 a failed run,
 130 an interrupted one (143 SIGTERM, 129 SIGHUP).

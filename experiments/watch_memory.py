@@ -7,8 +7,8 @@ Samples, every --interval seconds, the resident memory (RSS) of the command's
 process (the trainer) and of its `worker_binary` descendants (the TFF
 worker), and writes JSON: the wall time, the peak RSS of each, the trainer's
 RSS at every sample (to see whether it grows with rounds), the time when
-`<run_dir>/metrics/train.csv` first appeared (--run_dir: the end of the
-first round, so start-up is about that minus the first round's time) and the
+`<run_dir>/metrics/train.csv` first held a round (--run_dir: the end of
+the first round, so start-up is about that minus the first round's time) and the
 per-round times from that CSV. Exit status: the command's.
 """
 
@@ -54,7 +54,7 @@ def watch(command: list[str], interval: float, run_dir: str = None) -> dict:
     if rss:
       samples.append([round(time.monotonic() - start, 1), rss])
     worker_peak = max([worker_peak] + [_rss(w) for w in workers])
-    if first_round_at is None and train_csv and os.path.exists(train_csv):
+    if first_round_at is None and train_csv and _round_seconds(train_csv):
       first_round_at = time.monotonic() - start
     time.sleep(interval)
   rounds = _round_seconds(train_csv) if train_csv else []

@@ -206,6 +206,43 @@ def check_optimizer(name: str, optimizer_fn) -> tff.learning.optimizers.Optimize
       f'returning one; Keras optimizers are not accepted. Got {got}.')
 
 
+def check_client_optimizer(
+    beta, client_optimizer_fn) -> tff.learning.optimizers.Optimizer:
+  """The client optimizer of every algorithm (`build_per_fedavg` and
+  `perfed_tff.algorithms.build_algorithm`, FedAvg included): SGD at `beta`
+  when `client_optimizer_fn` is None (then `beta` is required), else
+  `client_optimizer_fn` (then `beta` must be None: the optimizer carries
+  its own learning rate).
+
+  Raises:
+    checks.ArgumentError (beta): beta missing without an optimizer, given
+      with one, or not a finite number > 0.
+    TypeError (client_optimizer_fn): not a `tff.learning.optimizers`
+      optimizer (see `check_optimizer`).
+  """
+  if client_optimizer_fn is None:
+    if beta is None:
+      raise checks.ArgumentError(
+          'beta', 'is required unless client_optimizer_fn is given')
+    beta = checks.positive_float('beta', beta)
+    return tff.learning.optimizers.build_sgdm(learning_rate=beta)
+  if beta is not None:
+    raise checks.ArgumentError(
+        'beta', 'is the learning rate of the default client optimizer; '
+        'set it in client_optimizer_fn instead of passing both')
+  return check_optimizer('client_optimizer_fn', client_optimizer_fn)
+
+
+def check_server_optimizer(
+    server_optimizer_fn) -> tff.learning.optimizers.Optimizer:
+  """The server optimizer of every algorithm: SGD at 1.0 (the new global
+  model is the average of the client models) when `server_optimizer_fn` is
+  None, else `server_optimizer_fn` (see `check_optimizer`)."""
+  if server_optimizer_fn is None:
+    return tff.learning.optimizers.build_sgdm(learning_rate=1.0)
+  return check_optimizer('server_optimizer_fn', server_optimizer_fn)
+
+
 def build_per_fedavg(
     model_fn: client_work_lib.ModelFn,
     *,
@@ -291,7 +328,8 @@ def build_per_fedavg(
   Raises:
     ValueError: on an unknown variant or client weighting, alpha/beta/delta
       <= 0, local_steps or inner_steps < 1, beta missing (or given with a
-      client optimizer).
+      client optimizer: `check_client_optimizer`, the rule
+      `perfed_tff.algorithms.build_algorithm` applies to every algorithm).
     TypeError: a bad model_fn, optimizer, distributor or aggregator (an
       unweighted sum factory included).
   """
@@ -301,23 +339,8 @@ def build_per_fedavg(
   local_steps = checks.integer('local_steps', local_steps, 1)
   inner_steps = checks.integer('inner_steps', inner_steps, 1)
   client_weighting = check_weighting(client_weighting)
-  if client_optimizer_fn is None:
-    if beta is None:
-      raise checks.ArgumentError(
-          'beta', 'is required unless client_optimizer_fn is given')
-    beta = checks.positive_float('beta', beta)
-    client_optimizer = tff.learning.optimizers.build_sgdm(learning_rate=beta)
-  else:
-    if beta is not None:
-      raise checks.ArgumentError(
-          'beta', 'is the learning rate of the default client optimizer; '
-          'set it in client_optimizer_fn instead of passing both')
-    client_optimizer = check_optimizer('client_optimizer_fn',
-                                       client_optimizer_fn)
-  server_optimizer = (
-      tff.learning.optimizers.build_sgdm(learning_rate=1.0)
-      if server_optimizer_fn is None
-      else check_optimizer('server_optimizer_fn', server_optimizer_fn))
+  client_optimizer = check_client_optimizer(beta, client_optimizer_fn)
+  server_optimizer = check_server_optimizer(server_optimizer_fn)
   if metrics_aggregator is not None and not callable(metrics_aggregator):
     raise TypeError('`metrics_aggregator` must be callable, got '
                     f'{type(metrics_aggregator)}.')

@@ -1,10 +1,17 @@
 """`experiments/train.py` as a subprocess: every bad-input class gives one
-line naming the flag and exit status 2; good runs print a summary."""
+line naming the flag and exit status 2 (the algorithms' argument rules
+included); good runs print a summary; the optimizer flags train what the
+library builds with the same optimizers, under --experiment_name, with the
+settings recorded beside the metrics."""
 
+import csv
+import dataclasses
+import json
 import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from tests import binary_helpers as h
@@ -29,7 +36,27 @@ def _bad(tmp_path, *flags):
      "the population of 'synthetic' (30 clients), got 31"),
     (('--cache_dir=/nonexistent/tff_cache',), "--cache_dir: directory "
      "'/nonexistent/tff_cache' does not exist"),
-])
+    # The library's rules for the algorithms' arguments (tests/
+    # test_algorithms.py), as flags: FedAvg has no inner steps; beta is the
+    # default client learning rate, so giving both is a clash.
+    (('--algorithm=fedavg', '--inner_steps=2'), "--inner_steps: must be 1 for "
+     "fedavg (inner steps are Per-FedAvg's nu; FedAvg takes none), got 2"),
+    (('--beta=0.1', '--client_learning_rate=0.2'), '--client_learning_rate: '
+     'and beta=0.1 both set the client learning rate (beta is its default); '
+     'give only one'),
+    (('--client_optimizer=adam', '--beta=0.05', '--client_learning_rate=0.2'),
+     '--client_learning_rate: and beta=0.05 both set the client learning '
+     'rate'),
+    (('--client_adam_beta_1=0.5',), "--client_adam_beta_1: is a "
+     "hyperparameter of the 'adam' optimizer, but client_optimizer is 'sgd'"),
+    (('--server_optimizer=lamb',), "--server_optimizer: must be one of "
+     "['sgd', 'adam', 'adamw', 'adagrad', 'yogi', 'rmsprop'], got 'lamb'"),
+    (('--experiment_name=../up',), '--experiment_name: must be one folder '
+     'name'),
+], ids=['alpha', 'local_steps', 'algorithm', 'rounds', 'clients_per_round',
+        'cache_dir', 'fedavg_inner_steps', 'beta_and_client_learning_rate',
+        'default_beta_given_and_client_learning_rate', 'other_optimizers_flag',
+        'unknown_optimizer', 'experiment_name'])
 def test_bad_flag(tmp_path, flags, expected):
   assert expected in _bad(tmp_path, *flags)
 
@@ -104,6 +131,81 @@ def test_corrupt_and_incompatible_checkpoints(tmp_path):
   assert (bad / 'saved_model.pb').read_bytes() == b'not a SavedModel'
   assert sorted(os.listdir(ckpt)) == ['program_state_0', 'program_state_2',
                                       'program_state_3']
+
+
+@pytest.mark.slow
+def test_optimizer_flags_train_what_the_library_builds(tmp_path):
+  """--client_optimizer=adam --server_optimizer=sgd --server_sgd_momentum=0.9
+  gives the final weights of `build_per_fedavg` with TFF's Adam (at beta)
+  and SGD with momentum over the same rounds and data; the run goes under
+  --experiment_name and records its settings (config.json, hparams.csv);
+  resuming it with other optimizers is refused."""
+  import tensorflow_federated as tff  # pylint: disable=g-import-not-at-top
+  import perfed_tff  # pylint: disable=g-import-not-at-top
+  from perfed_tff.program import config as config_lib  # pylint: disable=g-import-not-at-top
+  from perfed_tff.program import training_loop  # pylint: disable=g-import-not-at-top
+  out = tmp_path / 'out'
+  optimizers = ('--client_optimizer=adam', '--server_optimizer=sgd',
+                '--server_sgd_momentum=0.9')
+  r = h.run(f'--root_output_dir={out}', '--rounds=3', '--experiment_name=exp1',
+            *optimizers, timeout=240)
+  assert r.returncode == 0, r.stderr[-2000:]
+  run_dir = out / 'exp1' / 'per_fedavg_fo'
+  assert sorted(os.listdir(out)) == ['exp1']   # <root>/<experiment>/<alg>/
+  assert f'hparams: {run_dir / "hparams.csv"}' in r.stdout
+  with open(run_dir / 'hparams.csv', newline='') as f:
+    rows = list(csv.DictReader(f))
+  assert len(rows) == 1
+  fields = [f.name for f in dataclasses.fields(config_lib.TrainingConfig)]
+  assert list(rows[0]) == fields   # Every setting, one flat row.
+  assert {k: rows[0][k] for k in ('algorithm', 'client_optimizer',
+                                  'server_optimizer', 'server_sgd_momentum',
+                                  'client_learning_rate', 'beta',
+                                  'experiment_name', 'rounds')} == dict(
+      algorithm='per_fedavg_fo', client_optimizer='adam',
+      server_optimizer='sgd', server_sgd_momentum='0.9',
+      client_learning_rate='', beta='0.05', experiment_name='exp1', rounds='3')
+  with open(run_dir / 'config.json') as f:
+    recorded = json.load(f)
+  assert recorded['client_optimizer'] == 'adam'
+  assert recorded['server_sgd_momentum'] == 0.9
+
+  # The library, built with the same optimizers, on the same rounds' data.
+  config = config_lib.validate(config_lib.TrainingConfig(
+      algorithm='per_fedavg_fo', dataset='synthetic', rounds=3,
+      clients_per_round=5, local_steps=2, batch_size=8, alpha=0.01,
+      beta=0.05, seed=3, root_output_dir=str(tmp_path / 'unused')))
+  task = config_lib.load_task(config)
+  process = perfed_tff.build_per_fedavg(
+      task.functional_model(), variant='fo', alpha=0.01, local_steps=2,
+      client_optimizer_fn=tff.learning.optimizers.build_adam(
+          learning_rate=0.05),
+      server_optimizer_fn=tff.learning.optimizers.build_sgdm(
+          learning_rate=1.0, momentum=0.9))
+  state = process.initialize()
+  for round_num in range(1, 4):
+    state = process.next(
+        state, training_loop.round_client_data(config, task, round_num)[1]
+    ).state
+  weights = process.get_model_weights(state)
+  want = {f'trainable_{i}': np.asarray(w)
+          for i, w in enumerate(weights.trainable)}
+  got = h.final_weights(run_dir)
+  assert int(got.pop('round')) == 3
+  h.assert_weights_close(got, want, atol=1e-6)
+  # Plain SGD would have given other weights.
+  plain = h.run(f'--root_output_dir={out}', '--rounds=3', timeout=240)
+  assert plain.returncode == 0, plain.stderr[-2000:]
+  other = h.final_weights(out / 'per_fedavg_fo')
+  assert max(np.abs(other[k] - want[k]).max() for k in want) > 1e-4
+
+  # Resuming with another optimizer setting is refused, nothing touched.
+  before = h.snapshot(run_dir)
+  line = _bad(tmp_path, '--rounds=4', '--experiment_name=exp1',
+              '--client_optimizer=adam', '--server_optimizer=sgd')
+  assert ('was written by a different run: server_sgd_momentum=0.9 (this '
+          'run: None)') in line, line
+  assert h.snapshot(run_dir) == before
 
 
 def test_worker_module_needs_a_port():

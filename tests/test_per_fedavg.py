@@ -11,6 +11,7 @@ import tensorflow_federated as tff
 
 import perfed_tff
 from perfed_tff import algorithms
+from perfed_tff import checks
 from perfed_tff import per_fedavg
 from perfed_tff.data import synthetic
 from perfed_tff.data import task as task_lib
@@ -415,3 +416,28 @@ def test_secure_sum_then_finalize_as_metrics_aggregator(tff_context):
     np.testing.assert_allclose(metrics['secure'][key], value, rtol=1e-5,
                                err_msg=key)
 
+
+
+def test_the_client_optimizer_rule():
+  """beta xor client_optimizer_fn: the one rule (`check_client_optimizer`)
+  that `build_per_fedavg` and `algorithms.build_algorithm` (FedAvg too)
+  apply; tests/test_algorithms.py checks that the builders agree."""
+  spec = [tf.TensorSpec([2], tf.float32)]
+
+  def learning_rate(optimizer):
+    return float(optimizer.get_hparams(optimizer.initialize(spec))[
+        'learning_rate'])
+
+  assert learning_rate(per_fedavg.check_client_optimizer(0.25, None)) == 0.25
+  adam = tff.learning.optimizers.build_adam(0.01)
+  assert per_fedavg.check_client_optimizer(None, adam) is adam
+  assert learning_rate(per_fedavg.check_client_optimizer(
+      None, lambda: adam)) == pytest.approx(0.01)
+  for beta, optimizer, text in ((0.1, adam, 'set it in client_optimizer_fn'),
+                                (None, None, 'is required unless')):
+    with pytest.raises(checks.ArgumentError, match=text) as e:
+      per_fedavg.check_client_optimizer(beta, optimizer)
+    assert e.value.name == 'beta'
+  assert learning_rate(per_fedavg.check_server_optimizer(None)) == 1.0
+  with pytest.raises(TypeError, match='server_optimizer_fn'):
+    per_fedavg.check_server_optimizer('sgd')

@@ -1,8 +1,11 @@
 """The training program's configuration (`perfed_tff/program/config.py`):
 validation and normalization, the flag/dataset-option ranges (bad input is
 one line naming the flag, nothing written), the population check, the
-output paths, an unreadable dataset file."""
+output paths, an unreadable dataset file; the optimizer settings (checked,
+built, part of the resume metadata), the experiment name and the settings
+record (`hparams.csv`)."""
 
+import dataclasses
 import os
 
 import pytest
@@ -194,3 +197,195 @@ def test_corrupt_or_empty_sqlite_is_one_line(tmp_path, content):
   assert 'the file there cannot be read' in e.value.flag_message
   assert '\n' not in e.value.flag_message
   assert (tmp_path / 'emnist_all.sqlite').read_bytes() == content
+
+
+# ---- Optimizers, the experiment name, the settings a run records ----
+
+@pytest.mark.parametrize('overrides,flag,text', [
+    (dict(client_optimizer='lamb'), 'client_optimizer',
+     "must be one of ['sgd', 'adam', 'adamw', 'adagrad', 'yogi', 'rmsprop']"),
+    (dict(server_optimizer='Adam'), 'server_optimizer', "got 'Adam'"),
+    (dict(client_learning_rate=0.0), 'client_learning_rate',
+     'must be a finite number > 0'),
+    (dict(server_learning_rate=1e30), 'server_learning_rate',
+     'float32-safe step size'),
+    (dict(beta=0.1, client_learning_rate=0.2), 'client_learning_rate',
+     'and beta=0.1 both set the client learning rate (beta is its default); '
+     'give only one'),
+    (dict(client_adam_beta_1=0.5), 'client_adam_beta_1',
+     "is a hyperparameter of the 'adam' optimizer, but client_optimizer is "
+     "'sgd'"),
+    (dict(client_optimizer='adam', server_sgd_momentum=0.9,
+          server_optimizer='yogi'), 'server_sgd_momentum',
+     "is a hyperparameter of the 'sgd' optimizer, but server_optimizer is "
+     "'yogi'"),
+    (dict(server_sgd_momentum=1.0), 'server_sgd_momentum',
+     'must be a number in [0, 1), got 1.0'),
+    (dict(client_optimizer='rmsprop', client_rmsprop_epsilon=-1.0),
+     'client_rmsprop_epsilon', 'must be a number in [0, 1e+06]'),
+    (dict(algorithm='fedavg', inner_steps=2), 'inner_steps',
+     "must be 1 for fedavg (inner steps are Per-FedAvg's nu; FedAvg takes "
+     'none), got 2'),
+    (dict(experiment_name='a/b'), 'experiment_name', 'must be one folder name'),
+    (dict(experiment_name='..'), 'experiment_name', 'must be one folder name'),
+    (dict(experiment_name=3), 'experiment_name', 'must be a folder name'),
+])
+def test_validate_rejects_optimizer_and_experiment_settings(tmp_path, overrides,
+                                                            flag, text):
+  with pytest.raises(checks.ArgumentError) as e:
+    config_lib.validate(config_lib.TrainingConfig(
+        **dict(_BASE, root_output_dir=str(tmp_path / 'out'), **overrides)))
+  assert e.value.name == flag, e.value.flag_message
+  assert e.value.flag_message.startswith(f'--{flag}: ')
+  assert text in e.value.reason, e.value.reason
+  assert not os.path.exists(tmp_path / 'out')
+
+
+def test_optimizer_fields_are_the_builders_arguments():
+  import inspect  # pylint: disable=g-import-not-at-top
+  from perfed_tff import algorithms  # pylint: disable=g-import-not-at-top
+  fields = {f.name for f in dataclasses.fields(config_lib.TrainingConfig)}
+  assert set(config_lib.OPTIMIZER_FIELDS) <= fields
+  assert set(config_lib.OPTIMIZER_FIELDS) <= set(config_lib.RESUME_KEYS)
+  for name, (builder, hparams) in algorithms.OPTIMIZERS.items():
+    taken = set(inspect.signature(builder).parameters) - {'learning_rate'}
+    assert set(hparams) == taken, name
+    for side in config_lib.SIDES:
+      assert {f for f in fields if f.startswith(f'{side}_{name}_')} == {
+          f'{side}_{name}_{hp}' for hp in hparams}
+
+
+def _optimizer_hparams(optimizer):
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  state = optimizer.initialize([tf.TensorSpec([2], tf.float32)])
+  return {k: float(v) for k, v in optimizer.get_hparams(state).items()}
+
+
+def test_the_defaults_are_the_algorithms_own_optimizers(tmp_path):
+  config = h.training_config(tmp_path)
+  for side in config_lib.SIDES:
+    assert config_lib.is_default_optimizer(config, side)
+    assert config_lib.build_optimizer(config, side) is None
+  assert config_lib.learning_rate(config, 'client') == config.beta
+  # Spelled out, the same optimizers.
+  same = h.training_config(tmp_path, client_optimizer='sgd',
+                           server_optimizer='sgd', server_learning_rate=1.0)
+  assert config_lib.build_optimizer(same, 'client') is None
+  assert config_lib.build_optimizer(same, 'server') is None
+
+
+@pytest.mark.parametrize('name', ['sgd', 'adam', 'adamw', 'adagrad', 'yogi',
+                                  'rmsprop'])
+def test_each_optimizer_is_built_from_its_settings(tmp_path, name):
+  import tensorflow_federated as tff  # pylint: disable=g-import-not-at-top
+  from perfed_tff import algorithms  # pylint: disable=g-import-not-at-top
+  values = dict(momentum=0.5, beta_1=0.8, beta_2=0.99, epsilon=1e-3,
+                weight_decay=0.01, initial_preconditioner_value=0.2,
+                decay=0.8)
+  hparams = {hp: values[hp] for hp in algorithms.optimizer_hparams(name)}
+  config = h.training_config(
+      tmp_path, client_optimizer=name, server_optimizer=name,
+      server_learning_rate=0.5, beta=0.03,
+      **{f'{side}_{name}_{hp}': v for hp, v in hparams.items()
+         for side in config_lib.SIDES})
+  builder = getattr(tff.learning.optimizers,
+                    'build_sgdm' if name == 'sgd' else f'build_{name}')
+  assert _optimizer_hparams(config_lib.build_optimizer(config, 'client')) == (
+      pytest.approx(_optimizer_hparams(builder(0.03, **hparams))))
+  assert _optimizer_hparams(config_lib.build_optimizer(config, 'server')) == (
+      pytest.approx(_optimizer_hparams(builder(0.5, **hparams))))
+  with_rate = h.training_config(tmp_path, client_optimizer=name,
+                                client_learning_rate=0.2)
+  assert _optimizer_hparams(config_lib.build_optimizer(
+      with_rate, 'client'))['learning_rate'] == pytest.approx(0.2)
+
+
+def test_resume_metadata_of_old_and_new_checkpoints(tmp_path):
+  """The optimizer settings are part of the run's settings: a checkpoint
+  with other optimizers is refused. Checkpoints written before these
+  settings existed (without their keys) resume with the defaults only."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from perfed_tff.program import checkpointing  # pylint: disable=g-import-not-at-top
+  from perfed_tff.runtime import supervision  # pylint: disable=g-import-not-at-top
+  default = h.training_config(tmp_path)
+  adam = h.training_config(tmp_path, client_optimizer='adam',
+                           server_sgd_momentum=0.9)
+  meta = default.resume_metadata()
+  assert all(meta[k] is None for k in config_lib.OPTIMIZER_FIELDS)
+  assert adam.resume_metadata()['client_optimizer'] == 'adam'
+  assert adam.resume_metadata()['server_sgd_momentum'] == 0.9
+  old_meta = {k: v for k, v in meta.items()
+              if k not in config_lib.OPTIMIZER_FIELDS}
+  state = {'w': np.arange(3, dtype=np.float32)}
+
+  def save(path, metadata):
+    supervision.run_sync(checkpointing.CheckpointManager(
+        str(path), metadata=metadata).save(state, 1))
+
+  def load(path, config):
+    return supervision.run_sync(checkpointing.CheckpointManager(
+        str(path), metadata=config.resume_metadata()).load(1, state))
+
+  save(tmp_path / 'old', old_meta)
+  np.testing.assert_array_equal(load(tmp_path / 'old', default)['w'],
+                                state['w'])
+  with pytest.raises(checkpointing.CheckpointError,
+                     match="client_optimizer=None \\(this run: 'adam'\\)"):
+    load(tmp_path / 'old', adam)
+  save(tmp_path / 'new', adam.resume_metadata())
+  load(tmp_path / 'new', adam)
+  with pytest.raises(checkpointing.CheckpointError,
+                     match='server_sgd_momentum=0.9 \\(this run: None\\)'):
+    load(tmp_path / 'new', default)
+
+
+def test_experiment_name_places_the_run(tmp_path):
+  plain = config_lib.TrainingConfig(root_output_dir=str(tmp_path))
+  named = config_lib.validate(config_lib.TrainingConfig(
+      root_output_dir=str(tmp_path), experiment_name='exp_1'))
+  assert plain.run_dir == str(tmp_path / 'per_fedavg_hf')
+  assert named.run_dir == str(tmp_path / 'exp_1' / 'per_fedavg_hf')
+  assert 'experiment_name' not in config_lib.RESUME_KEYS  # Where, not what.
+  # Something in the way of the experiment's folder or of hparams.csv.
+  (tmp_path / 'exp_1').write_text('x')
+  with pytest.raises(checks.ArgumentError, match='exp_1 exists and is not a '
+                     'directory'):
+    config_lib.check_output_paths(named)
+  os.remove(tmp_path / 'exp_1')
+  (tmp_path / 'exp_1' / 'per_fedavg_hf' / 'hparams.csv').mkdir(parents=True)
+  with pytest.raises(checks.ArgumentError, match='hparams.csv exists and is '
+                     'not a regular file'):
+    config_lib.check_output_paths(named)
+
+
+def test_hparams_are_every_setting_flat(tmp_path):
+  config = h.training_config(
+      tmp_path, client_optimizer='adam', client_adam_beta_1=0.8,
+      dataset_options='num_users=12,max_examples_per_user=30',
+      eval_steps=(1, 5), experiment_name='e')
+  row = config.to_hparams()
+  assert list(row) == [f.name for f in dataclasses.fields(config)]
+  assert all(isinstance(v, (str, int, float, bool)) for v in row.values())
+  assert row['client_optimizer'] == 'adam' and row['client_adam_beta_1'] == 0.8
+  assert row['client_adam_beta_2'] == '' and row['client_learning_rate'] == ''
+  assert row['dataset_options'] == 'max_examples_per_user=30,num_users=12'
+  assert row['eval_steps'] == '1,5' and row['experiment_name'] == 'e'
+
+
+@pytest.mark.parametrize('algorithm', ['fedavg', 'per_fedavg_hf'])
+def test_the_process_trains_with_the_configs_optimizers(tmp_path, small_task,
+                                                         algorithm):
+  from perfed_tff.program import training_loop  # pylint: disable=g-import-not-at-top
+  config = h.training_config(tmp_path, algorithm=algorithm,
+                             client_optimizer='adam',
+                             client_learning_rate=0.02,
+                             server_sgd_momentum=0.9)
+  process = training_loop.build_process(config, small_task)
+  hparams = process.get_hparams(process.initialize())
+  # TFF's FedAvg: the client optimizer's hparams are client_work's own.
+  client = hparams['client_work'].get('client_optimizer',
+                                      hparams['client_work'])
+  assert float(client['learning_rate']) == pytest.approx(0.02)
+  assert float(client['beta_1']) == pytest.approx(0.9)  # build_adam's
+  assert float(hparams['finalizer']['learning_rate']) == 1.0
+  assert float(hparams['finalizer']['momentum']) == pytest.approx(0.9)

@@ -29,10 +29,32 @@ MAX_TIMEOUT = 7 * 24 * 3600.0
 # A population (or one batch) must fit in this share of physical memory.
 MEMORY_SHARE = 0.5
 MAX_INNER_STEPS = 100
-# Settings a checkpoint must share with the run that resumes it.
+SIDES = ('client', 'server')
+
+
+def optimizer_fields(side: str) -> tuple[str, ...]:
+  """The `TrainingConfig` fields of the client or server optimizer:
+  `<side>_optimizer`, `<side>_learning_rate`, then
+  `<side>_<optimizer>_<hyperparameter>` of every optimizer of
+  `perfed_tff.algorithms.OPTIMIZERS` (`client_sgd_momentum`,
+  `client_adam_beta_1`, ...)."""
+  return (f'{side}_optimizer', f'{side}_learning_rate') + tuple(
+      f'{side}_{name}_{hparam}'
+      for name, (_, hparams) in algorithms.OPTIMIZERS.items()
+      for hparam in hparams)
+
+
+OPTIMIZER_FIELDS = optimizer_fields('client') + optimizer_fields('server')
+# Settings a checkpoint must share with the run that resumes it. The
+# optimizer settings are recorded as null at their defaults
+# (`resume_metadata`): checkpoints written before they existed lack them, and
+# still resume with the defaults (today's optimizers), not with others.
 RESUME_KEYS = ('algorithm', 'dataset', 'dataset_options', 'alpha', 'beta',
                'delta', 'local_steps', 'inner_steps', 'batch_size',
-               'clients_per_round', 'seed', 'client_weighting')
+               'clients_per_round', 'seed',
+               'client_weighting') + OPTIMIZER_FIELDS
+# The longest `experiment_name` (one folder name).
+MAX_NAME_LENGTH = 255
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,8 +67,26 @@ class TrainingConfig:
     (1: the paper; `perfed_tff.build_per_fedavg(inner_steps=)`).
   rounds, clients_per_round, alpha, beta, delta, local_steps, batch_size,
     client_weighting: the algorithm (`perfed_tff.algorithms.build_algorithm`).
+  client_optimizer, server_optimizer: one of
+    `perfed_tff.algorithms.OPTIMIZERS` ('sgd', 'adam', 'adamw', 'adagrad',
+    'yogi', 'rmsprop': `tff.learning.optimizers.build_<name>`, 'sgd' being
+    `build_sgdm`). The client optimizer applies each local step's direction
+    (Per-FedAvg's meta-gradient, FedAvg's gradient), its state fresh every
+    round; the server optimizer applies the averaged client update.
+  client_learning_rate: the client optimizer's learning rate; None: `beta`
+    (beta is the default client learning rate; giving both is a clash).
+  server_learning_rate: the server optimizer's learning rate (1.0 with SGD:
+    the new global model is the average of the client models).
+  client_<optimizer>_<hparam>, server_<optimizer>_<hparam>: the
+    hyperparameters of the chosen optimizer (`client_sgd_momentum`,
+    `client_adam_beta_1`, ..., the builder's arguments); None: the builder's
+    default. Those of an optimizer not chosen must stay None. With the
+    defaults (SGD without momentum at beta, SGD at 1.0) a run computes what
+    it computed before these settings existed, bit for bit.
   seed: data split, model initialization, client sampling, batch shuffling.
-  root_output_dir: outputs go to `<root_output_dir>/<algorithm>/`.
+  root_output_dir: outputs go to `<root_output_dir>/<experiment_name>/
+    <algorithm>/` (`<root_output_dir>/<algorithm>/` without a name).
+  experiment_name: a folder name grouping runs; '' (the default): none.
   checkpoint_every: save a checkpoint every N rounds (and at the end).
   keep_checkpoints: how many of the latest checkpoints to keep.
   eval_every: personalized evaluation of the global model at round 0, every
@@ -82,8 +122,47 @@ class TrainingConfig:
   inner_steps: int = 1
   batch_size: int = 10
   client_weighting: str = 'uniform'
+  client_optimizer: str = 'sgd'
+  client_learning_rate: Optional[float] = None
+  server_optimizer: str = 'sgd'
+  server_learning_rate: float = 1.0
+  # The optimizers' hyperparameters (`optimizer_fields`), None: the
+  # builder's default.
+  client_sgd_momentum: Optional[float] = None
+  client_adam_beta_1: Optional[float] = None
+  client_adam_beta_2: Optional[float] = None
+  client_adam_epsilon: Optional[float] = None
+  client_adamw_beta_1: Optional[float] = None
+  client_adamw_beta_2: Optional[float] = None
+  client_adamw_epsilon: Optional[float] = None
+  client_adamw_weight_decay: Optional[float] = None
+  client_adagrad_initial_preconditioner_value: Optional[float] = None
+  client_adagrad_epsilon: Optional[float] = None
+  client_yogi_beta_1: Optional[float] = None
+  client_yogi_beta_2: Optional[float] = None
+  client_yogi_epsilon: Optional[float] = None
+  client_yogi_initial_preconditioner_value: Optional[float] = None
+  client_rmsprop_decay: Optional[float] = None
+  client_rmsprop_epsilon: Optional[float] = None
+  server_sgd_momentum: Optional[float] = None
+  server_adam_beta_1: Optional[float] = None
+  server_adam_beta_2: Optional[float] = None
+  server_adam_epsilon: Optional[float] = None
+  server_adamw_beta_1: Optional[float] = None
+  server_adamw_beta_2: Optional[float] = None
+  server_adamw_epsilon: Optional[float] = None
+  server_adamw_weight_decay: Optional[float] = None
+  server_adagrad_initial_preconditioner_value: Optional[float] = None
+  server_adagrad_epsilon: Optional[float] = None
+  server_yogi_beta_1: Optional[float] = None
+  server_yogi_beta_2: Optional[float] = None
+  server_yogi_epsilon: Optional[float] = None
+  server_yogi_initial_preconditioner_value: Optional[float] = None
+  server_rmsprop_decay: Optional[float] = None
+  server_rmsprop_epsilon: Optional[float] = None
   seed: int = 0
   root_output_dir: str = '/tmp/perfed_tff'
+  experiment_name: str = ''
   checkpoint_every: int = 10
   keep_checkpoints: int = 3
   eval_every: int = 10
@@ -98,19 +177,39 @@ class TrainingConfig:
   round_timeout: float = 0.0
 
   def resume_metadata(self) -> dict:
-    """The settings a checkpoint records and a resumed run must match."""
+    """The settings a checkpoint records and a resumed run must match. An
+    optimizer setting at its default is recorded as None, as a checkpoint
+    written before the setting existed reads (it lacks the key)."""
     out = {k: getattr(self, k) for k in RESUME_KEYS}
     out['dataset_options'] = json.loads(
         json.dumps(dict(self.dataset_options), sort_keys=True))
+    for k in OPTIMIZER_FIELDS:
+      if out[k] == _FIELD_DEFAULTS[k]:
+        out[k] = None
     return out
 
   def to_json(self) -> dict:
     d = dataclasses.asdict(self)
     return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
+  def to_hparams(self) -> dict:
+    """Every setting, flat (one CSV row, as TFF research binaries write
+    `hparams.csv`): lists joined by ',', dataset options as their flag
+    (`key=value,...`), None as ''."""
+    out = {}
+    for field in dataclasses.fields(self):
+      value = getattr(self, field.name)
+      if field.name == 'dataset_options':
+        value = ','.join(f'{k}={v}' for k, v in sorted(dict(value).items()))
+      elif isinstance(value, (list, tuple)):
+        value = ','.join(str(v) for v in value)
+      out[field.name] = '' if value is None else value
+    return out
+
   @property
   def run_dir(self) -> str:
-    return os.path.join(self.root_output_dir, self.algorithm)
+    return os.path.join(self.root_output_dir, self.experiment_name,
+                        self.algorithm)
 
   @property
   def effective_adapt_batch_size(self) -> int:
@@ -147,7 +246,8 @@ def validate(config: TrainingConfig) -> TrainingConfig:
           'local_steps', checks.integer('local_steps', config.local_steps, 1),
           MAX_LOCAL_STEPS),
       inner_steps=checks.at_most(
-          'inner_steps', checks.integer('inner_steps', config.inner_steps, 1),
+          'inner_steps', algorithms.check_inner_steps(config.algorithm,
+                                                      config.inner_steps),
           MAX_INNER_STEPS),
       batch_size=checks.at_most(
           'batch_size', checks.integer('batch_size', config.batch_size, 1),
@@ -178,6 +278,8 @@ def validate(config: TrainingConfig) -> TrainingConfig:
       cache_dir=checks.existing_dir('cache_dir', config.cache_dir),
       dataset_options=checks.key_values('dataset_options',
                                         config.dataset_options),
+      experiment_name=_experiment_name(config.experiment_name),
+      **_optimizer_changes(config),
   )
   # Unknown or renamed option names fail now; option values are checked by
   # the dataset's loader (`load_task`).
@@ -188,6 +290,94 @@ def validate(config: TrainingConfig) -> TrainingConfig:
 
 
 _VALIDATED = '_validated'
+_FIELD_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainingConfig)
+                   if f.default is not dataclasses.MISSING}
+
+
+def _experiment_name(value) -> str:
+  """'' or one folder name."""
+  if not isinstance(value, str):
+    raise checks.ArgumentError('experiment_name',
+                               f'must be a folder name, got {value!r}')
+  if value and (value in ('.', '..') or '/' in value or os.sep in value
+                or len(value) > MAX_NAME_LENGTH
+                or any(ord(c) < 32 for c in value)):
+    raise checks.ArgumentError(
+        'experiment_name', 'must be one folder name (no "/", not "." or '
+        f'"..", at most {MAX_NAME_LENGTH} characters), got {value!r}')
+  return value
+
+
+def _optimizer_changes(config: TrainingConfig) -> dict:
+  """The checked optimizer settings of `config` (see `validate`)."""
+  changes = {}
+  for side in SIDES:
+    chosen = checks.choice(f'{side}_optimizer',
+                           getattr(config, f'{side}_optimizer'),
+                           algorithms.OPTIMIZERS)
+    for name, (_, hparams) in algorithms.OPTIMIZERS.items():
+      for hparam in hparams:
+        field = f'{side}_{name}_{hparam}'
+        value = getattr(config, field)
+        if value is None:
+          continue
+        if name != chosen:
+          raise checks.ArgumentError(
+              field, f'is a hyperparameter of the {name!r} optimizer, but '
+              f'{side}_optimizer is {chosen!r}')
+        changes[field] = algorithms.check_optimizer_hparam(hparam, value,
+                                                           field)
+  if config.client_learning_rate is not None:
+    changes['client_learning_rate'] = checks.step_size(
+        'client_learning_rate', config.client_learning_rate)
+    if config.beta != _FIELD_DEFAULTS['beta']:
+      raise checks.ArgumentError(
+          'client_learning_rate', f'and beta={config.beta!r} both set the '
+          'client learning rate (beta is its default); give only one')
+  changes['server_learning_rate'] = checks.step_size(
+      'server_learning_rate', config.server_learning_rate)
+  return changes
+
+
+def learning_rate(config: TrainingConfig, side: str) -> float:
+  """The learning rate of the client optimizer (`client_learning_rate`, by
+  default `beta`) or of the server optimizer."""
+  if side == 'client':
+    return (config.beta if config.client_learning_rate is None
+            else config.client_learning_rate)
+  return config.server_learning_rate
+
+
+def optimizer_hparams(config: TrainingConfig, side: str) -> dict:
+  """{hyperparameter: value} given for the chosen optimizer of `side`
+  (those left at None take the builder's defaults and are not listed)."""
+  name = getattr(config, f'{side}_optimizer')
+  return {hparam: getattr(config, f'{side}_{name}_{hparam}')
+          for hparam in algorithms.optimizer_hparams(name)
+          if getattr(config, f'{side}_{name}_{hparam}') is not None}
+
+
+def is_default_optimizer(config: TrainingConfig, side: str) -> bool:
+  """Whether `side` uses the algorithms' default optimizer: SGD without
+  momentum at beta (client), SGD at 1.0 (server)."""
+  if getattr(config, f'{side}_optimizer') != 'sgd' or optimizer_hparams(
+      config, side):
+    return False
+  if side == 'client':
+    return config.client_learning_rate is None
+  return config.server_learning_rate == 1.0
+
+
+def build_optimizer(config: TrainingConfig, side: str):
+  """The `tff.learning.optimizers.Optimizer` of `side` ('client' or
+  'server'), or None for the default optimizer (`is_default_optimizer`),
+  which the algorithms build themselves from beta (so a run with the
+  defaults builds exactly what it built before these settings existed)."""
+  if is_default_optimizer(config, side):
+    return None
+  return algorithms.build_optimizer(
+      getattr(config, f'{side}_optimizer'), learning_rate(config, side),
+      prefix=f'{side}_', **optimizer_hparams(config, side))
 
 
 def check_output_paths(config: TrainingConfig) -> None:
@@ -198,11 +388,12 @@ def check_output_paths(config: TrainingConfig) -> None:
     checks.ArgumentError (root_output_dir): something else is in the way.
   """
   run_dir = config.run_dir
-  folders = [run_dir] + [os.path.join(run_dir, d) for d in
-                         ('metrics', 'checkpoints', 'tensorboard')]
+  folders = ([os.path.dirname(run_dir)] if config.experiment_name else []) + [
+      run_dir] + [os.path.join(run_dir, d) for d in
+                  ('metrics', 'checkpoints', 'tensorboard')]
   files = [os.path.join(run_dir, f) for f in
-           ('config.json', 'final_model.npz', os.path.join('metrics',
-                                                           'train.csv'),
+           ('config.json', 'hparams.csv', 'final_model.npz',
+            os.path.join('metrics', 'train.csv'),
             os.path.join('metrics', 'eval.csv'))]
   expected = ([(p, os.path.isdir, 'is not a directory (the run needs a '
                 'directory there)') for p in folders]

@@ -37,6 +37,7 @@ It uses the current TFF context: open one with
 from __future__ import annotations
 
 import collections
+import csv
 import dataclasses
 import json
 import os
@@ -97,7 +98,21 @@ def output_paths(config: TrainingConfig) -> collections.OrderedDict:
       tensorboard=os.path.join(run_dir, 'tensorboard'),
       final_model=os.path.join(run_dir, 'final_model.npz'),
       config=os.path.join(run_dir, 'config.json'),
+      hparams=os.path.join(run_dir, 'hparams.csv'),
   )
+
+
+def write_settings(config: TrainingConfig, paths) -> None:
+  """The run's settings beside its metrics: `config.json` (the config) and
+  `hparams.csv` (a header and one row: every setting, flat, as TFF research
+  binaries write it; `TrainingConfig.to_hparams`)."""
+  with open(paths['config'], 'w') as f:
+    json.dump(config.to_json(), f, indent=1, sort_keys=True)
+  row = config.to_hparams()
+  with open(paths['hparams'], 'w', newline='') as f:
+    writer = csv.DictWriter(f, fieldnames=list(row))
+    writer.writeheader()
+    writer.writerow(row)
 
 
 def build_process(config: TrainingConfig, task: task_lib.FederatedTask):
@@ -105,15 +120,23 @@ def build_process(config: TrainingConfig, task: task_lib.FederatedTask):
   `FunctionalModel` (`task.functional_model()`: the same weights, math and
   metric names, but no model variables to create and initialize per client
   and round; about 80 ms of a round's fixed cost on the EMNIST CNN, see
-  docs/performance.md); FedAvg is TFF's, on the task's `model_fn`."""
+  docs/performance.md); FedAvg is TFF's, on the task's `model_fn`. The
+  client and server optimizers are the config's
+  (`config.build_optimizer`)."""
   model = (task.model_fn if config.algorithm == 'fedavg'
            else task.functional_model())
+  # None: the algorithm's default (SGD at beta; SGD at 1.0), as before the
+  # optimizer settings existed.
+  client_optimizer = config_lib.build_optimizer(config, 'client')
   return algorithms.build_algorithm(
-      config.algorithm, model, alpha=config.alpha, beta=config.beta,
+      config.algorithm, model, alpha=config.alpha,
+      beta=config.beta if client_optimizer is None else None,
       delta=config.delta, local_steps=config.local_steps,
       # FedAvg has no inner steps (in a comparison it keeps its own).
       inner_steps=1 if config.algorithm == 'fedavg' else config.inner_steps,
-      client_weighting=config.client_weighting)
+      client_weighting=config.client_weighting,
+      client_optimizer_fn=client_optimizer,
+      server_optimizer_fn=config_lib.build_optimizer(config, 'server'))
 
 
 def _batches_per_round(config: TrainingConfig) -> int:
@@ -320,8 +343,7 @@ def _run_training(config, task, process, evaluate_fn, write,
                                write)
   resumed_from = None if start_round < 0 else start_round
   supervisor.end()
-  with open(paths['config'], 'w') as f:
-    json.dump(config.to_json(), f, indent=1, sort_keys=True)
+  write_settings(config, paths)
   first_rows = metrics_lib.read_csv(paths['train_csv'])[:1]
 
   bar = (metrics_lib.progress_bar(config.rounds, max(start_round, 0),
