@@ -439,7 +439,8 @@ def _run_training(config, task, process, evaluate_fn, write,
 
 def _step_sizes(config: TrainingConfig) -> dict:
   """The parameters a diverging run should lower, most likely first."""
-  out = {'beta': config.beta}
+  out = ({'beta': config.beta} if config.client_learning_rate is None
+         else {'client_learning_rate': config.client_learning_rate})
   if config.algorithm != 'fedavg':
     out['alpha'] = config.alpha
   return out
