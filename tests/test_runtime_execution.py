@@ -55,3 +55,23 @@ def test_unreachable_worker_at_start_is_a_clear_error():
   with pytest.raises(execution.WorkerUnavailableError,
                      match='did not become ready within 1s'):
     execution.ExecutionContext(workers=['localhost:1'], ready_timeout=1.0)
+
+
+def test_freeing_values_on_a_gone_worker_returns_at_once():
+  """TFF's remote-value finalizers (also at interpreter exit, after a run
+  stopped its worker) call `dispose`: with the worker gone it must neither
+  wait for it nor raise (a traceback after the run's one-line error)."""
+  import grpc  # pylint: disable=g-import-not-at-top
+  import portpicker  # pylint: disable=g-import-not-at-top
+  from tensorflow_federated.proto.v0 import executor_pb2  # pylint: disable=g-import-not-at-top
+  address = f'localhost:{portpicker.pick_unused_port()}'  # Nobody listens.
+  stub = execution._BoundedRetryStub(  # pylint: disable=protected-access
+      grpc.insecure_channel(address), address, retry_timeout=30.0)
+  start = time.monotonic()
+  assert stub.dispose(executor_pb2.DisposeRequest()) is None
+  assert stub.dispose_executor(executor_pb2.DisposeExecutorRequest()) is None
+  assert time.monotonic() - start < 10.0
+  stub.abort(execution.WorkerUnavailableError('stopped'))
+  assert stub.dispose(executor_pb2.DisposeRequest()) is None
+  with pytest.raises(execution.WorkerUnavailableError):
+    stub.compute(executor_pb2.ComputeRequest())

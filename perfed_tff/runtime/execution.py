@@ -86,8 +86,8 @@ def wait_until_ready(stub, address: str, timeout: float) -> None:
 
 
 _STUB_METHODS = ('get_executor', 'create_value', 'create_struct',
-                 'create_call', 'create_selection', 'compute', 'dispose',
-                 'dispose_executor')
+                 'create_call', 'create_selection', 'compute')
+_RELEASE_METHODS = ('dispose', 'dispose_executor')
 
 
 class _BoundedRetryStub(remote_executor_grpc_stub.RemoteExecutorGrpcStub):
@@ -110,6 +110,8 @@ class _BoundedRetryStub(remote_executor_grpc_stub.RemoteExecutorGrpcStub):
     self._dead: Optional[WorkerUnavailableError] = None
     for name in _STUB_METHODS:
       setattr(self, name, self._bounded(getattr(self, name)))
+    for name in _RELEASE_METHODS:
+      setattr(self, name, self._forgiving(getattr(self, name)))
 
   @property
   def address(self) -> str:
@@ -142,6 +144,22 @@ class _BoundedRetryStub(remote_executor_grpc_stub.RemoteExecutorGrpcStub):
         raise
       self._failures = 0
       return response
+    return call
+
+  def _forgiving(self, method):
+    """A call that only frees values on the worker (TFF's finalizers of
+    remote values call it, also at interpreter exit): when the worker is
+    gone there is nothing left to free, so it returns at once instead of
+    waiting for the worker and raising from a finalizer (a traceback after
+    the one-line error of a stopped run)."""
+    def call(request):
+      if self._dead is not None:
+        return None
+      try:
+        return method(request)
+      except (executors_errors.RetryableError, WorkerUnavailableError,
+              grpc.RpcError):
+        return None
     return call
 
   def _on_retryable(self, error) -> None:
