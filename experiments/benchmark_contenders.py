@@ -40,6 +40,7 @@ from experiments import benchmark_tasks
 from experiments import torch_peer
 from perfed_tff import algorithms as algorithms_lib
 from perfed_tff.data import task as task_lib
+from perfed_tff.models import specs
 from perfed_tff.data import worker_datasets
 
 FLOORS = ('floor_fedavg', 'floor_fo', 'floor_hf', 'floor_maml')
@@ -151,7 +152,7 @@ def build_contender(contender: str, task: benchmark_tasks.BenchmarkTask,
         client_weighting='uniform')
   return TFFRunner(
       process, worker_side=config.tff_client_data == 'worker',
-      element_spec=task_lib.unbatched_spec(task.element_spec),
+      element_spec=specs.unbatched_spec(task.element_spec),
       batch_size=config.batch_size,
       num_batches=_batches_per_round(contender, config.local_steps))
 

@@ -54,6 +54,7 @@ from experiments import benchmark_report
 from experiments import benchmark_tasks
 from perfed_tff import algorithms
 from perfed_tff.data import task as task_lib
+from perfed_tff.models import specs
 from perfed_tff.data import worker_datasets
 from perfed_tff.runtime import execution
 
@@ -208,7 +209,7 @@ def main(argv):
     phase('first round (compilation)')
     weights = runner.weights()
     weights_type = runner.process.get_model_weights.type_signature.result
-    spec = task_lib.unbatched_spec(task.element_spec)
+    spec = specs.unbatched_spec(task.element_spec)
     batches = worker_datasets.build_batches_computation(
         spec, batch_size=config.batch_size,
         num_batches=algorithms.batches_per_round(_ALGORITHM.value,

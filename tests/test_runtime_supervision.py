@@ -91,19 +91,25 @@ class _FakeContext:
     self.aborted = error
 
 
+def _run_phase_until_failure(dog, label, failure, timeout=10.0):
+  """Runs the round phase `label` under `dog` until `failure()` is set (or
+  `timeout` s), then stops the watchdog."""
+  try:
+    dog.begin(label, 'round')
+    deadline = time.monotonic() + timeout
+    while failure() is None and time.monotonic() < deadline:
+      time.sleep(0.1)
+    dog.end()
+  finally:
+    dog.stop()
+
+
 def test_watchdog_fails_a_phase_on_an_unhealthy_worker():
   context = _FakeContext([('h:1', 'did not answer a health check within 5s')])
   lines = []
   dog = supervision.Watchdog(round_timeout=0, health_timeout=5, write=lines.append,
                      context=context)
-  try:
-    dog.begin('round 4', 'round')
-    deadline = time.monotonic() + 10
-    while context.aborted is None and time.monotonic() < deadline:
-      time.sleep(0.1)
-    dog.end()
-  finally:
-    dog.stop()
+  _run_phase_until_failure(dog, 'round 4', lambda: context.aborted)
   assert isinstance(context.aborted, execution.WorkerUnavailableError)
   assert str(context.aborted) == (
       'TFF worker at h:1 did not answer a health check within 5s during '
@@ -125,15 +131,8 @@ def test_watchdog_deadlines():
     dog.stop()
   explicit = supervision.Watchdog(round_timeout=1.0, health_timeout=5, write=print,
                           context=_FakeContext())
-  try:
-    explicit._seconds['round'] = [9.0]
-    explicit.begin('round 2', 'round')
-    deadline = time.monotonic() + 10
-    while explicit.error is None and time.monotonic() < deadline:
-      time.sleep(0.1)
-    explicit.end()
-  finally:
-    explicit.stop()
+  explicit._seconds['round'] = [9.0]
+  _run_phase_until_failure(explicit, 'round 2', lambda: explicit.error)
   assert isinstance(explicit.error, execution.RoundTimeoutError)
   assert 'round 2 did not finish within its 1s deadline' in str(
       explicit.error)

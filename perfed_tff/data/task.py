@@ -30,11 +30,6 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
 
-from perfed_tff.models import specs
-
-
-unbatched_spec = specs.unbatched_spec  # Where the data needs it.
-
 
 def accuracy_metrics() -> list:
   return [tf.keras.metrics.SparseCategoricalAccuracy()]
