@@ -16,6 +16,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_federated as tff
 
+from perfed_tff.data import registry
 from perfed_tff.data import task as task_lib
 from perfed_tff.data import worker_datasets
 from perfed_tff.program import training_loop
@@ -99,15 +100,15 @@ def test_client_examples_are_read_once_and_memory_is_bounded():
           y=np.arange(k + 1, dtype=np.int32))) for k in range(5))
   client_data = tff.simulation.datasets.TestClientData(data)
   reads = []
-  original = client_data.create_tf_dataset_for_client
+  row = 4 * 4 + 4   # bytes of one example (x: 4 float32, y: one int32)
+  cache = worker_datasets.ClientExamples(client_data, max_bytes=6 * row)
+  original = cache._open  # pylint: disable=protected-access
 
   def counting(cid):
     reads.append(cid)
     return original(cid)
 
-  client_data.create_tf_dataset_for_client = counting
-  row = 4 * 4 + 4   # bytes of one example (x: 4 float32, y: one int32)
-  cache = worker_datasets.ClientExamples(client_data, max_bytes=6 * row)
+  cache._open = counting  # pylint: disable=protected-access
   first = cache('c2')
   np.testing.assert_array_equal(first['x'], data['c2']['x'])
   np.testing.assert_array_equal(first['y'], data['c2']['y'])
@@ -120,6 +121,33 @@ def test_client_examples_are_read_once_and_memory_is_bounded():
   assert reads == ['c2', 'c1', 'c3', 'c1']
   big = cache('c4')                # larger than the bound: kept alone
   assert big['x'].shape == (5, 4)
+
+
+@pytest.mark.parametrize('dataset', ['emnist', 'shakespeare'])
+def test_reading_clients_traces_the_pipeline_once(dataset, cache_dir):
+  # An eager `create_tf_dataset_for_client` traces the client's pipeline on
+  # every call, and TF keeps about 180 KB of each for good: a long run over
+  # a large population grew by hundreds of MB (docs/performance.md).
+  task = registry.load_task(dataset, cache_dir=cache_dir, seed=0)
+  ids = list(task.client_ids)
+  traces = []
+
+  def dataset_fn(cid):
+    traces.append(cid)
+    return task.train.serializable_dataset_fn(cid)
+
+  data = tff.simulation.datasets.ClientData.from_clients_and_tf_fn(
+      ids, dataset_fn)
+  traces.clear()
+  cache = worker_datasets.ClientExamples(data, max_bytes=0)
+  for cid in ids * 3:
+    got = cache(cid)
+    want = list(task.train.create_tf_dataset_for_client(cid))
+    for key, value in got.items():
+      np.testing.assert_array_equal(
+          value, np.stack([e[key].numpy() for e in want]) if want
+          else value[:0])
+  assert len(traces) == 1
 
 
 def test_a_process_without_datasets_is_used_as_it_is():
