@@ -12,10 +12,13 @@ setuptools.setup(
     # The library only; experiments/ (binaries, comparisons, plots, the
     # benchmark) runs from a checkout: `python -m experiments.train`.
     packages=setuptools.find_packages(include=['perfed_tff', 'perfed_tff.*']),
+    # The worker's loopback shim, compiled on first use (BUILD_NOTES.md).
+    package_data={'perfed_tff.runtime': ['loopback_shim.c']},
     python_requires='>=3.9,<3.12',  # tensorflow-federated 0.87.0's own range
     install_requires=[
         # TFF 0.87.0 pins jax==0.4.14; where a registry lacks it, install
-        # requirements/lock.txt first and TFF with --no-deps (BUILD_NOTES.md).
+        # requirements/runtime.txt first and TFF with --no-deps, as
+        # `./run.sh setup` does (BUILD_NOTES.md).
         'tensorflow-federated==0.87.0',
         'tensorflow>=2.14,<2.15',
         'numpy~=1.25',
@@ -25,7 +28,8 @@ setuptools.setup(
         'scikit-learn>=1.2',   # the offline digits dataset
     ],
     extras_require={
-        # Progress bars, plots and process memory for experiments/.
+        # Progress bars, plots and process memory for experiments/ (without
+        # matplotlib the binaries write their tables and skip the plots).
         'experiments': ['tqdm~=4.64', 'matplotlib>=3.7', 'psutil>=5.9'],
         # The benchmark's PyTorch peer (CPU build: see requirements/peer.txt).
         'peer': ['torch>=2.1'],

@@ -25,11 +25,32 @@ from absl import flags
 
 from perfed_tff import algorithms
 from perfed_tff import checks
+from perfed_tff.data import registry
 from perfed_tff.program import config as config_lib
 
 FLAGS = flags.FLAGS
 _D = config_lib.TrainingConfig()
 _OPTIMIZER_NAMES = ', '.join(f"'{name}'" for name in algorithms.OPTIMIZERS)
+
+
+def _names(names) -> str:
+  return ', '.join(f"'{name}'" for name in names)
+
+
+def algorithm_help() -> str:
+  """Help of --algorithm: every name of the algorithm registry
+  (`perfed_tff.algorithms.ALGORITHMS`), read when called."""
+  return (f'One of {_names(algorithms.ALGORITHMS)} (perfed_tff.algorithms: '
+          "'fedavg' is TFF's build_weighted_fed_avg, 'per_fedavg_<variant>' "
+          "Per-FedAvg's FO, HF or MAML variant).")
+
+
+def dataset_help() -> str:
+  """Help of --dataset: every name of the dataset registry
+  (`perfed_tff.data.registry.DATASETS`), read when called."""
+  return (f'One of {_names(registry.DATASETS)} (perfed_tff.data.registry); '
+          f'{_names(registry.DOWNLOADED)} read their files from --cache_dir, '
+          'the others need none.')
 
 
 def _optimizer_help() -> dict:
@@ -70,10 +91,8 @@ def _optimizer_help() -> dict:
 OPTIMIZER_FLAGS = config_lib.OPTIMIZER_FIELDS
 
 _HELP = {
-    'algorithm': "One of 'fedavg', 'per_fedavg_fo', 'per_fedavg_hf', "
-                 "'per_fedavg_maml'.",
-    'dataset': "One of 'emnist', 'emnist62', 'shakespeare', 'digits', "
-               "'synthetic'.",
+    'algorithm': algorithm_help(),
+    'dataset': dataset_help(),
     'dataset_options': 'Dataset options, key=value,... (e.g. num_users=50,'
                        'classes_per_user=2,num_unseen_users=10).',
     'cache_dir': 'Existing directory with the dataset files '

@@ -27,7 +27,6 @@ are not the reported ones):
 Tables and plots can be rewritten from a saved JSON with --replot=PATH.
 """
 
-import json
 import os
 import shlex
 import sys
@@ -143,10 +142,15 @@ def run() -> dict:
   table_rounds = (checks.int_list('table_rounds', FLAGS.table_rounds, 0)
                   if FLAGS.table_rounds else ())
   if FLAGS.replot:
-    with open(FLAGS.replot) as f:
-      results = json.load(f)
+    results = compare_lib.read_results(FLAGS.replot, 'replot')
+    if table_rounds and 'runs' in results:
+      compare_lib.check_table_rounds(
+          table_rounds, compare_lib.curve_rounds(results), FLAGS.replot,
+          'choose among them')
     prefix = FLAGS.prefix or os.path.splitext(os.path.basename(FLAGS.replot))[0]
     out = FLAGS.output_dir or os.path.dirname(os.path.abspath(FLAGS.replot))
+    if FLAGS.output_dir:
+      checks.writable_dir('output_dir', FLAGS.output_dir)
     return report.write_results(results, out, prefix, table_rounds)
   spec = build_comparison()
   grid = bool(FLAGS.grid_alphas or FLAGS.grid_betas)
@@ -162,6 +166,13 @@ def run() -> dict:
   levels = (compare_lib.parse_levels(FLAGS.sweep_levels)
             if FLAGS.sweep_levels else None)
   kind = 'grid' if grid else 'sweep' if levels else 'compare'
+  if table_rounds and kind == 'compare':
+    # Before any training: the tables at these rounds need their curve points.
+    compare_lib.check_table_rounds(
+        table_rounds, compare_lib.evaluation_rounds(spec.base),
+        f'this comparison (--rounds={spec.base.rounds}, '
+        f'--eval_every={spec.base.eval_every})',
+        'choose among them or change --eval_every')
   if FLAGS.run_dir and spec.base.experiment_name:
     raise checks.ArgumentError(
         'experiment_name', 'places the comparison under <root_output_dir>/'
@@ -180,7 +191,8 @@ def run() -> dict:
   from perfed_tff.program import checkpointing  # pylint: disable=g-import-not-at-top
   from perfed_tff.program import training_loop  # pylint: disable=g-import-not-at-top
   with checkpointing.OutputDirLock(spec.base.root_output_dir), \
-      training_loop.execution_context(spec.base):
+      training_loop.execution_context(
+          spec.base, resumable=compare_lib.has_checkpoints(run_dir)):
     if grid:
       def on_cell(partial):
         partial['command'] = _command()

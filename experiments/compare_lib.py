@@ -84,6 +84,99 @@ def default_name(comparison: Comparison, kind: str = 'compare') -> str:
   return f'{kind}_{comparison.base.dataset}_{digest}'
 
 
+def evaluation_rounds(base: config_lib.TrainingConfig) -> list[int]:
+  """The rounds at which every run of a comparison with settings `base`
+  evaluates (its curve points): round 0, every `eval_every` rounds and the
+  last round (`eval_every=0`: round 0 and the last; see
+  `Comparison.config_for` and `tff.simulation.run_training_process`)."""
+  every = base.eval_every or base.rounds
+  return sorted({0, base.rounds, *range(every, base.rounds + 1, every)})
+
+
+def _some_rounds(rounds: Sequence[int]) -> str:
+  rounds = list(rounds)
+  if len(rounds) <= 8:
+    return ', '.join(map(str, rounds))
+  return (', '.join(map(str, rounds[:4])) + ', ..., ' +
+          ', '.join(map(str, rounds[-2:])))
+
+
+def check_table_rounds(table_rounds: Sequence[int], available: Sequence[int],
+                       where: str, hint: str) -> None:
+  """Raises `checks.ArgumentError` (table_rounds) for a round that is not
+  among `available` (the evaluation rounds of `where`)."""
+  from perfed_tff import checks  # pylint: disable=g-import-not-at-top
+  missing = [r for r in table_rounds if r not in set(available)]
+  if missing:
+    raise checks.ArgumentError(
+        'table_rounds', f'{_some_rounds(missing)} '
+        f'{"is not an evaluation round" if len(missing) == 1 else "are not evaluation rounds"} '
+        f'of {where} (evaluated at rounds {_some_rounds(available)}); {hint}')
+
+
+def read_results(path: str, name: str = 'replot') -> dict:
+  """The results JSON that `experiments.compare` wrote at `path`.
+
+  Raises:
+    checks.ArgumentError (`name`): no such file, unreadable, not JSON, or
+      JSON that is no comparison, sweep or grid result.
+  """
+  from perfed_tff import checks  # pylint: disable=g-import-not-at-top
+  what = 'a results JSON file written by compare.py (<prefix>.json)'
+  try:
+    with open(path, 'rb') as f:
+      raw = f.read()
+  except FileNotFoundError:
+    raise checks.ArgumentError(name, f'{path} does not exist; give {what}'
+                               ) from None
+  except IsADirectoryError:
+    raise checks.ArgumentError(name, f'{path} is a directory; give {what}'
+                               ) from None
+  except OSError as e:
+    raise checks.ArgumentError(
+        name, f'cannot read {path} ({e.strerror or e})') from None
+  try:
+    results = json.loads(raw.decode('utf-8'))
+  except UnicodeDecodeError:
+    raise checks.ArgumentError(
+        name, f'{path} is not {what}: it is not text (a binary file?)'
+    ) from None
+  except ValueError as e:
+    raise checks.ArgumentError(
+        name, f'{path} is not {what}: invalid JSON ({e})') from None
+  known = isinstance(results, dict) and (
+      ('grid' in results and 'rows' in results)
+      or ('sweep' in results and 'results' in results)
+      or ('runs' in results and 'config' in results and 'task' in results))
+  if not known:
+    raise checks.ArgumentError(
+        name, f'{path} is JSON but not the results of a comparison, sweep or '
+        f'grid; give {what}')
+  return results
+
+
+def curve_rounds(results: dict) -> list[int]:
+  """The rounds every run of a comparison's `results` has a curve point
+  at (its evaluation rounds)."""
+  runs = results.get('runs') or []
+  common = None
+  for run in runs:
+    rounds = {int(r) for r, _ in run.get('curve', [])}
+    common = rounds if common is None else common & rounds
+  return sorted(common or ())
+
+
+def has_checkpoints(run_dir: str) -> bool:
+  """Whether any run under `run_dir` (a comparison's folder) has a
+  checkpoint, i.e. rerunning resumes something."""
+  from perfed_tff.program import checkpointing  # pylint: disable=g-import-not-at-top
+  for _, dirs, _ in os.walk(run_dir):
+    if any(d.startswith(checkpointing.PREFIX) and
+           d[len(checkpointing.PREFIX):].isdigit() for d in dirs):
+      return True
+  return False
+
+
 def run_record(config: config_lib.TrainingConfig,
                result: training_loop.TrainingResult) -> dict:
   """One run's curve and final evaluation, read back from its eval CSV."""

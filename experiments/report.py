@@ -5,7 +5,13 @@ metric files: `{'config', 'task', 'runs': [{'algorithm', 'seed', 'curve':
 [[round, {'seen': summary, 'unseen': summary}], ...], 'final': ...}]}`, a
 sweep `{'sweep', 'levels', 'results'}` or a grid `{'grid', 'config', 'rows'}`.
 Accuracies are fractions in CSV and JSON, percentages in Markdown and plots.
-matplotlib is an optional extra (`pip install perfed_tff[experiments]`).
+
+matplotlib is optional (`pip install -r requirements/plots.txt`, or
+`./run.sh setup plots`): without it the tables are written and the plots are
+skipped with one line (`plotting_available`). Figures are drawn on
+`matplotlib.figure.Figure` with an Agg canvas of their own, never through
+pyplot, so writing a plot never changes the process's matplotlib backend (a
+notebook kernel keeps its inline backend).
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import collections
 import csv
 import json
 import os
+import sys
 from typing import Optional, Sequence
 
 import numpy as np
@@ -177,20 +184,46 @@ def _gain_lines(results, round_num) -> list[str]:
   return lines + ['']
 
 
-def _pyplot():
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  return plt
+PLOTS_SKIPPED = ('plots skipped: matplotlib is not installed (pip install -r '
+                 'requirements/plots.txt, or ./run.sh setup plots); the '
+                 'tables are written')
+_skip_said = False
 
 
-def plot_curves(results, path: str, step: int = 1) -> str:
+def plotting_available() -> bool:
+  """True when matplotlib can be imported; else False, after saying so once
+  per process (one line on stderr), so callers write their tables and skip
+  their plots."""
+  global _skip_said
+  try:
+    import matplotlib  # pylint: disable=g-import-not-at-top,unused-import
+  except ImportError:
+    if not _skip_said:
+      _skip_said = True
+      print(PLOTS_SKIPPED, file=sys.stderr, flush=True)
+    return False
+  return True
+
+
+def _figure(figsize):
+  """A figure with its own Agg canvas: pyplot and the process's backend are
+  never touched (no `matplotlib.use`, no global figure registry)."""
+  from matplotlib import figure  # pylint: disable=g-import-not-at-top
+  from matplotlib.backends import backend_agg  # pylint: disable=g-import-not-at-top
+  fig = figure.Figure(figsize=figsize)
+  backend_agg.FigureCanvasAgg(fig)
+  return fig
+
+
+def plot_curves(results, path: str, step: int = 1) -> Optional[str]:
   """Accuracy (client mean) vs round, mean ± std over seeds; solid: after
-  `step` adaptation steps, dashed: the global model."""
-  plt = _pyplot()
+  `step` adaptation steps, dashed: the global model. None (nothing written)
+  without matplotlib."""
+  if not plotting_available():
+    return None
   pops = _populations(results)
-  fig, axes = plt.subplots(1, len(pops), figsize=(5.5 * len(pops), 4),
-                           squeeze=False)
+  fig = _figure((5.5 * len(pops), 4))
+  axes = fig.subplots(1, len(pops), squeeze=False)
   for ax, pop in zip(axes[0], pops):
     for i, a in enumerate(_algorithms(results)):
       color = f'C{i}'
@@ -214,18 +247,19 @@ def plot_curves(results, path: str, step: int = 1) -> str:
                f'(mean ± std over {len(results["config"]["seeds"])} seeds)')
   fig.tight_layout()
   fig.savefig(path, dpi=110)
-  plt.close(fig)
   return path
 
 
-def plot_bars(results, path: str) -> str:
-  """Final accuracy per algorithm: global model and after each k."""
-  plt = _pyplot()
+def plot_bars(results, path: str) -> Optional[str]:
+  """Final accuracy per algorithm: global model and after each k. None
+  (nothing written) without matplotlib."""
+  if not plotting_available():
+    return None
   pops = _populations(results)
   steps = _steps(results)
   algs = _algorithms(results)
-  fig, axes = plt.subplots(1, len(pops), figsize=(5.5 * len(pops), 4),
-                           squeeze=False)
+  fig = _figure((5.5 * len(pops), 4))
+  axes = fig.subplots(1, len(pops), squeeze=False)
   width = 0.8 / len(steps)
   for ax, pop in zip(axes[0], pops):
     for j, k in enumerate(steps):
@@ -247,14 +281,14 @@ def plot_bars(results, path: str) -> str:
   fig.suptitle(f'{results["task"]}: final accuracy (mean ± std over seeds)')
   fig.tight_layout()
   fig.savefig(path, dpi=110)
-  plt.close(fig)
   return path
 
 
 def write_outputs(results, output_dir: str, prefix: str,
                   table_rounds: Sequence[int] = ()) -> dict:
-  """Writes <prefix>.json/.md/.csv, <prefix>_curves.png, <prefix>_bars.png;
-  the Markdown also gets the table at each of `table_rounds` (curve points)."""
+  """Writes <prefix>.json/.md/.csv, <prefix>_curves.png, <prefix>_bars.png
+  (the plots only with matplotlib); the Markdown also gets the table at each
+  of `table_rounds` (curve points). Returns the written paths by kind."""
   os.makedirs(output_dir, exist_ok=True)
   base = os.path.join(output_dir, prefix)
   paths = {}
@@ -282,8 +316,9 @@ def write_outputs(results, output_dir: str, prefix: str,
   with open(base + '.md', 'w') as f:
     f.write('\n'.join(md))
   paths['md'] = base + '.md'
-  paths['curves'] = plot_curves(results, base + '_curves.png')
-  paths['bars'] = plot_bars(results, base + '_bars.png')
+  if plotting_available():
+    paths['curves'] = plot_curves(results, base + '_curves.png')
+    paths['bars'] = plot_bars(results, base + '_bars.png')
   return paths
 
 
@@ -315,16 +350,20 @@ def sweep_rows(sweep_results, baseline='fedavg', step=1) -> list[dict]:
   return rows
 
 
-def plot_sweep(sweep_results, path: str, baseline='fedavg', step=1) -> str:
+def plot_sweep(sweep_results, path: str, baseline='fedavg',
+               step=1) -> Optional[str]:
   """Left: gain of each Per-FedAvg variant over FedAvg + `step` step(s) of
   fine-tuning; right: personalization gain of every algorithm (after `step`
   step(s) minus FedAvg's global model, i.e. no personalization); x:
-  heterogeneity level; seen (solid) and unseen (dashed) users."""
-  plt = _pyplot()
+  heterogeneity level; seen (solid) and unseen (dashed) users. None
+  (nothing written) without matplotlib."""
+  if not plotting_available():
+    return None
   rows = sweep_rows(sweep_results, baseline, step)
   levels = sweep_results['levels']
   x = np.arange(len(levels))
-  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+  fig = _figure((11, 4))
+  axes = fig.subplots(1, 2)
   algs = _algorithms(sweep_results['results'][0])
   for i, a in enumerate(algs):
     for pop, style in (('seen', '-o'), ('unseen', '--s')):
@@ -356,7 +395,6 @@ def plot_sweep(sweep_results, path: str, baseline='fedavg', step=1) -> str:
   axes[1].set_title('personalization gain over no personalization')
   fig.tight_layout()
   fig.savefig(path, dpi=110)
-  plt.close(fig)
   return path
 
 
@@ -389,8 +427,10 @@ def write_sweep_outputs(sweep_results, output_dir: str, prefix: str) -> dict:
     lines += ['', 'Command:', '', '```', sweep_results['command'], '```']
   with open(base + '.md', 'w') as f:
     f.write('\n'.join(lines) + '\n')
-  return {'json': base + '.json', 'csv': base + '.csv', 'md': base + '.md',
-          'plot': plot_sweep(sweep_results, base + '.png')}
+  paths = {'json': base + '.json', 'csv': base + '.csv', 'md': base + '.md'}
+  if plotting_available():
+    paths['plot'] = plot_sweep(sweep_results, base + '.png')
+  return paths
 
 
 def grid_table(grid_results, step: int = 1) -> str:

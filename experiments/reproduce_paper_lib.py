@@ -264,6 +264,8 @@ def write_outputs(results, output_dir: str) -> dict:
     f.write(markdown(results, rows))
   with open(paths['json'], 'w') as f:
     json.dump(results, f, separators=(',', ':'))
+  if not report.plotting_available():  # One line said; tables written.
+    return paths
   for framing, data in results['framings'].items():
     as_comparison = {'config': {'seeds': results['seeds'], 'eval_steps': [1],
                                 'alpha': float('nan')},

@@ -71,7 +71,8 @@ def unavailable_reason() -> Optional[str]:
     import torch  # pylint: disable=g-import-not-at-top,redefined-outer-name,unused-import
   except ImportError:
     return ('PyTorch contenders skipped: torch is not installed '
-            '(pip install -r requirements/peer.txt)')
+            '(pip install -r requirements/peer.txt, or ./run.sh test, which '
+            'installs it)')
   except Exception as e:  # pylint: disable=broad-except
     # A broken install (missing shared library, ABI mismatch) raises others.
     return (f'PyTorch contenders skipped: importing torch failed '

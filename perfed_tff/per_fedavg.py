@@ -320,10 +320,16 @@ def build_per_fedavg(
     A `tff.learning.templates.LearningProcess` with `initialize`, `next`,
     `get_model_weights`, `set_model_weights`, `get_hparams` and
     `set_hparams`. Training metrics (`metrics['client_work']['train']`):
-    `loss`, `personalized_loss`, `num_examples`, `num_steps`,
-    `num_clients_without_step`, `num_non_finite_updates` and the model's own
-    metrics at w on D (e.g. `sparse_categorical_accuracy`) and at w~ on D'
+    `loss`, `personalized_loss` (NaN in a round where no client update was
+    usable: every client non-finite or without a step, or no clients),
+    `num_examples`, `num_steps`, `num_clients_without_step`,
+    `num_non_finite_updates` and the model's own metrics at w on D (e.g.
+    `sparse_categorical_accuracy`) and at w~ on D'
     (`personalized_sparse_categorical_accuracy`).
+    Run it in a `perfed_tff.ExecutionContext()`: a computation that fails
+    on the worker (e.g. a label outside the model's range) then raises
+    `perfed_tff.runtime.execution.WorkerComputationError` (a `ValueError`)
+    with TensorFlow's one telling line.
 
   Raises:
     ValueError: on an unknown variant or client weighting, alpha/beta/delta

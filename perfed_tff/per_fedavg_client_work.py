@@ -43,7 +43,9 @@ same function even for models with dropout; for models without stochastic
 layers this is the plain training loss.
 
 Training metrics: `loss` = f(w; D) and `personalized_loss` = f(w~; D')
-(w~ = w_nu), means over the local steps, example and step counts, and the
+(w~ = w_nu), means over the local steps (NaN when no client took a usable
+step: all non-finite, none with a step, or no clients), example and step
+counts, and the
 model's own metrics (e.g. accuracy) accumulated over the batches D at w and,
 prefixed `personalized_`, over the batches D' at w~.
 """
@@ -287,14 +289,20 @@ def build_client_update(oracle, *, variant: Variant, alpha: float,
 
 
 def _mean_finalizer(pair):
-  return tf.math.divide_no_nan(pair[0], pair[1])
+  """sum / count; NaN when no client took a usable step (every client
+  non-finite or without a step, or no clients), not the 0.0 of an empty
+  weighted mean. (divide_no_nan: the very same division otherwise.)"""
+  total, count = pair
+  return tf.where(count > 0, tf.math.divide_no_nan(total, count),
+                  tf.constant(float('nan'), total.dtype))
 
 
 def metric_finalizers() -> collections.OrderedDict:
   """Finalizers of the Per-FedAvg client metrics (without the model's own).
 
   loss: mean over local steps of f(w; D); personalized_loss: mean of
-  f(w~; D'); num_examples / num_steps: totals; num_clients_without_step and
+  f(w~; D') (both NaN in a round where no client took a usable step);
+  num_examples / num_steps: totals; num_clients_without_step and
   num_non_finite_updates count clients that sent a zero-weight update.
   """
   identity = lambda x: x

@@ -146,3 +146,31 @@ def assert_weights_close(a, b, atol):
   assert sorted(a) == sorted(b)
   for k in a:
     np.testing.assert_allclose(a[k], b[k], rtol=0, atol=atol, err_msg=k)
+
+
+def damage_checkpoint(path, kind):
+  """Damages the checkpoint folder `path` (a pathlib.Path): 'truncated' (its
+  variables' data loses 7 bytes), 'bit_flip' (one bit of that data),
+  'bit_flip_no_manifest' (the same in a checkpoint as older code wrote it,
+  without a manifest), 'missing_part' (no variables index), 'empty_folder',
+  'not_a_folder' (an empty file in its place)."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  data = path / 'variables' / 'variables.data-00000-of-00001'
+  if kind == 'truncated':
+    data.write_bytes(data.read_bytes()[:-7])
+  elif kind in ('bit_flip', 'bit_flip_no_manifest'):
+    if kind == 'bit_flip_no_manifest':
+      (path / 'perfed_tff_manifest.json').unlink()
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0x10
+    data.write_bytes(bytes(raw))
+  elif kind == 'missing_part':
+    (path / 'variables' / 'variables.index').unlink()
+  elif kind == 'empty_folder':
+    shutil.rmtree(path)
+    path.mkdir()
+  elif kind == 'not_a_folder':
+    shutil.rmtree(path)
+    path.write_bytes(b'')
+  else:
+    raise ValueError(kind)

@@ -81,7 +81,7 @@ def test_contenders_follow_the_library_rules_of_their_algorithm():
 
 
 def test_run_benchmark_small_configuration_reports_ratios():
-  pytest.importorskip('torch')  # ./run.sh setup installs the peer
+  pytest.importorskip('torch')  # ./run.sh test installs the peer
   config = _config('digits_mlp', memory_rounds=3,
                    memory_contender='per_fedavg_fo', empty_rounds=1)
   report = benchmark_lib.run_benchmark(config, log=lambda _: None)

@@ -4,6 +4,7 @@ never trains, outputs (tables, plots), the CLI and the heterogeneity sweep."""
 import collections
 import csv
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -244,6 +245,69 @@ def test_compare_cli_bad_flags(tmp_path):
   assert r.returncode == 2 and '--seeds: must be integers' in r.stderr
   r = _compare(tmp_path, '--algorithms=fedavg', '--step_sizes=per_fedavg_hf:alpha=1')
   assert r.returncode == 2 and '--step_sizes: must be algorithm:' in r.stderr
+
+
+def test_table_rounds_that_are_not_evaluated_are_refused_up_front(tmp_path):
+  """--table_rounds is checked against the evaluation rounds (0, every
+  --eval_every, the last) before anything trains: one line, exit 2, no run
+  directory."""
+  r = _compare(tmp_path, '--algorithms=fedavg', '--seeds=0', '--rounds=4',
+               '--eval_every=2', '--table_rounds=2,5')
+  assert r.returncode == 2, r.stderr[-3000:]
+  line = h.assert_one_error_line(r.stderr, 'compare.py')
+  assert line == ('compare.py: error: --table_rounds: 5 is not an evaluation '
+                  'round of this comparison (--rounds=4, --eval_every=2) '
+                  '(evaluated at rounds 0, 2, 4); choose among them or '
+                  'change --eval_every'), line
+  assert not [d for d in os.listdir(tmp_path) if d.startswith('compare_')]
+  config = _base(tmp_path, rounds=7, eval_every=3)
+  assert compare_lib.evaluation_rounds(config) == [0, 3, 6, 7]
+  assert compare_lib.evaluation_rounds(
+      dataclasses.replace(config, eval_every=0)) == [0, 7]
+
+
+def test_replot_of_a_bad_file_names_the_flag_and_the_file(tmp_path):
+  binary = tmp_path / 'binary.json'
+  binary.write_bytes(b'\x89PNG\r\n\x1a\n\xff\xfe\x00')
+  garbled = tmp_path / 'garbled.json'
+  garbled.write_text('{"runs": [')
+  other = tmp_path / 'other.json'
+  other.write_text('{"a": 1}')
+  missing = tmp_path / 'missing.json'
+  for path, why in ((binary, 'it is not text'), (garbled, 'invalid JSON'),
+                    (other, 'is JSON but not the results of a comparison'),
+                    (missing, 'does not exist')):
+    r = _compare(tmp_path, f'--replot={path}')
+    assert r.returncode == 2, r.stderr[-3000:]
+    line = h.assert_one_error_line(r.stderr, 'compare.py')
+    assert line.startswith(f'compare.py: error: --replot: {path} '), line
+    assert why in line and 'resume' not in line, line
+  assert sorted(os.listdir(tmp_path)) == [
+      'binary.json', 'garbled.json', 'other.json']
+  # A saved comparison: --table_rounds must be among its curve rounds.
+  saved = tmp_path / 'saved.json'
+  saved.write_text(json.dumps(_fake_results()))
+  rounds = compare_lib.curve_rounds(_fake_results())
+  r = _compare(tmp_path, f'--replot={saved}',
+               f'--table_rounds={max(rounds) + 1}')
+  assert r.returncode == 2, r.stderr[-3000:]
+  line = h.assert_one_error_line(r.stderr, 'compare.py')
+  assert f'--table_rounds: {max(rounds) + 1} is not an evaluation round of ' \
+      f'{saved}' in line, line
+
+
+def test_unreachable_worker_on_a_fresh_comparison_is_no_resume(tmp_path):
+  import portpicker  # pylint: disable=g-import-not-at-top
+  port = portpicker.pick_unused_port()  # Nobody listens.
+  r = _compare(tmp_path, '--algorithms=fedavg', '--seeds=0', '--rounds=1',
+               '--eval_every=0', f'--workers=localhost:{port}',
+               '--worker_timeout=1')
+  assert r.returncode == 2, r.stderr[-3000:]
+  line = h.assert_one_error_line(r.stderr, 'compare.py')
+  assert line.startswith(f'compare.py: error: --workers: no TFF worker '
+                         f'answered at localhost:{port} within 1s'), line
+  assert f'perfed_tff.runtime.worker --port={port}' in line, line
+  assert 'resume' not in line, line
 
 
 def test_per_algorithm_step_sizes(tmp_path):

@@ -121,16 +121,22 @@ def test_corrupt_and_incompatible_checkpoints(tmp_path):
   line = _bad(tmp_path, '--beta=0.1', '--rounds=4')
   assert 'was written by a different run: beta=0.05 (this run: 0.1)' in line
   assert sorted(os.listdir(ckpt)) == ['program_state_0', 'program_state_2']
-  # A corrupt latest checkpoint: refused, left as it is.
+  # A corrupt latest checkpoint: set aside (renamed, kept) with a warning;
+  # the run resumes from the newest intact one (each kind of damage:
+  # test_program_checkpointing.py; none intact: test_experiments_train_faults).
   bad = ckpt / 'program_state_3'
   bad.mkdir()
   (bad / 'saved_model.pb').write_bytes(b'not a SavedModel')
-  line = _bad(tmp_path, '--rounds=4')
-  assert 'program_state_3 is corrupt or unreadable' in line
-  assert 'left untouched' in line
-  assert (bad / 'saved_model.pb').read_bytes() == b'not a SavedModel'
-  assert sorted(os.listdir(ckpt)) == ['program_state_0', 'program_state_2',
-                                      'program_state_3']
+  r = h.run(f'--root_output_dir={out}', '--rounds=2', timeout=180)
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert 'warning: checkpoint round 3 (' in r.stderr, r.stderr[-2000:]
+  assert 'resumed from round 2' in r.stdout
+  aside = [n for n in os.listdir(ckpt) if n != 'program_state_2']
+  assert len(aside) == 2 and 'program_state_0' in aside, aside
+  aside.remove('program_state_0')
+  assert aside[0].startswith('program_state_3.damaged-'), aside
+  assert (ckpt / aside[0] / 'saved_model.pb').read_bytes() == (
+      b'not a SavedModel')
 
 
 @pytest.mark.slow

@@ -110,6 +110,55 @@ def test_killed_worker_gives_clear_error_then_resume(tmp_path, baseline,
                          baseline, atol=1e-5)
 
 
+def test_killed_local_worker_is_reported_at_once(tmp_path):
+  """A local worker killed mid-run: its exit is known at once, so the run
+  ends within seconds (not after --worker_timeout=120) with one line naming
+  the worker, its exit status and the round."""
+  csv_path = tmp_path / 'per_fedavg_fo' / 'metrics' / 'train.csv'
+  log = tmp_path / 'log.txt'
+  proc = h.start('--rounds=100000', f'--root_output_dir={tmp_path}',
+                 '--worker_timeout=120', log_path=log)
+  h.wait_for_round(proc, csv_path, 3)
+  workers = h.worker_descendants(proc.pid)
+  assert len(workers) == 1
+  workers[0].kill()
+  t0 = time.monotonic()
+  proc.wait(timeout=200)
+  waited = time.monotonic() - t0
+  text = log.read_text()
+  line = h.assert_one_error_line(text)
+  print(f'killed local worker reported after {waited:.1f}s')
+  assert proc.returncode == 1, text[-3000:]
+  assert re.match(rf'train.py: error: local TFF worker at localhost:\d+ \(pid '
+                  rf'{workers[0].pid}\) exited with status -9 during round '
+                  r'\d+; stopped the run. Rerun the same command', line), line
+  assert waited < 60  # The retry wait would be 120 s.
+
+
+def test_unreachable_worker_fresh_run_vs_resumed_run(tmp_path):
+  """No worker at a --workers address: on a fresh run nothing can be
+  resumed, so the line says what to check (exit 2); a run with a checkpoint
+  keeps the resume advice (exit 1)."""
+  port = portpicker.pick_unused_port()  # Nobody listens.
+  flags = (f'--root_output_dir={tmp_path}', f'--workers=localhost:{port}',
+           '--worker_timeout=1')
+  r = h.run('--rounds=2', *flags)
+  line = h.assert_one_error_line(r.stderr)
+  assert r.returncode == 2, r.stderr[-3000:]
+  assert line.startswith(f'train.py: error: --workers: no TFF worker '
+                         f'answered at localhost:{port} within 1s'), line
+  assert 'resume' not in line and 'checkpoint' not in line, line
+  assert not (tmp_path / 'per_fedavg_fo').exists()
+  r = h.run('--rounds=1', f'--root_output_dir={tmp_path}')
+  assert r.returncode == 0, r.stderr[-3000:]
+  r = h.run('--rounds=2', *flags)
+  line = h.assert_one_error_line(r.stderr)
+  assert r.returncode == 1, r.stderr[-3000:]
+  assert f'TFF worker at localhost:{port} did not become ready' in line, line
+  assert line.endswith('Rerun the same command to resume from the last '
+                       'checkpoint.'), line
+
+
 @pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT])
 def test_signal_leaves_no_worker_binary(tmp_path, signum):
   csv_path = tmp_path / 'per_fedavg_fo' / 'metrics' / 'train.csv'
@@ -266,6 +315,56 @@ def test_signals_in_every_phase_then_resume_is_exact(tmp_path, baseline):
   assert len(steps) == len(set(steps)), 'a round is in TensorBoard twice'
 
 
+# ------------------------------------------------------ damaged checkpoint
+
+def test_damaged_checkpoint_set_aside_resume_exact_then_none_intact(
+    tmp_path, baseline):
+  """A flipped bit in the newest checkpoint: the rerun warns in one line,
+  sets it aside (renamed, byte for byte) and resumes from the newest intact
+  one to the uninterrupted run's weights, bit for bit. With every checkpoint
+  damaged: one error line, exit 2, nothing in the run folder changed."""
+  out = tmp_path / 'out'
+  run_dir = out / 'per_fedavg_fo'
+  ckpts = run_dir / 'checkpoints'
+  r = h.run('--rounds=6', f'--root_output_dir={out}')
+  assert r.returncode == 0, r.stderr[-3000:]
+  bad = ckpts / 'program_state_6'
+  h.damage_checkpoint(bad, 'bit_flip')
+  kept = h.snapshot(bad)
+  r = h.run(ROUNDS, f'--root_output_dir={out}')
+  assert r.returncode == 0, r.stderr[-3000:]
+  warnings = [l for l in r.stderr.splitlines() if 'warning' in l.lower()
+              and 'Warning: ' not in l]  # Not Python's UserWarning lines.
+  assert len(warnings) == 1, r.stderr[-3000:]
+  match = re.search(
+      rf'warning: checkpoint round 6 \({re.escape(str(bad))}\) is unreadable '
+      r'\(checksum mismatch: variables/variables\.data-00000-of-00001\); '
+      r'set aside as (program_state_6\.damaged-\S+); resuming from round '
+      r'4$', warnings[0])
+  assert match, warnings[0]
+  assert 'resumed from round 4' in r.stdout
+  assert h.snapshot(ckpts / match[1]) == kept
+  assert h.csv_rounds(run_dir / 'metrics' / 'train.csv') == list(range(1, 13))
+  h.assert_weights_close(h.final_weights(run_dir), baseline, atol=0)
+  # Every checkpoint damaged: no silent start from round 0.
+  versions = [n for n in os.listdir(ckpts)
+              if re.fullmatch(r'program_state_\d+', n)]
+  assert sorted(versions) == ['program_state_10', 'program_state_12',
+                              'program_state_8']
+  for name in versions:
+    h.damage_checkpoint(ckpts / name, 'truncated')
+  before = h.snapshot(out)
+  r = h.run(ROUNDS, f'--root_output_dir={out}')
+  line = h.assert_one_error_line(r.stderr)
+  assert r.returncode == 2, r.stderr[-3000:]
+  assert line.startswith(f'train.py: error: no intact checkpoint to resume '
+                         f'in {ckpts} (round 12: truncated: '), line
+  assert line.endswith('to start over, move that folder away (or choose '
+                       'another --root_output_dir), then rerun.'), line
+  assert 'warning' not in r.stderr.lower().replace('userwarning', '')
+  assert h.snapshot(out) == before
+
+
 # --------------------------------------------------------------------- lock
 
 def test_second_run_on_the_same_dir_refused_then_stale_lock_taken_over(
@@ -296,6 +395,22 @@ def test_second_run_on_the_same_dir_refused_then_stale_lock_taken_over(
   assert (f'took over the lock of a run that is no longer running (pid '
           f'{proc.pid}') in r.stderr
   assert not (out / '.perfed_tff.lock').exists()
+
+
+def test_a_directory_in_place_of_the_lock_file_is_refused(tmp_path):
+  """Rerunning cannot help: the line says what to remove, exit 2, and the
+  folder (with what it holds) is left alone."""
+  lock = tmp_path / '.perfed_tff.lock'
+  lock.mkdir()
+  (lock / 'keep.txt').write_text('mine')
+  r = h.run('--rounds=1', f'--root_output_dir={tmp_path}')
+  line = h.assert_one_error_line(r.stderr)
+  assert r.returncode == 2, r.stderr[-3000:]
+  assert line == (f'train.py: error: --root_output_dir: {lock} is a '
+                  'directory: it is not the lock file this program keeps '
+                  'there; move it away or remove it, then rerun'), line
+  assert (lock / 'keep.txt').read_text() == 'mine'
+  assert sorted(os.listdir(tmp_path)) == ['.perfed_tff.lock']
 
 
 # --------------------------------------------------------------- divergence

@@ -144,6 +144,44 @@ def test_non_finite_client_is_rejected_and_counted():
   assert np.isfinite(train['loss'])
 
 
+def test_round_without_a_usable_client_reports_nan_losses():
+  """Every client non-finite, or no clients: the losses are NaN (nothing was
+  measured), not the 0.0 of an empty weighted mean; a normal round's are
+  finite."""
+  rng = np.random.default_rng(4)
+  (x, y), = _clients(rng, [24])
+  process = perfed_tff.build_per_fedavg(
+      MODEL_FN, variant='hf', alpha=0.1, beta=0.1, local_steps=2)
+  state = process.initialize()
+  good = process.next(state, [h.dataset(x, y, 4)]).metrics
+  assert np.isfinite(good['client_work']['train']['loss'])
+  assert np.isfinite(good['client_work']['train']['personalized_loss'])
+  bad = h.dataset(np.full_like(x, np.nan), y, 4)
+  for data, count in (([bad, bad], 'num_non_finite_updates'), ([], None)):
+    train = process.next(state, data).metrics['client_work']['train']
+    assert np.isnan(train['loss']) and np.isnan(train['personalized_loss'])
+    if count:
+      assert train[count] == 2
+    assert train['num_steps'] == 0
+
+
+def test_label_outside_the_model_range_is_a_typed_one_line_error():
+  from perfed_tff.runtime import execution  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(5)
+  (x, _), = _clients(rng, [8])
+  process = perfed_tff.build_per_fedavg(
+      MODEL_FN, variant='fo', alpha=0.1, beta=0.1, local_steps=1)
+  with pytest.raises(ValueError) as e:
+    process.next(process.initialize(),
+                 [h.dataset(x, np.full(8, 12, np.int32), 4)])
+  assert isinstance(e.value, execution.WorkerComputationError)
+  assert str(e.value).startswith(
+      f'Received a label value of 12 which is outside the valid range of '
+      f'[0, {CLASSES}).'), str(e.value)
+  assert '\n' not in str(e.value)
+  assert 'while evaluating local' in e.value.details
+
+
 def test_unweighted_aggregator_composes():
   """A DP (unweighted) tff.aggregators factory plugs in as model_aggregator."""
   dp = tff.aggregators.DifferentiallyPrivateFactory.gaussian_fixed(

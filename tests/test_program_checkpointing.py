@@ -1,10 +1,14 @@
 """Checkpoints (`perfed_tff/program/checkpointing.py`): the CheckpointManager
 (a TFF program state manager; round trips, checks, partial and corrupt
-saves) and the output-directory lock."""
+saves, resuming past a damaged checkpoint) and the output-directory lock."""
 
 import collections
+import csv
+import dataclasses
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 
@@ -14,7 +18,11 @@ import tensorflow_federated as tff
 
 from perfed_tff import checks
 from perfed_tff.program import checkpointing
+from perfed_tff.program import metrics as metrics_lib
+from perfed_tff.program import training_loop as tp
 from perfed_tff.runtime import supervision
+from tests import binary_helpers
+from tests import tff_helpers
 
 run_sync = supervision.run_sync
 
@@ -61,15 +69,119 @@ def test_partial_saves_are_removed(tmp_path):
 
 
 def test_corrupt_checkpoint_is_reported_and_untouched(tmp_path):
+  """`load` of one version reports a damaged checkpoint and leaves it; only
+  `load_latest` (resuming) sets it aside, see below."""
   mgr = _manager(tmp_path)
   run_sync(mgr.save(_state(), 2))
   bad = tmp_path / 'program_state_4'
   bad.mkdir()
   (bad / 'saved_model.pb').write_bytes(b'garbage')
-  with pytest.raises(checkpointing.CheckpointError,
+  with pytest.raises(checkpointing.CheckpointDamagedError,
                      match='program_state_4 is corrupt or unreadable'):
-    run_sync(mgr.load_latest(_state()))
+    run_sync(mgr.load(4, _state()))
   assert (bad / 'saved_model.pb').read_bytes() == b'garbage'
+
+
+# ------------------------------------------------------- damaged checkpoints
+
+DATA = 'variables/variables.data-00000-of-00001'
+damage = binary_helpers.damage_checkpoint
+REASONS = {
+    'truncated': rf'truncated: {re.escape(DATA)} has \d+ of \d+ bytes',
+    'bit_flip': rf'checksum mismatch: {re.escape(DATA)}',
+    'bit_flip_no_manifest': r'DataLossError: .*Checksum does not match',
+    'missing_part': r'missing part: variables/variables\.index',
+    'empty_folder': r'an empty folder',
+    'not_a_folder': r'not a folder',
+}
+
+
+@pytest.mark.parametrize('kind', sorted(REASONS))
+def test_damaged_latest_checkpoint_is_set_aside_and_resume_is_exact(
+    tmp_path, small_task, kind):
+  """The newest checkpoint of this run is unreadable: the run resumes from
+  the newest intact one (here one written before manifests existed) with one
+  warning line, the damaged one renamed aside, byte for byte, and never
+  deleted (keep_total=3 neither counts nor removes it); every round has one
+  row and the weights are the uninterrupted run's."""
+  config = tff_helpers.training_config(tmp_path, rounds=6)
+  tp.run_training(config, task=small_task, process=tff_helpers.StubProcess())
+  ckpts = tmp_path / 'per_fedavg_fo' / 'checkpoints'
+  assert sorted(os.listdir(ckpts)) == [
+      'program_state_2', 'program_state_4', 'program_state_6']
+  assert checkpointing.MANIFEST_NAME == 'perfed_tff_manifest.json'
+  (ckpts / 'program_state_4' / checkpointing.MANIFEST_NAME).unlink()
+  bad = ckpts / 'program_state_6'
+  damage(bad, kind)
+  kept = binary_helpers.snapshot(bad) if bad.is_dir() else bad.read_bytes()
+  lines = []
+  result = tp.run_training(dataclasses.replace(config, rounds=8),
+                           task=small_task,
+                           process=tff_helpers.StubProcess(),
+                           write=lines.append)
+  assert result.resumed_from == 4
+  warnings = [l for l in lines if l.startswith('warning')]
+  assert len(warnings) == 1, lines
+  assert re.fullmatch(
+      rf'warning: checkpoint round 6 \({re.escape(str(ckpts))}/program_state_6'
+      rf'\) is unreadable \({REASONS[kind]}.*\); set aside as '
+      r'(program_state_6\.damaged-\d{8}-\d{6}); resuming from round 4',
+      warnings[0]), warnings[0]
+  aside = re.search(r'set aside as (\S+);', warnings[0])[1]
+  assert sorted(os.listdir(ckpts)) == [
+      'program_state_4', 'program_state_6', aside, 'program_state_8']
+  aside = ckpts / aside
+  assert (binary_helpers.snapshot(aside) if aside.is_dir()
+          else aside.read_bytes()) == kept
+  with open(result.paths['train_csv']) as f:
+    assert [int(r['round']) for r in csv.DictReader(f)] == list(range(1, 9))
+  w = metrics_lib.load_model_weights(result.paths['final_model'])
+  np.testing.assert_array_equal(w['trainable_0'], np.full(3, 8.0))
+
+
+def test_no_intact_checkpoint_is_reported_and_nothing_changes(tmp_path):
+  """Every checkpoint damaged: a long run is not started over on its own;
+  the error says so, nothing is renamed, no warning."""
+  lines = []
+  mgr = _manager(tmp_path, {'a': 1}, write=lines.append)
+  for r in (2, 4):
+    run_sync(mgr.save(_state(), r))
+  damage(tmp_path / 'program_state_2', 'truncated')
+  damage(tmp_path / 'program_state_4', 'empty_folder')
+  before = binary_helpers.snapshot(tmp_path)
+  with pytest.raises(checkpointing.CheckpointError) as e:
+    run_sync(mgr.load_latest(_state()))
+  assert not isinstance(e.value, checkpointing.CheckpointDamagedError)
+  assert re.fullmatch(
+      rf'no intact checkpoint to resume in {re.escape(str(tmp_path))} '
+      r'\(round 4: an empty folder; round 2: truncated: .*\); nothing was '
+      r'changed. A run is not started over from round 0 on its own: to start '
+      r'over, move that folder away \(or choose another `root_output_dir`\), '
+      r'then rerun.', str(e.value)), str(e.value)
+  assert binary_helpers.snapshot(tmp_path) == before and not lines
+
+
+def test_another_runs_checkpoint_behind_a_damaged_one_is_refused(tmp_path):
+  """A checkpoint of another run (other settings or shapes) keeps its
+  message (exit 2 in the binaries) even behind a damaged newer one, and
+  nothing is renamed."""
+  lines = []
+  mgr = _manager(tmp_path, {'a': 1})
+  for r in (2, 4):
+    run_sync(mgr.save(_state(), r))
+  damage(tmp_path / 'program_state_4', 'missing_part')
+  before = binary_helpers.snapshot(tmp_path)
+  with pytest.raises(checkpointing.CheckpointError,
+                     match=r'program_state_2 was written by a different run: '
+                     r"a=1 \(this run: 2\); it was left untouched"):
+    run_sync(_manager(tmp_path, {'a': 2}, write=lines.append).load_latest(
+        _state()))
+  with pytest.raises(checkpointing.CheckpointError,
+                     match=r'program_state_2 does not fit this model: .*'
+                     r'float32\(3, 2\).* needs .*float32\(4, 2\)'):
+    run_sync(_manager(tmp_path, {'a': 1}, write=lines.append).load_latest(
+        _state((4, 2))))
+  assert binary_helpers.snapshot(tmp_path) == before and not lines
 
 
 _HOLDER = '''

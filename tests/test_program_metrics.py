@@ -1,5 +1,5 @@
 """Metrics files (`perfed_tff/program/metrics.py`): CSV truncation and garbage
-rows, flat metrics, TensorBoard pruning."""
+rows, flat metrics, TensorBoard pruning, the eval log line."""
 
 import collections
 import csv
@@ -11,6 +11,7 @@ import tensorflow as tf
 
 from perfed_tff.program import metrics as metrics_lib
 from perfed_tff.program import training_loop as tp
+from perfed_tff.runtime import supervision
 from tests import tff_helpers as h
 
 
@@ -70,3 +71,21 @@ def test_prune_tensorboard_keeps_each_step_once(tmp_path):
       if event.HasField('summary'):
         steps.append(event.step)
   assert sorted(steps) == [1, 2, 3]
+
+
+def test_eval_log_line_shows_every_evaluated_step(tmp_path):
+  lines = []
+  manager = metrics_lib.RunReleaseManager(
+      'per_fedavg_hf', train_csv=str(tmp_path / 'train.csv'),
+      eval_csv=str(tmp_path / 'eval.csv'),
+      tensorboard_dir=str(tmp_path / 'tb'), write=lines.append)
+  evaluation = collections.OrderedDict()
+  for population in ('seen', 'unseen', 'seen_paper'):
+    for step, accuracy in ((0, 0.25), (3, 0.75), (10, 0.875)):
+      evaluation[f'{population}/step_{step}/accuracy_mean'] = accuracy
+      evaluation[f'{population}/step_{step}/loss_mean'] = 1.5
+  supervision.run_sync(manager.release({'evaluation': evaluation}, 4))
+  assert lines == [
+      'per_fedavg_hf eval round 4: '
+      + '; '.join(f'{p} accuracy step_0=0.2500 step_3=0.7500 step_10=0.8750'
+                  for p in ('seen', 'unseen', 'seen_paper'))]

@@ -75,3 +75,35 @@ def test_freeing_values_on_a_gone_worker_returns_at_once():
   assert stub.dispose(executor_pb2.DisposeRequest()) is None
   with pytest.raises(execution.WorkerUnavailableError):
     stub.compute(executor_pb2.ComputeRequest())
+
+
+def test_killed_local_worker_is_reported_at_once():
+  """A local worker whose process exited is known dead: the call fails at
+  once naming its exit status, without waiting `retry_timeout` for it."""
+  with execution.ExecutionContext(retry_timeout=120.0) as context:
+    assert _sum_doubles([1.0]) == pytest.approx(2.0)
+    worker = context.local_workers[0]
+    worker.process.kill()
+    worker.process.wait()
+    t0 = time.monotonic()
+    with pytest.raises(execution.WorkerUnavailableError,
+                       match=rf'^local TFF worker at {worker.address} \(pid '
+                       rf'{worker.pid}\) exited with status -9; stopped the '
+                       'run.$') as e:
+      _sum_doubles([1.0, 2.0])
+    waited = time.monotonic() - t0
+    assert e.value.worker_failure == (
+        f'local TFF worker at {worker.address} (pid {worker.pid})',
+        'exited with status -9')
+    assert waited < 60, waited  # Not the 120 s retry wait.
+
+
+def test_failed_computation_is_a_typed_error_with_the_telling_line():
+  details = ('Failed to run computation: Received a label value of 12 which '
+             'is outside the valid range of [0, 10).  Label values: 12 12\n'
+             '\t [[{{function_node __inference_update_state_419}}]] while '
+             'evaluating local [_wvh27] in block locals [_wvh3]')
+  assert execution.telling_line(details) == (
+      'Received a label value of 12 which is outside the valid range of '
+      '[0, 10).  Label values: 12 12')
+  assert execution.telling_line('') == 'the computation failed on the worker'

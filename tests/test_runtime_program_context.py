@@ -1,6 +1,7 @@
 """`tff.learning.programs.train_model` runs Per-FedAvg in the project's
 execution context entered as a `tff.program.NativeFederatedContext`, with
-the project's CheckpointManager; the result equals a plain loop."""
+the project's CheckpointManager (wrapped in TrainModelStateManager, or as it
+is); the result equals a plain loop."""
 
 import asyncio
 
@@ -73,6 +74,53 @@ def test_train_model_three_rounds_with_owned_worker_and_checkpoints(
     np.testing.assert_allclose(g, w, atol=1e-6)
   released_weights = models.values()
   assert released_weights, 'train_model released the final model'
+
+
+def test_checkpoint_manager_is_train_models_state_manager_as_it_is(
+    tmp_path, tff_context):
+  """CheckpointManager itself stores train_model's program state: a second
+  call resumes the model, round and data iterator and trains the rest."""
+  task = synthetic.load_synthetic(num_users=6, seed=0)
+  process = algorithms.build_algorithm(
+      'per_fedavg_fo', task.model_fn, alpha=0.05, beta=0.05,
+      local_steps=TAU)
+  num_batches = algorithms.batches_per_round('per_fedavg_fo', TAU)
+  source = program_context.RoundDataSource(
+      task, clients_per_round=CLIENTS, num_batches=num_batches,
+      batch_size=BATCH, seed=0)
+  manager = checkpointing.CheckpointManager(
+      str(tmp_path / 'checkpoints'), metadata={'algorithm': 'per_fedavg_fo'},
+      keep_total=5)
+
+  def run(rounds):
+    metrics = tff.program.MemoryReleaseManager()
+    asyncio.run(tff.learning.programs.train_model(
+        train_process=process, train_data_source=source,
+        train_per_round_clients=CLIENTS, train_total_rounds=rounds,
+        program_state_manager=manager,
+        model_output_manager=tff.program.MemoryReleaseManager(),
+        train_metrics_manager=metrics, evaluation_manager=None,
+        evaluation_periodicity=1))
+    return sorted(metrics.values())
+
+  with program_context.ProgramContext(tff_context):
+    assert run(ROUNDS - 1) == list(range(1, ROUNDS))
+    assert run(ROUNDS) == [ROUNDS]   # Resumed: only the last round trains.
+  assert manager.latest_round() == ROUNDS
+  saved = supervision.run_sync(manager.load(
+      ROUNDS, program_context_state(process, source)))
+  assert saved.round_number == ROUNDS
+  assert saved.data_iterator.round_num == ROUNDS + 1
+  assert saved.next_evaluation_timestamp_seconds is None
+  state = process.initialize()
+  for r in range(1, ROUNDS + 1):
+    _, data = task_lib.round_client_data(
+        task, clients_per_round=CLIENTS, num_batches=num_batches,
+        batch_size=BATCH, seed=0, round_num=r)
+    state = process.next(state, data).state
+  for g, w in zip(process.get_model_weights(saved.state).trainable,
+                  process.get_model_weights(state).trainable):
+    np.testing.assert_allclose(g, w, atol=1e-6)
 
 
 def program_context_state(process, source):

@@ -136,3 +136,57 @@ def test_watchdog_deadlines():
   assert isinstance(explicit.error, execution.RoundTimeoutError)
   assert 'round 2 did not finish within its 1s deadline' in str(
       explicit.error)
+
+
+def test_full_disk_during_a_checkpoint_write_is_enospc_naming_the_file(
+    tmp_path, small_task, monkeypatch):
+  """TensorFlow reports a full disk as `ResourceExhaustedError: ...; No space
+  left on device`; the run raises `OSError(ENOSPC)` naming the file (the
+  binaries print `the disk is full (PATH)`), removes the partial save and
+  keeps the checkpoints before it."""
+  import errno  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  real_save = tff.program.FileProgramStateManager.save
+  target = {}
+
+  async def full_disk_save(self, state, version):
+    if version == 2:
+      temp = os.path.join(self._root_dir, 'program_state_2_temp1')
+      os.makedirs(temp)
+      target['path'] = os.path.join(temp, 'variables', 'variables.index')
+      raise tf.errors.ResourceExhaustedError(
+          None, None, f'{target["path"]}; No space left on device '
+          '[Op:SaveV2]')
+    await real_save(self, state, version)
+
+  monkeypatch.setattr(tff.program.FileProgramStateManager, 'save',
+                      full_disk_save)
+  config = h.training_config(tmp_path, **h.FAULTS_RUN)
+  with pytest.raises(OSError) as e:
+    tp.run_training(config, task=small_task, process=h.StubProcess())
+  assert e.value.errno == errno.ENOSPC
+  assert e.value.filename == target['path']
+  ckpts = tp.output_paths(config)['checkpoints']
+  assert sorted(os.listdir(ckpts)) == ['program_state_0', 'program_state_1']
+  # Not a full disk: TensorFlow's out-of-memory error stays as it is.
+  oom = tf.errors.ResourceExhaustedError(None, None, 'OOM when allocating')
+  assert supervision.disk_full_error(oom) is None
+
+
+def test_a_worker_failure_is_named_with_the_phase_it_stopped(tmp_path):
+  """A dead local worker reported by the execution context (not the
+  watchdog) reads as the watchdog says it: worker, what happened, phase."""
+  error = execution.WorkerUnavailableError(
+      'local TFF worker at localhost:1 (pid 7) exited with status -9; '
+      'stopped the run.')
+  error.worker_failure = ('local TFF worker at localhost:1 (pid 7)',
+                          'exited with status -9')
+  with pytest.raises(execution.WorkerUnavailableError) as e:
+    with supervision.Supervisor(round_timeout=0, health_timeout=5,
+                                write=print, run_dir=str(tmp_path)) as s:
+      s.begin('round 4', 'round')
+      raise error
+  # (Then the logs of the context's local workers, if any, are named.)
+  assert str(e.value).startswith(
+      'local TFF worker at localhost:1 (pid 7) exited with status -9 during '
+      'round 4; stopped the run.'), str(e.value)

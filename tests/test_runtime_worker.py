@@ -51,3 +51,20 @@ def test_worker_refuses_a_busy_port():
     assert worker.port_in_use(sock.getsockname()[1])
   finally:
     sock.close()
+
+
+@pytest.mark.parametrize('flag,line', [
+    ('--port=abc', "worker: error: --port: must be an integer in 1..65535, "
+     "got 'abc'"),
+    ('--port=0', 'worker: error: --port: must be an integer in 1..65535, '
+     'got 0'),
+    ('--prot=8000', "worker: error: Unknown command line flag 'prot'"),
+])
+def test_bad_flags_are_one_line_and_exit_2(flag, line):
+  r = subprocess.run([sys.executable, '-m', 'perfed_tff.runtime.worker', flag],
+                     env=h.env(), capture_output=True, text=True, timeout=120,
+                     stdin=subprocess.DEVNULL, cwd=h.ROOT)
+  assert r.returncode == 2, r.stderr
+  lines = r.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith(line), r.stderr
+  assert 'FATAL' not in r.stderr

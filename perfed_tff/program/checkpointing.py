@@ -14,24 +14,38 @@ temporary directory and renamed, so a kill never leaves half of one) holds
   and aggregator state): everything needed to continue, since client sampling
   and batch shuffling are pure functions of (seed, round).
 
-Loading checks the metadata against the current run and the leaves against
-the freshly initialized state; a corrupt or incompatible checkpoint raises
-`CheckpointError` and is left untouched (it is never overwritten: rounds only
-move forward and the state manager refuses to write an existing version).
+Beside them, a manifest (`perfed_tff_manifest.json`, written after the data)
+lists each file's size and SHA-256.
+
+Loading checks the files against the manifest, the metadata against the
+current run and the leaves against the freshly initialized state. A
+checkpoint of another run (other settings or shapes) raises `CheckpointError`
+and is left untouched (it is never overwritten: rounds only move forward and
+the state manager refuses to write an existing version). A damaged one
+(truncated, a flipped bit, a missing part, an empty folder) raises
+`CheckpointDamagedError`; resuming (`load_latest`) then takes the newest
+intact checkpoint and renames the damaged newer ones aside
+(`program_state_<round>.damaged-<time>`, never deleted), with one warning
+line. When none is intact, nothing is renamed and `CheckpointError` says so:
+a long run is not restarted from round 0 on its own.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
+import hashlib
 import json
 import os
 import re
 import shutil
 import socket
+import stat
 import sys
 import time
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
+from absl import logging
 import numpy as np
 import tensorflow_federated as tff
 from tensorflow_federated.python.program import file_utils
@@ -40,11 +54,35 @@ import tree
 from perfed_tff.runtime import supervision
 
 PREFIX = 'program_state_'
+# Sizes and SHA-256 of a checkpoint's files, written after them (see
+# `write_manifest`); checkpoints written before it existed have none.
+MANIFEST_NAME = 'perfed_tff_manifest.json'
+# An unreadable checkpoint is renamed `<name>.damaged-<time>`: no longer a
+# version (TFF parses the part after the prefix as an int), never deleted.
+DAMAGED_TAG = '.damaged-'
 LOCK_NAME = '.perfed_tff.lock'
 
 
 class CheckpointError(RuntimeError):
   """A checkpoint cannot be used for this run."""
+
+
+class CheckpointDamagedError(CheckpointError):
+  """A checkpoint that cannot be read: truncated or changed files (a wrong
+  size or checksum), a missing part, an empty folder, a SavedModel that
+  TensorFlow cannot parse. Not raised for a readable checkpoint of another
+  run (a plain `CheckpointError`).
+
+  Attributes:
+    version: its round.
+    path: its folder.
+    reason: what is wrong, e.g. 'missing part: variables/variables.index'.
+  """
+
+  def __init__(self, version: int, path: str, reason: str, hint: str):
+    self.version, self.path, self.reason = version, path, reason
+    super().__init__(f'checkpoint {path} is corrupt or unreadable '
+                     f'({reason}); {hint}.')
 
 
 def leaf_specs(state) -> list[list]:
@@ -57,23 +95,33 @@ class CheckpointManager(tff.program.FileProgramStateManager):
   """Saves and restores a `LearningProcess` state, version = round.
 
   On top of `tff.program.FileProgramStateManager` (which cannot save a raw
-  LearningProcess state in TFF 0.87, so the state is flattened here), every
+  LearningProcess state in TFF 0.87, so the state is flattened here; the
+  program state of `tff.learning.programs.train_model`, with its data
+  iterator and timestamp, is stored as arrays by
+  `perfed_tff.runtime.program_context.flatten_train_model_state`), every
   checkpoint records `metadata` (the run's settings that must not change on
-  resume) and the shapes/dtypes of the state tensors; `load` checks both and
+  resume) and the shapes/dtypes of the state tensors, and a manifest of its
+  files' sizes and checksums (`MANIFEST_NAME`); `load` checks all three and
   raises `CheckpointError` (leaving the checkpoint untouched) on a mismatch
-  or a corrupt file.
+  or `CheckpointDamagedError` on a damaged file. `load_latest` resumes from
+  the newest intact checkpoint, setting newer damaged ones aside.
 
   Args:
     root_dir: directory of the checkpoints (created when missing).
     metadata: JSON-able settings of this run.
-    keep_total: how many of the latest checkpoints to keep.
+    keep_total: how many of the latest checkpoints to keep (checkpoints set
+      aside as damaged are no versions: never counted, never deleted).
+    write: where `load_latest`'s warning line goes (default: absl's
+      `logging.warning`).
   """
 
   def __init__(self, root_dir: str, *, metadata: Mapping[str, Any],
-               keep_total: int = 3):
+               keep_total: int = 3,
+               write: Optional[Callable[[str], None]] = None):
     super().__init__(root_dir, prefix=PREFIX, keep_total=keep_total,
                      keep_first=False)
     self.root_dir = root_dir
+    self._write = write or logging.warning
     self.metadata = json.loads(json.dumps(dict(metadata), sort_keys=True))
     self._remove_partial_saves()
 
@@ -93,6 +141,9 @@ class CheckpointManager(tff.program.FileProgramStateManager):
     return os.path.join(self.root_dir, f'{PREFIX}{round_num}')
 
   async def save(self, program_state, version: int) -> None:
+    from perfed_tff.runtime import program_context  # pylint: disable=g-import-not-at-top
+    if program_context.is_train_model_state(program_state):
+      program_state = program_context.flatten_train_model_state(program_state)
     metadata = dict(self.metadata, state_leaves=leaf_specs(program_state))
     # A list: TF 2.14's SavedModel cannot trace dict/tuple wrappers here.
     flat = [np.int64(version), json.dumps(metadata, sort_keys=True),
@@ -103,20 +154,35 @@ class CheckpointManager(tff.program.FileProgramStateManager):
       # A full disk or an interrupt: no half-written `_temp` directory stays.
       self._remove_partial_saves()
       raise
+    # After the data, atomically: killed before it, the checkpoint is one
+    # without a manifest (as older ones), checked by TensorFlow's reading.
+    write_manifest(self.path(version))
 
   async def load(self, version: int, structure):
-    """The state saved at round `version`, shaped like `structure`.
+    """The state saved at round `version`, shaped like `structure`
+    (train_model's `ProgramState` too, its data iterator rebuilt from the
+    one in `structure`).
 
     Raises:
       tff.program.ProgramStateNotFoundError: no such checkpoint.
-      CheckpointError: the checkpoint cannot be read or belongs to a
-        different run (other settings or model).
+      CheckpointDamagedError: the checkpoint is damaged (`check_files`, or
+        TensorFlow cannot read it).
+      CheckpointError: the checkpoint belongs to a different run (other
+        settings or model), or its files cannot be opened (permissions).
     """
+    from perfed_tff.runtime import program_context  # pylint: disable=g-import-not-at-top
+    if program_context.is_train_model_state(structure):
+      flat = await self.load(
+          version, program_context.flatten_train_model_state(structure))
+      return program_context.restore_train_model_state(flat, structure)
     path = self.path(version)
-    if not os.path.isdir(path):
+    if not os.path.lexists(path):
       raise tff.program.ProgramStateNotFoundError(version)
     hint = ('it was left untouched; move it away or choose another '
             '`root_output_dir`')
+    damage = check_files(path)
+    if damage:
+      raise CheckpointDamagedError(version, path, damage, hint)
     try:
       # The saved structure is needed up front by the parent's `load`; the
       # number of leaves is only checked below, with a clearer message.
@@ -127,10 +193,12 @@ class CheckpointManager(tff.program.FileProgramStateManager):
       leaves = [np.asarray(x.numpy() if hasattr(x, 'numpy') else x)
                 for x in saved_leaves]
     except Exception as e:  # pylint: disable=broad-except
-      raise CheckpointError(
-          f'checkpoint {path} is corrupt or unreadable '
-          f'({type(e).__name__}: {str(e).splitlines()[0] if str(e) else e}); '
-          f'{hint}.') from e
+      if type(e).__name__ == 'PermissionDeniedError':
+        raise CheckpointError(  # Not damage: nothing to set aside.
+            f'cannot read checkpoint {path} ({_short(e)}); make it readable '
+            'and rerun') from e
+      raise CheckpointDamagedError(
+          version, path, f'{type(e).__name__}: {_short(e)}', hint) from e
     if saved_round != version:
       raise CheckpointError(f'checkpoint {path} says it is round '
                             f'{saved_round}; {hint}.')
@@ -149,9 +217,243 @@ class CheckpointManager(tff.program.FileProgramStateManager):
           f'{_describe(got)}, this model needs {_describe(want)}; {hint}.')
     return tree.unflatten_as(structure, leaves)
 
+  async def load_latest(self, structure):
+    """(state, round) of the newest intact checkpoint of this run; (None, 0)
+    when there is none at all.
+
+    A newer checkpoint that is damaged (`CheckpointDamagedError`: truncated,
+    a flipped bit, a missing part, an empty folder) is skipped; once an
+    intact one is found, each skipped one is set aside (renamed
+    `<name>.damaged-<time>`, never deleted; no longer a version, so
+    `keep_total` neither counts nor deletes it) and one warning line
+    through `write` names them, why, and the round resumed.
+
+    Raises:
+      CheckpointError: a checkpoint of another run (other settings or model)
+        is met before an intact one (the existing message); no checkpoint is
+        intact (a long run is not restarted from round 0 on its own); or a
+        damaged one cannot be renamed. Nothing is renamed then.
+    """
+    versions = await self.get_versions()
+    if not versions:
+      return None, 0
+    damaged = []
+    for version in sorted(versions, reverse=True):
+      try:
+        state = await self.load(version, structure)
+      except CheckpointDamagedError as e:
+        damaged.append(e)
+        continue
+      except tff.program.ProgramStateNotFoundError:
+        continue  # Removed meanwhile.
+      if damaged:
+        self._write(self._set_aside(damaged, version))
+      return state, version
+    if not damaged:
+      return None, 0
+    listed = '; '.join(f'round {e.version}: {e.reason}' for e in damaged)
+    raise CheckpointError(
+        f'no intact checkpoint to resume in {self.root_dir} ({listed}); '
+        'nothing was changed. A run is not started over from round 0 on its '
+        'own: to start over, move that folder away (or choose another '
+        '`root_output_dir`), then rerun.')
+
+  def _set_aside(self, damaged: list, resumed: int) -> str:
+    """Renames the checkpoints of `damaged` (CheckpointDamagedErrors) aside;
+    returns the warning line.
+
+    Raises:
+      CheckpointError: one cannot be renamed (it would stay the latest
+        version, and the next save of its round would fail).
+    """
+    names = []
+    for e in damaged:
+      try:
+        names.append(os.path.basename(set_aside(e.path)))
+      except OSError as error:
+        raise CheckpointError(
+            f'checkpoint {e.path} is unreadable ({e.reason}) and cannot be '
+            f'set aside ({error.strerror or error}); move it away, then '
+            'rerun to resume from round '
+            f'{resumed}') from None
+    if len(damaged) == 1:
+      what = (f'checkpoint round {damaged[0].version} ({damaged[0].path}) is '
+              f'unreadable ({damaged[0].reason})')
+    else:
+      what = (f'checkpoints of rounds '
+              f'{", ".join(str(e.version) for e in damaged)} in '
+              f'{self.root_dir} are unreadable ('
+              + '; '.join(f'round {e.version}: {e.reason}' for e in damaged)
+              + ')')
+    return (f'warning: {what}; set aside as {", ".join(names)}; resuming '
+            f'from round {resumed}')
+
 
 def _describe(specs) -> str:
   return '[' + ', '.join(f'{d}{tuple(s)}' for s, d in specs) + ']'
+
+
+def _short(error: BaseException) -> str:
+  """The first line of `error`'s message, without TensorFlow's
+  `{{function_node ...}}` prefix, at most 200 characters."""
+  lines = [l for l in str(error).splitlines() if l.strip()]
+  line = re.sub(r'\{\{[^}]*\}\}\s*', '', lines[0] if lines else '').strip()
+  return (line or type(error).__name__)[:200]
+
+
+# ------------------------------------------------------ damaged checkpoints
+
+def _files(path: str) -> list[str]:
+  """The files under `path`, relative ('/'-separated), sorted; without the
+  manifest (and a manifest write cut short)."""
+  out = []
+  for root, dirs, names in os.walk(path, onerror=_raise):
+    dirs.sort()
+    for name in names:
+      rel = os.path.relpath(os.path.join(root, name), path).replace(os.sep,
+                                                                    '/')
+      if rel not in (MANIFEST_NAME, MANIFEST_NAME + '.tmp'):
+        out.append(rel)
+  return sorted(out)
+
+
+def _raise(error: OSError):
+  raise error
+
+
+def _sha256(path: str, sync: bool = False) -> tuple[str, int]:
+  """(hex SHA-256, size) of the file at `path`; `sync`: fsync it too."""
+  digest, size = hashlib.sha256(), 0
+  with open(path, 'rb') as f:
+    for chunk in iter(lambda: f.read(1 << 20), b''):
+      digest.update(chunk)
+      size += len(chunk)
+    if sync:
+      try:
+        os.fsync(f.fileno())
+      except OSError:
+        pass  # A file system without fsync.
+  return digest.hexdigest(), size
+
+
+def _listing_digest(files: Mapping[str, Any]) -> str:
+  return hashlib.sha256(
+      json.dumps(files, sort_keys=True).encode()).hexdigest()
+
+
+def _fsync_dir(path: str) -> None:
+  try:
+    fd = os.open(path, os.O_RDONLY)
+  except OSError:
+    return
+  try:
+    os.fsync(fd)
+  except OSError:
+    pass
+  finally:
+    os.close(fd)
+
+
+def write_manifest(path: str) -> None:
+  """Writes `<path>/MANIFEST_NAME`: the size and SHA-256 of every file of
+  the checkpoint folder `path` (and a checksum of that list), after syncing
+  them to disk; written to a temporary file and renamed, so it is whole or
+  absent."""
+  files = {}
+  for rel in _files(path):
+    digest, size = _sha256(os.path.join(path, rel), sync=True)
+    files[rel] = {'bytes': size, 'sha256': digest}
+  body = json.dumps({'format': 1, 'files': files,
+                     'sha256': _listing_digest(files)}, indent=1,
+                    sort_keys=True)
+  temp = os.path.join(path, MANIFEST_NAME + '.tmp')
+  try:
+    with open(temp, 'w') as f:
+      f.write(body + '\n')
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(temp, os.path.join(path, MANIFEST_NAME))
+  except BaseException:
+    try:
+      os.unlink(temp)
+    except OSError:
+      pass
+    raise
+  for root, _, _ in os.walk(path):
+    _fsync_dir(root)
+  _fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def check_files(path: str) -> Optional[str]:
+  """What is wrong with the files of the checkpoint folder `path`, or None.
+
+  With a manifest (`write_manifest`): every file it lists must be there with
+  its size and SHA-256 ('missing part: X', 'truncated: X has N of M bytes',
+  'checksum mismatch: X', ...). Without one (written by older code, or
+  killed before its manifest): the SavedModel's parts must be there;
+  TensorFlow's reading checks the rest (its variables carry CRCs).
+
+  Raises:
+    CheckpointError: a file or folder cannot be opened (permissions): no
+      damage, nothing to set aside.
+  """
+  if not os.path.isdir(path):
+    return 'not a folder'
+  manifest_path = os.path.join(path, MANIFEST_NAME)
+  try:
+    files = _files(path)
+    if not files and not os.path.lexists(manifest_path):
+      return 'an empty folder'
+    if not os.path.lexists(manifest_path):
+      for rel in ('saved_model.pb', 'variables/variables.index'):
+        if rel not in files:
+          return f'missing part: {rel}'
+      if not any(f.startswith('variables/variables.data-') for f in files):
+        return 'missing part: variables/variables.data-*'
+      return None
+    try:
+      with open(manifest_path, 'rb') as f:
+        manifest = json.loads(f.read().decode())
+      listed = manifest['files']
+      intact = manifest['sha256'] == _listing_digest(listed) and all(
+          isinstance(v['bytes'], int) and isinstance(v['sha256'], str)
+          for v in listed.values())
+    except (ValueError, KeyError, TypeError, AttributeError):
+      intact = False
+    if not intact:
+      return f'its manifest {MANIFEST_NAME} is damaged'
+    for rel, want in sorted(listed.items()):
+      full = os.path.join(path, *rel.split('/'))
+      if not os.path.isfile(full):
+        return f'missing part: {rel}'
+      size = os.path.getsize(full)
+      if size < want['bytes']:
+        return f'truncated: {rel} has {size} of {want["bytes"]} bytes'
+      if size != want['bytes']:
+        return f'size changed: {rel} has {size} bytes, {want["bytes"]} written'
+      if _sha256(full)[0] != want['sha256']:
+        return f'checksum mismatch: {rel}'
+    return None
+  except PermissionError as e:
+    raise CheckpointError(
+        f'cannot read checkpoint {path} ({e.strerror}: {e.filename}); make '
+        'it readable and rerun') from None
+  except OSError as e:  # An I/O error of the medium: unreadable.
+    return f'cannot be read: {e.strerror or e} ({e.filename})'
+
+
+def set_aside(path: str) -> str:
+  """Renames the damaged checkpoint folder `path` to
+  `<path>.damaged-<YYYYmmdd-HHMMSS>` (`-2`, `-3`, ... if taken); returns the
+  new path. Nothing is deleted."""
+  base = f'{path}{DAMAGED_TAG}{time.strftime("%Y%m%d-%H%M%S")}'
+  new, n = base, 1
+  while os.path.lexists(new):
+    n += 1
+    new = f'{base}-{n}'
+  os.rename(path, new)
+  _fsync_dir(os.path.dirname(os.path.abspath(path)))
+  return new
 
 
 class OutputDirLock:
@@ -183,7 +485,7 @@ class OutputDirLock:
     from perfed_tff import checks  # pylint: disable=g-import-not-at-top
     os.makedirs(self.directory, exist_ok=True)
     while True:
-      fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+      fd = self._open()
       try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
       except OSError:
@@ -210,6 +512,38 @@ class OutputDirLock:
     os.pwrite(fd, (json.dumps(record) + '\n').encode(), 0)
     self._held[self.path] = [fd, 1]
     return self
+
+  def _open(self) -> int:
+    """The lock file, opened (created when missing).
+
+    Raises:
+      checks.ArgumentError: something that is no lock file (a directory, a
+        FIFO, ...) or an unwritable file is in its place; rerunning cannot
+        help, so the message says what to remove.
+    """
+    from perfed_tff import checks  # pylint: disable=g-import-not-at-top
+    remove = ('it is not the lock file this program keeps there; move it '
+              'away or remove it, then rerun')
+    try:
+      fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    except IsADirectoryError:
+      raise checks.ArgumentError(
+          self.name, f'{self.path} is a directory: {remove}') from None
+    except OSError as e:
+      if e.errno in (errno.EACCES, errno.EPERM):
+        raise checks.ArgumentError(
+            self.name, f'cannot open the lock file {self.path} '
+            f'({e.strerror}); make it writable or remove it') from None
+      if e.errno in (errno.ENXIO, errno.ELOOP, errno.ENODEV):
+        raise checks.ArgumentError(
+            self.name, f'{self.path} is not a regular file: {remove}'
+        ) from None
+      raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+      os.close(fd)
+      raise checks.ArgumentError(
+          self.name, f'{self.path} is not a regular file: {remove}')
+    return fd
 
   def __exit__(self, *exc_info) -> None:
     held = self._held.get(self.path)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import csv
 import os
+import re
 import sys
 from typing import Callable, Mapping, Optional
 
@@ -30,6 +31,8 @@ EVAL_PREFIX = 'evaluation/'
 ROUND_SECONDS = 'training_time_in_seconds'  # tff.simulation's keys
 EVAL_TIME_KEY = 'evaluation_time_in_seconds'
 _DROPPED = ('round_number',)  # The CSV key already says it.
+# 'seen/step_5/accuracy_mean' -> ('seen', '5').
+_EVAL_ACCURACY = re.compile(r'(.+)/step_(\d+)/accuracy_mean')
 
 
 class MetricsFileError(ValueError):
@@ -260,10 +263,24 @@ class RunReleaseManager(tff.program.ReleaseManager):
       await self._eval_csv.release(evaluation, key)
       await self._tensorboard.release({'eval': evaluation}, key)
       self._flush_tensorboard()
-      self._say(f'{self._label} eval round {key}: ' + ' '.join(
-          f'{k}={_fmt(evaluation[k])}' for k in (
-              'seen/step_0/accuracy_mean', 'seen/step_1/accuracy_mean',
-              'unseen/step_1/accuracy_mean') if k in evaluation))
+      self._say(f'{self._label} eval round {key}: '
+                + eval_accuracies(evaluation))
+
+
+def eval_accuracies(evaluation: Mapping[str, object]) -> str:
+  """The eval log line's body: each population's mean accuracy at every
+  evaluated step, e.g. 'seen accuracy step_0=0.2500 step_1=0.9000 step_5=0.9500;
+  unseen accuracy step_0=...' (`evaluation`: flat 'seen/step_1/accuracy_mean'
+  keys)."""
+  steps = collections.OrderedDict()  # population -> {step: accuracy}
+  for k, v in evaluation.items():
+    match = _EVAL_ACCURACY.fullmatch(k)
+    if match:
+      steps.setdefault(match[1], {})[int(match[2])] = v
+  return '; '.join(
+      f'{population} accuracy ' + ' '.join(
+          f'step_{step}={_fmt(by_step[step])}' for step in sorted(by_step))
+      for population, by_step in steps.items())
 
 
 def save_model_weights(path: str, model_weights, round_num: int) -> str:

@@ -14,7 +14,14 @@ train split is the only data the adaptation reads.
   (seeded adaptation batches, the full test set, built on the TFF worker),
   runs the computation and returns per-client results; `summarize` gives the
   client mean (each client once), the example-weighted mean and percentiles.
-* `evaluate_task` does that for every population and protocol of a task.
+  It also takes a TFF baseline task (`tff.simulation.baselines.BaselineTask`
+  or its `BaselineTaskDatasets`) in place of the two splits: its clients'
+  examples after the task's per-example preprocessing
+  (`perfed_tff.data.baseline_tasks`), batched here. Data whose examples do not
+  match the evaluation's model (e.g. a baseline task's raw `ClientData`) are
+  refused up front with a one-line error.
+* `evaluate_task` does that for every population and protocol of a task
+  (a `FederatedTask`, or a `BaselineTask`: its one population, 'seen').
 * `build_evaluate_fn` is the training program's evaluation: populations
   capped at `config.eval_clients` clients by `sample_eval_clients` (a seeded
   choice, the same for every algorithm and round of a run), at the run's
@@ -33,8 +40,10 @@ import tensorflow_federated as tff
 
 from perfed_tff import checks
 from perfed_tff import personalization_eval
+from perfed_tff.data import baseline_tasks
 from perfed_tff.data import task as task_lib
 from perfed_tff.data import worker_datasets
+from perfed_tff.models import specs
 from perfed_tff.program import metrics as metrics_lib
 
 if TYPE_CHECKING:
@@ -205,9 +214,56 @@ def summarize(result: PopulationResult) -> collections.OrderedDict:
   return out
 
 
+def _expected_example_type(evaluation) -> Optional[tff.Type]:
+  """The TFF type of one example `evaluation`'s clients hold (None when
+  `evaluation` carries no federated type signature)."""
+  try:
+    element = evaluation.type_signature.parameter[1].member[0].element
+  except (AttributeError, IndexError, TypeError):
+    return None
+  if getattr(evaluation, 'input_format', 'batched') == 'unbatched':
+    return element
+  return tff.types.tensorflow_to_type(specs.unbatched_spec(
+      tff.types.type_to_tf_tensor_specs(element)))
+
+
+def check_examples(evaluation, name: str, client_data) -> None:
+  """`client_data`'s examples are what `evaluation`'s model takes.
+
+  Raises:
+    checks.ArgumentError: they are not (e.g. a baseline task's raw
+      `ClientData`, which needs the task's preprocessing: pass the task).
+  """
+  expected = _expected_example_type(evaluation)
+  structure = getattr(client_data, 'element_type_structure', None)
+  if expected is None or structure is None:
+    return
+  actual = tff.types.tensorflow_to_type(structure)
+  if not expected.is_assignable_from(actual):
+    raise checks.ArgumentError(
+        name, f"holds examples {actual}, not the evaluation model's "
+        f'{expected}; a tff.simulation.baselines task\'s raw ClientData needs '
+        'its preprocessing: pass the BaselineTask itself')
+
+
+def _baseline_splits(train_data, test_data) -> tuple:
+  """(train, test) ClientData of `evaluate_population`'s data arguments."""
+  if baseline_tasks.is_baseline(train_data):
+    if test_data is not None:
+      raise checks.ArgumentError(
+          'test_data', 'must be omitted with a baseline task (its own test '
+          'data are used)')
+    return baseline_tasks.client_data_splits(train_data)
+  if test_data is None:
+    raise checks.ArgumentError(
+        'test_data', 'is required with train_data a ClientData')
+  return train_data, test_data
+
+
 def evaluate_population(evaluation: tff.Computation, model_weights,
-                        train_data: tff.simulation.datasets.ClientData,
-                        test_data: tff.simulation.datasets.ClientData,
+                        train_data,
+                        test_data: Optional[
+                            tff.simulation.datasets.ClientData] = None,
                         client_ids: Optional[Sequence[str]] = None, *,
                         adapt_batch_size: Optional[int] = 32, seed: int = 0,
                         eval_batch_size: int = 256,
@@ -218,8 +274,24 @@ def evaluate_population(evaluation: tff.Computation, model_weights,
   `test_data` (protocol 'paper'), seeded by `derive_seed(seed,
   'personalization', client_id)` (the same for every algorithm); metrics
   from `test_data`. Returns per-client results.
+
+  `train_data` is a `ClientData` of unbatched examples (with `test_data`),
+  or a `tff.simulation.baselines.BaselineTask` / `BaselineTaskDatasets`
+  (without `test_data`): then both splits are the task's, each client's
+  examples after the task's per-example preprocessing, the task's batching,
+  shuffling and epochs replaced by the adaptation batches here
+  (`perfed_tff.data.baseline_tasks.client_data_splits`).
+
+  Raises:
+    checks.ArgumentError: a bad protocol, `test_data` missing (or given with
+      a baseline task), or examples that the evaluation's model does not
+      take (e.g. a baseline task's raw `ClientData`).
   """
   check_protocol(protocol)
+  train_data, test_data = _baseline_splits(train_data, test_data)
+  check_examples(evaluation, 'test_data', test_data)
+  if protocol != 'paper':
+    check_examples(evaluation, 'train_data', train_data)
   steps = evaluation.adaptation_steps
   if client_ids is None:
     client_ids = list(test_data.client_ids)
@@ -266,8 +338,8 @@ def evaluate_population(evaluation: tff.Computation, model_weights,
 
 
 def evaluate_task(evaluation: tff.Computation, model_weights,
-                  task: task_lib.FederatedTask, *,
-                  adapt_batch_size: Optional[int] = 32, seed: int = 0,
+                  task: task_lib.FederatedTask | baseline_tasks.BaselineLike,
+                  *, adapt_batch_size: Optional[int] = 32, seed: int = 0,
                   seen_client_ids: Optional[Sequence[str]] = None,
                   unseen_client_ids: Optional[Sequence[str]] = None,
                   eval_batch_size: int = 256,
@@ -276,15 +348,21 @@ def evaluate_task(evaluation: tff.Computation, model_weights,
   """Both populations under each protocol: 'seen' (training clients'
   held-out test data) and 'unseen' (never-trained clients, when the task has
   them); under protocol 'paper' they are named 'seen_paper' and
-  'unseen_paper'."""
+  'unseen_paper'. A `tff.simulation.baselines.BaselineTask` has one
+  population, 'seen': its clients (`evaluate_population`'s baseline splits).
+  """
+  if baseline_tasks.is_baseline(task):
+    (train, test), unseen = baseline_tasks.client_data_splits(task), None
+  else:
+    train, test, unseen = task.train, task.test, task.unseen
   out = collections.OrderedDict()
   for protocol in protocols:
-    populations = [('seen', task.train, task.test, seen_client_ids)]
-    if task.unseen is not None:
-      populations.append(('unseen', *task.unseen, unseen_client_ids))
-    for name, train, test, ids in populations:
+    populations = [('seen', train, test, seen_client_ids)]
+    if unseen is not None:
+      populations.append(('unseen', *unseen, unseen_client_ids))
+    for name, train_data, test_data, ids in populations:
       out[population_name(name, protocol)] = evaluate_population(
-          evaluation, model_weights, train, test, ids,
+          evaluation, model_weights, train_data, test_data, ids,
           adapt_batch_size=adapt_batch_size, seed=seed,
           eval_batch_size=eval_batch_size, protocol=protocol)
   return out

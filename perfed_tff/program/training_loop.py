@@ -41,6 +41,7 @@ import csv
 import dataclasses
 import json
 import os
+import re
 import sys
 import time
 from typing import Any, Callable, Optional, Sequence
@@ -263,7 +264,9 @@ def run_training(config: TrainingConfig, *,
   Raises:
     checks.ArgumentError: clients_per_round above the population, or rounds
       below the checkpoint to resume.
-    CheckpointError: the latest checkpoint is corrupt or from another run.
+    CheckpointError: the latest readable checkpoint is from another run, or
+      no checkpoint is intact (a damaged newer one is set aside with a
+      warning and the run resumes from the newest intact one).
     NonFiniteLossError: the global loss became non-finite.
   """
   start_time = time.monotonic()
@@ -337,7 +340,10 @@ def _run_training(config, task, process, evaluate_fn, write,
   # run raises here, with every file left as it was.
   checkpoints = checkpointing.CheckpointManager(
       paths['checkpoints'], metadata=config.resume_metadata(),
-      keep_total=config.keep_checkpoints)
+      keep_total=config.keep_checkpoints,
+      # Its warning (a damaged checkpoint set aside) shows at absl's default
+      # verbosity when no `write` was given.
+      write=None if write is logging.info else write)
   initial_state = process.initialize()
   state, start_round = _resume(config, paths, checkpoints, initial_state,
                                write)
@@ -446,16 +452,57 @@ def _step_sizes(config: TrainingConfig) -> dict:
   return out
 
 
-def execution_context(config: TrainingConfig):
+class WorkerUnreachableError(checks.ArgumentError,
+                             execution.WorkerUnavailableError):
+  """A `workers` address where no TFF worker answers when a run that has no
+  checkpoint yet starts: there is nothing to resume; the worker or the
+  address must be fixed. A `checks.ArgumentError` naming `workers` (the
+  binaries exit 2) and a `WorkerUnavailableError`."""
+
+
+def has_checkpoint(config: TrainingConfig) -> bool:
+  """Whether the run of `config` has a checkpoint to resume from."""
+  try:
+    names = os.listdir(output_paths(config)['checkpoints'])
+  except OSError:
+    return False
+  pattern = re.compile(re.escape(checkpointing.PREFIX) + r'\d+')
+  return any(pattern.fullmatch(name) for name in names)
+
+
+def execution_context(config: TrainingConfig, *,
+                      resumable: Optional[bool] = None):
   """The `ExecutionContext` a run of `config` uses: a local worker, or the
-  `config.workers` addresses."""
+  `config.workers` addresses.
+
+  Raises:
+    WorkerUnreachableError: a `config.workers` address does not answer and
+      the run is not `resumable` (default: whether `config`'s run has a
+      checkpoint). A resumable run raises the context's
+      `WorkerUnavailableError` (rerunning resumes once the worker is back).
+  """
   # A local worker may start slowly on a busy machine: wait at least 60s.
   ready = (config.worker_timeout if config.workers
            else max(60.0, config.worker_timeout))
-  return execution.ExecutionContext(
-      workers=list(config.workers) or None, ready_timeout=ready,
-      retry_timeout=config.worker_timeout,
-      graph_optimization=config.graph_optimization)
+  try:
+    return execution.ExecutionContext(
+        workers=list(config.workers) or None, ready_timeout=ready,
+        retry_timeout=config.worker_timeout,
+        graph_optimization=config.graph_optimization)
+  except execution.WorkerUnavailableError as e:
+    address = e.unready_address
+    if resumable is None:
+      resumable = has_checkpoint(config)
+    if address is None or resumable:
+      raise
+    port = address.rpartition(':')[2]
+    raise WorkerUnreachableError(
+        'workers', f'no TFF worker answered at {address} within '
+        f'{e.ready_timeout:g}s, so no run was started; check that '
+        f'`python -m perfed_tff.runtime.worker --port={port}` is running on '
+        'that host and that the host and port are right and reachable from '
+        'here (a worker still starting up may need a longer '
+        'worker_timeout)') from None
 
 
 def run(config: TrainingConfig,
@@ -480,5 +527,6 @@ def run(config: TrainingConfig,
           f'{config.root_output_dir}: took over the lock of a run that is no '
           f'longer running (pid {owner.get("pid")}, since '
           f'{owner.get("started")})')
-    with execution_context(config):
+    with execution_context(
+        config, resumable=any(has_checkpoint(c) for c in configs)):
       return [run_training(c, task=task, write=write) for c in configs]

@@ -19,6 +19,7 @@ spreads every round's clients over them with
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import time
 from typing import Optional, Sequence
@@ -48,11 +49,68 @@ _GRPC_OPTIONS = [
     ('grpc.max_send_message_length', _GRPC_MAX_MESSAGE_BYTES),
 ]
 class WorkerUnavailableError(ConnectionError):
-  """A TFF worker stopped answering and did not come back in time."""
+  """A TFF worker stopped answering and did not come back in time.
+
+  `worker_failure`: (the worker, what happened to it), e.g.
+  ('local TFF worker at localhost:1234 (pid 5)', 'exited with status -9'),
+  when the error names no phase of a run yet (`supervision.Supervisor`
+  names it); None otherwise."""
+
+  worker_failure = None
+  unready_address = None  # A worker that never became ready (at start).
+  ready_timeout = None
 
 
 class RoundTimeoutError(WorkerUnavailableError):
   """A round (or evaluation, or checkpoint write) ran past its deadline."""
+
+
+class WorkerComputationError(ValueError, grpc.RpcError):
+  """A computation failed inside a TFF worker, typically on bad input data
+  (e.g. a label outside the model's range). Its message is the worker's
+  telling line (TensorFlow's error message, e.g. `Received a label value of
+  12 which is outside the valid range of [0, 10).`); `details` is the
+  worker's whole (multi-line) message, `status` the gRPC status code name
+  and `address` the worker's. A `grpc.RpcError` too, as the raw error was."""
+
+  def __init__(self, message: str, *, details: str = '', status: str = '',
+               address: str = ''):
+    super().__init__(message)
+    self.details = details
+    self.status = status
+    self.address = address
+
+
+# The worker's prefix of a failed computation's message.
+_FAILED_COMPUTATION_PREFIX = 'Failed to run computation:'
+
+
+def telling_line(details: str) -> str:
+  """The one line of a worker's (multi-line gRPC/TensorFlow) error message
+  that says what went wrong: its first line, without the worker's
+  `Failed to run computation:` prefix (at most 300 characters)."""
+  lines = [l.strip() for l in str(details).splitlines() if l.strip()]
+  line = lines[0] if lines else 'the computation failed on the worker'
+  if line.startswith(_FAILED_COMPUTATION_PREFIX):
+    line = line[len(_FAILED_COMPUTATION_PREFIX):].strip() or line
+  return line[:300]
+
+
+def _computation_error(error, address: str) -> Optional[WorkerComputationError]:
+  """The typed error of a worker's failed computation (None: `error` is no
+  such failure, e.g. a cancelled or timed-out call)."""
+  code = getattr(error, 'code', None)
+  details = getattr(error, 'details', None)
+  try:
+    code, details = code(), details()
+  except Exception:  # pylint: disable=broad-except
+    return None
+  if code not in (grpc.StatusCode.INTERNAL, grpc.StatusCode.INVALID_ARGUMENT,
+                  grpc.StatusCode.UNKNOWN, grpc.StatusCode.FAILED_PRECONDITION,
+                  grpc.StatusCode.OUT_OF_RANGE) or not details:
+    return None
+  return WorkerComputationError(telling_line(details), details=details,
+                                status=code.name, address=address)
 
 
 # -------------------------------------------------------------- health check
@@ -76,12 +134,18 @@ def probe(address: str, timeout: float) -> bool:
 def wait_until_ready(stub, address: str, timeout: float) -> None:
   deadline = time.monotonic() + timeout
   while not stub.is_ready:
+    check = getattr(stub, 'check_process', None)
+    if check is not None:
+      check()  # A local worker that exited never becomes ready.
     if time.monotonic() > deadline:
-      raise WorkerUnavailableError(
+      error = WorkerUnavailableError(
           f'TFF worker at {address} did not become ready within '
           f'{timeout:.0f}s; is `python -m perfed_tff.runtime.worker --port=PORT` '
           'running there?'
       )
+      error.unready_address = address  # No computation ever reached it.
+      error.ready_timeout = timeout
+      raise error
     time.sleep(0.05)
 
 
@@ -97,15 +161,22 @@ class _BoundedRetryStub(remote_executor_grpc_stub.RemoteExecutorGrpcStub):
   forever. Here a retryable failure first waits up to `retry_timeout` seconds
   for the worker's channel to become ready again: if it does, the error is
   re-raised for TFF to retry (at most `max_retries` times in a row); if not,
-  `WorkerUnavailableError` (not retryable) names the worker.
+  `WorkerUnavailableError` (not retryable) names the worker. The wait ends
+  at once when the worker is known to be gone: `local_worker` (the
+  `WorkerProcess` behind `address`, if this process started it) exited, or
+  the stub was aborted (`abort`, e.g. by the watchdog). A computation that
+  fails inside the worker raises `WorkerComputationError` (one telling line).
   """
 
+  _POLL_SECONDS = 0.25  # How often a retry's wait checks for a dead worker.
+
   def __init__(self, channel, address: str, retry_timeout: float,
-               max_retries: int = 3):
+               max_retries: int = 3, local_worker=None):
     super().__init__(channel)
     self._address = address
     self._retry_timeout = retry_timeout
     self._max_retries = max_retries
+    self._local_worker = local_worker
     self._failures = 0
     self._dead: Optional[WorkerUnavailableError] = None
     for name in _STUB_METHODS:
@@ -127,20 +198,42 @@ class _BoundedRetryStub(remote_executor_grpc_stub.RemoteExecutorGrpcStub):
     except Exception:  # pylint: disable=broad-except
       pass
 
+  def _dead_error(self) -> WorkerUnavailableError:
+    """A fresh copy of the error every call fails with (attributes kept)."""
+    return copy.copy(self._dead)
+
+  def check_process(self) -> None:
+    """Raises `WorkerUnavailableError` when the local worker behind this
+    stub has exited (a dead process never answers again: no wait)."""
+    worker = self._local_worker
+    status = None if worker is None else worker.process.poll()
+    if status is None:
+      return
+    if self._dead is None:
+      who = f'local TFF worker at {self._address} (pid {worker.pid})'
+      why = f'exited with status {status}'
+      error = WorkerUnavailableError(f'{who} {why}; stopped the run.')
+      error.worker_failure = (who, why)
+      self._dead = error
+    raise self._dead_error()
+
   def _bounded(self, method):
     def call(request):
       if self._dead is not None:  # Calls in flight fail at once, not in turn.
-        raise type(self._dead)(str(self._dead))
+        raise self._dead_error()
       try:
         response = method(request)
       except executors_errors.RetryableError as e:
         if self._dead is not None:
-          raise type(self._dead)(str(self._dead)) from None
+          raise self._dead_error() from None
         self._on_retryable(e)
         raise
-      except Exception:  # pylint: disable=broad-except
+      except Exception as e:  # pylint: disable=broad-except
         if self._dead is not None:  # Cancelled by `abort`.
-          raise type(self._dead)(str(self._dead)) from None
+          raise self._dead_error() from None
+        failed = _computation_error(e, self._address)
+        if failed is not None:
+          raise failed from None
         raise
       self._failures = 0
       return response
@@ -163,31 +256,51 @@ class _BoundedRetryStub(remote_executor_grpc_stub.RemoteExecutorGrpcStub):
     return call
 
   def _on_retryable(self, error) -> None:
+    self.check_process()
     self._failures += 1
     if self._failures > self._max_retries:
       self._dead = WorkerUnavailableError(
           f'TFF worker at {self._address} failed {self._failures} times in a '
           'row with a retryable gRPC error; giving up.')
       raise self._dead from error
+    # Wait for the channel in short slices: a worker known to be dead (its
+    # process exited, or the watchdog aborted this stub) ends the wait.
+    ready = grpc.channel_ready_future(self._channel)
+    deadline = time.monotonic() + self._retry_timeout
     try:
-      grpc.channel_ready_future(self._channel).result(
-          timeout=self._retry_timeout)
-    except grpc.FutureTimeoutError:
-      self._dead = WorkerUnavailableError(
-          f'TFF worker at {self._address} is unreachable and did not come '
-          f'back within {self._retry_timeout:g}s (was it stopped or killed?).')
-      raise self._dead from None
+      while True:
+        if self._dead is not None:
+          raise self._dead_error() from None
+        self.check_process()
+        left = deadline - time.monotonic()
+        if left <= 0:
+          break
+        try:
+          ready.result(timeout=min(self._POLL_SECONDS, left))
+          return
+        except grpc.FutureTimeoutError:
+          continue
+    finally:
+      ready.cancel()
+    self._dead = WorkerUnavailableError(
+        f'TFF worker at {self._address} is unreachable and did not come '
+        f'back within {self._retry_timeout:g}s (was it stopped or killed?).')
+    raise self._dead from None
 
 
 def _executor_factory(address: str, default_num_clients: int,
                       ready_timeout: float, retry_timeout: float,
-                      stubs: Optional[list] = None, wait: bool = True):
+                      stubs: Optional[list] = None, wait: bool = True,
+                      local_worker: Optional[WorkerProcess] = None):
   """A TFF executor factory that talks gRPC to the worker at `address`
   (its stub is appended to `stubs` when given). `wait=False` waits for the
   worker to accept connections only when the first computation needs it
-  (a local worker then starts while the program traces its computations)."""
+  (a local worker then starts while the program traces its computations).
+  `local_worker`: the `WorkerProcess` serving `address`, when this process
+  started it (its exit is then reported at once)."""
   channel = grpc.insecure_channel(address, _GRPC_OPTIONS)
-  stub = _BoundedRetryStub(channel, address, retry_timeout)
+  stub = _BoundedRetryStub(channel, address, retry_timeout,
+                           local_worker=local_worker)
   if stubs is not None:
     stubs.append(stub)
   ready = []
@@ -198,6 +311,8 @@ def _executor_factory(address: str, default_num_clients: int,
   def stack_fn(cardinalities):
     if not ready:
       wait_until_ready(stub, address, ready_timeout)
+      if local_worker is not None:  # Loopback only, or killed and refused.
+        local_worker.check_confined()
       ready.append(True)
     if cardinalities.get(placements.CLIENTS) is None:
       cardinalities[placements.CLIENTS] = default_num_clients
@@ -287,7 +402,8 @@ class ExecutionContext:
         # A worker started here is waited for at its first computation.
         factory = _executor_factory(
             self.addresses[0], default_num_clients, ready_timeout,
-            retry_timeout, self.stubs, wait=not self.local_workers
+            retry_timeout, self.stubs, wait=not self.local_workers,
+            local_worker=self._local_worker(self.addresses[0])
         )
         self.context = sync_execution_context.SyncExecutionContext(
             factory, **context_kwargs

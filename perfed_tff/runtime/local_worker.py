@@ -23,6 +23,7 @@ from typing import Optional
 
 import portpicker
 
+from perfed_tff.runtime import loopback
 from perfed_tff.runtime.worker import worker_binary_path
 
 _PR_SET_PDEATHSIG = 1
@@ -60,6 +61,11 @@ class WorkerProcess:
     log_path: file for the worker's output; a temporary file when `None`
       (deleted by `stop()`; copy it first with `keep_log` to keep it).
     die_with_parent: stop the worker when this Python process dies.
+    listen: 'loopback' (default: $PERFED_TFF_WORKER_LISTEN, else
+      'loopback'): the worker listens on 127.0.0.1 only (`loopback`; raises
+      `loopback.WorkerExposureError` where that cannot be ensured); 'all':
+      on every interface, as TFF starts it (anyone who can reach this
+      machine can run TensorFlow graphs in it).
 
   The worker runs in its own session, so a Ctrl-C on the terminal reaches
   only the Python process, which decides (an ignored SIGINT stays ignored
@@ -73,7 +79,11 @@ class WorkerProcess:
       max_concurrent_computation_calls: int = -1,
       log_path: Optional[str] = None,
       die_with_parent: bool = True,
+      listen: Optional[str] = None,
   ):
+    self.listen = loopback.listen_setting(listen)
+    env = loopback.worker_env(self.listen)  # Refuses before anything starts.
+    self._confined = self.listen != 'loopback'
     self.port = port or portpicker.pick_unused_port()
     self._temporary_log = log_path is None
     if log_path is None:
@@ -94,8 +104,23 @@ class WorkerProcess:
         close_fds=True,
         start_new_session=True,
         preexec_fn=_die_with_parent if die_with_parent else _default_signals,
+        env=env,
     )
     _LIVE_WORKERS.add(self)
+
+  def check_confined(self) -> None:
+    """Once the worker answers: raises `loopback.WorkerExposureError`, after
+    killing it, if a worker started loopback-only listens beyond loopback."""
+    if self._confined or not self.running():
+      return
+    try:
+      loopback.check_listeners(
+          self.pid, f'the local TFF worker (pid {self.pid})',
+          accept=f'set {loopback.LISTEN_ENV}=all')
+    except loopback.WorkerExposureError:
+      self.kill()
+      raise
+    self._confined = True
 
   @property
   def pid(self) -> int:

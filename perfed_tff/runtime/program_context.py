@@ -12,10 +12,12 @@ remote workers) that way:
           train_process=process, ..., program_state_manager=checkpoints, ...))
 
 `RoundDataSource` serves a `perfed_tff.data.task.FederatedTask` to it (the
-clients and batches of round r are a pure function of (seed, r)), and
-`TrainModelStateManager` lets the project's
-`perfed_tff.program.checkpointing.CheckpointManager` store train_model's
-program state (which holds an iterator and an optional timestamp).
+clients and batches of round r are a pure function of (seed, r)). The
+project's `perfed_tff.program.checkpointing.CheckpointManager` stores
+train_model's program state (which holds a data iterator and an optional
+timestamp) itself, through `flatten_train_model_state` and
+`restore_train_model_state`; `TrainModelStateManager` does the same for any
+other `ProgramStateManager` that stores arrays.
 
 Every computation runs on the same worker and with the same compilation as
 under `ExecutionContext`; the synchronous context is driven from a worker
@@ -174,16 +176,59 @@ class RoundDataSource(tff.program.FederatedDataSource):
     return RoundDataIterator(self, int(np.frombuffer(buffer, np.int64)[0]))
 
 
+def is_train_model_state(value) -> bool:
+  """Whether `value` is the program state `tff.learning.programs.train_model`
+  saves (`tff.learning.programs.ProgramState`)."""
+  return isinstance(value, tff.learning.programs.ProgramState)
+
+
+def flatten_train_model_state(program_state) -> list:
+  """train_model's `ProgramState(state, round_number,
+  next_evaluation_timestamp_seconds, data_iterator)` as arrays:
+  `[state, round_number, timestamp or -1, iterator bytes as uint8]` (no
+  iterator: no bytes)."""
+  state, round_number, timestamp, iterator = program_state
+  raw = b'' if iterator is None else iterator.to_bytes()
+  return [state, np.int64(round_number),
+          np.float64(-1.0 if timestamp is None else timestamp),
+          np.frombuffer(raw, np.uint8).copy()]
+
+
+def restore_train_model_state(flat, structure,
+                              source: Optional[RoundDataSource] = None):
+  """The `ProgramState` shaped like `structure` of its
+  `flatten_train_model_state` arrays `flat`.
+
+  The data iterator is rebuilt by `source.iterator_from_bytes`, else (a
+  `RoundDataIterator` in `structure`) by its own source, else by its class's
+  `from_bytes`.
+  """
+  state, round_number, timestamp, raw = flat
+  template = structure[3]
+  buffer = np.asarray(raw, np.uint8).tobytes()
+  if template is None:
+    iterator = None
+  elif source is not None:
+    iterator = source.iterator_from_bytes(buffer)
+  elif isinstance(template, RoundDataIterator):
+    iterator = template._source.iterator_from_bytes(buffer)  # pylint: disable=protected-access
+  else:
+    iterator = type(template).from_bytes(buffer)
+  timestamp = float(timestamp)
+  return type(structure)(state, int(round_number),
+                         None if timestamp < 0 else timestamp, iterator)
+
+
 class TrainModelStateManager(tff.program.ProgramStateManager):
-  """Lets a `ProgramStateManager` that stores arrays (such as
-  `perfed_tff.program.checkpointing.CheckpointManager`) hold the program state
+  """Lets any `ProgramStateManager` that stores arrays hold the program state
   of `tff.learning.programs.train_model`.
 
   train_model saves `ProgramState(state, round_number,
   next_evaluation_timestamp_seconds (may be None), data_iterator)`; this
-  stores `[state, round_number, timestamp or -1, iterator bytes as uint8]`
-  through `manager` and rebuilds the `ProgramState` on load (the iterator
-  with `source.iterator_from_bytes`, or the iterator class's `from_bytes`).
+  stores `flatten_train_model_state` of it through `manager` and rebuilds the
+  `ProgramState` on load (`restore_train_model_state`). The project's
+  `perfed_tff.program.checkpointing.CheckpointManager` does this itself, so
+  it needs no wrapper (wrapped, it works the same).
   """
 
   def __init__(self, manager: tff.program.ProgramStateManager,
@@ -192,27 +237,14 @@ class TrainModelStateManager(tff.program.ProgramStateManager):
     self._manager = manager
     self._source = source
 
-  @staticmethod
-  def _flat(program_state):
-    state, round_number, timestamp, iterator = program_state
-    return [state, np.int64(round_number),
-            np.float64(-1.0 if timestamp is None else timestamp),
-            np.frombuffer(iterator.to_bytes(), np.uint8).copy()]
-
   async def get_versions(self):
     return await self._manager.get_versions()
 
   async def save(self, program_state, version: int) -> None:
-    await self._manager.save(self._flat(program_state), version)
+    await self._manager.save(flatten_train_model_state(program_state),
+                             version)
 
   async def load(self, version: int, structure):
-    state, round_number, timestamp, raw = await self._manager.load(
-        version, self._flat(structure))
-    template = structure[3]
-    buffer = np.asarray(raw, np.uint8).tobytes()
-    iterator = (self._source.iterator_from_bytes(buffer)
-                if self._source is not None
-                else type(template).from_bytes(buffer))
-    timestamp = float(timestamp)
-    return type(structure)(state, int(round_number),
-                           None if timestamp < 0 else timestamp, iterator)
+    flat = await self._manager.load(version,
+                                    flatten_train_model_state(structure))
+    return restore_train_model_state(flat, structure, self._source)

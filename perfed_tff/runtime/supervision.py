@@ -22,8 +22,10 @@ One place for everything that watches a run from outside its computations:
   rounds when an interrupt arrived (even one swallowed on the way), and
   leaving it with an exception turns whatever the abort or signal caused into
   the typed error that names the cause (`WorkerUnavailableError`,
-  `RoundTimeoutError`, `Interrupted` with the phase it stopped), with the
-  local workers' logs kept in the run folder. The binaries map those typed
+  `RoundTimeoutError`, `Interrupted` with the phase it stopped; TensorFlow's
+  `ResourceExhaustedError` of a full disk becomes an `OSError` with errno
+  ENOSPC and the file's path), with the local workers' logs kept in the run
+  folder. The binaries map those typed
   errors to one line and an exit status (`experiments/cli.py`).
 """
 
@@ -33,8 +35,10 @@ import asyncio
 import collections
 import concurrent.futures
 import contextlib
+import errno
 import gc
 import os
+import re
 import signal
 import statistics
 import threading
@@ -379,6 +383,29 @@ class Watchdog:
       _thread.interrupt_main()
 
 
+# -------------------------------------------------------------- full disk
+
+_NO_SPACE = 'No space left on device'
+# TensorFlow's file systems report a failed write as "<path>; No space left
+# on device" (errno ENOSPC as a ResourceExhaustedError).
+_NO_SPACE_PATH = re.compile(r'(/[^;:\'"\n]*?)\s*[;:]\s*' + _NO_SPACE)
+
+
+def disk_full_error(error: BaseException,
+                    default_path: Optional[str] = None) -> Optional[OSError]:
+  """`error` as `OSError(ENOSPC, ..., path)` when it is TensorFlow's report
+  of a full disk (`tf.errors.ResourceExhaustedError: ...; No space left on
+  device`, e.g. from a checkpoint write): `path` is the file TensorFlow
+  names, else `default_path`. None for anything else (an out-of-memory
+  `ResourceExhaustedError` included)."""
+  if (type(error).__name__ != 'ResourceExhaustedError'
+      or _NO_SPACE not in str(error)):
+    return None
+  match = _NO_SPACE_PATH.search(str(error))
+  return OSError(errno.ENOSPC, _NO_SPACE,
+                 match.group(1) if match else default_path)
+
+
 # -------------------------------------------------------------- supervisor
 
 class Supervisor:
@@ -469,7 +496,16 @@ class Supervisor:
         error.phase = self._watchdog.phase()  # For the one-line message.
       return error
     if isinstance(error, WorkerUnavailableError):
+      failure = getattr(error, 'worker_failure', None)
+      phase = self._watchdog.phase()
+      if failure and phase:
+        # As the watchdog says it: the worker, what happened, the phase.
+        who, why = failure
+        error = type(error)(f'{who} {why} during {phase}; stopped the run.')
       return self._with_worker_logs(error)
+    full = disk_full_error(error, self._run_dir)
+    if full is not None:
+      return full
     return error
 
   def _with_worker_logs(self, error):

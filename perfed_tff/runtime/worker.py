@@ -7,7 +7,11 @@ this Python process (exec: signals, exit status and output are the worker's
 own). Start one per machine, then train with
 `experiments/train.py --workers=host1:8000,host2:8000`: each round's clients
 are split across the workers by TFF's mergeable-computation context.
-The service is unauthenticated gRPC: use it on a trusted network only.
+The service is unauthenticated gRPC that runs any TensorFlow graph it is
+sent: by default the worker listens on loopback only (127.0.0.1; reach it
+over an SSH tunnel), `--listen=all` makes it listen on every interface, for
+a private network only (README, "Trust model"). The first line on stderr
+says which.
 """
 
 from __future__ import annotations
@@ -15,11 +19,14 @@ from __future__ import annotations
 import errno
 import importlib.util
 import os
+import re
 import socket
 import sys
 
 from absl import app
 from absl import flags
+
+from perfed_tff.runtime import loopback
 
 
 
@@ -66,12 +73,42 @@ def port_in_use(port: int) -> bool:
 
 def _define_flags():
   """The binary's flags (defined only when run as a program)."""
-  global _PORT, _MAX_CALLS
+  global _PORT, _MAX_CALLS, _LISTEN
   _PORT = flags.DEFINE_integer('port', None, 'TCP port to serve on (1-65535).')
+  _LISTEN = flags.DEFINE_enum(
+      'listen', 'loopback', loopback.LISTEN_CHOICES,
+      'loopback: listen on 127.0.0.1 only (other machines reach it over an '
+      'SSH tunnel); all: on every interface, where anyone who can reach '
+      'this machine can run TensorFlow graphs in the worker.')
   _MAX_CALLS = flags.DEFINE_integer(
       'max_concurrent_computation_calls', -1,
       'Most parallel calls of one computation (clients run in parallel up to '
       'this); <= 0: unlimited.')
+
+
+def _fail(message: str) -> None:
+  print(f'worker: error: {message}', file=sys.stderr, flush=True)
+  sys.exit(2)
+
+
+def _flag_error(error: Exception) -> str:
+  """absl's flag error as one line naming the flag (`--port: ...`)."""
+  line = (str(error).splitlines() or [type(error).__name__])[0]
+  match = re.match(r'flag --(\w+)=(.*?): ', line)
+  if match and match.group(1) == 'port':
+    return f'--port: must be an integer in 1..65535, got {match.group(2)!r}'
+  if match:
+    return f'--{match.group(1)}: {line[match.end():]}'
+  return line
+
+
+def parse_flags(argv):
+  """absl's parser whose errors are one line and exit 2 (not absl's
+  `FATAL Flags parsing error` and exit 1)."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    _fail(_flag_error(e))
 
 
 def main(argv):
@@ -90,11 +127,20 @@ def main(argv):
     print(f'worker: error: --port: port {_PORT.value} is already in use (is '
           'a worker already running there?)', file=sys.stderr)
     sys.exit(2)
-  print(f'TFF worker (pid {os.getpid()}) serving on port {_PORT.value}',
+  listen, pid = _LISTEN.value, os.getpid()
+  try:
+    env = loopback.worker_env(listen, who='the worker',
+                              accept='pass --listen=all')
+  except loopback.WorkerExposureError as e:
+    _fail(f'--listen=loopback: {e.reason}')
+  print(f'TFF worker (pid {pid}) {loopback.describe(listen, _PORT.value)}',
         file=sys.stderr, flush=True)
-  os.execv(command[0], command)
+  if listen == 'loopback':  # Verifies it once it listens (kills if exposed).
+    loopback.spawn_watcher(pid, f'the TFF worker (pid {pid})',
+                           accept='pass --listen=all', program='worker')
+  os.execve(command[0], command, env)
 
 
 if __name__ == '__main__':
   _define_flags()
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -1,0 +1,464 @@
+"""Keeps TFF's `worker_binary` reachable from this machine only.
+
+The worker serves TFF's executor service on `[::]:PORT` (every interface,
+no flag to choose) and runs any TensorFlow graph it is sent, file reads and
+writes included, without authentication. A worker this library starts (and
+`python -m perfed_tff.runtime.worker` unless `--listen=all`) therefore runs
+with `loopback_shim.c` preloaded (`LD_PRELOAD`): its `bind()` turns a
+wildcard address into loopback, so the worker listens on 127.0.0.1 only.
+
+The shim is compiled on first use with the system C compiler (`$CC`, `cc`,
+`gcc` or `clang`) into `$XDG_CACHE_HOME/perfed_tff` (default
+`~/.cache/perfed_tff`), keyed by the hash of its source, written atomically
+and checked once by binding a wildcard socket under it. Where it cannot be
+built, a loopback-only worker is refused (`WorkerExposureError`, one line,
+exit 2 in the binaries) unless exposure is accepted explicitly: the
+environment variable `PERFED_TFF_WORKER_LISTEN=all` for a local worker,
+`--listen=all` for the launcher. After the worker answers, its listening
+sockets are read from `/proc` (`check_listeners`): a worker listening beyond
+loopback although started loopback-only is killed and refused the same way.
+"""
+
+from __future__ import annotations
+
+import atexit
+import hashlib
+import ipaddress
+import os
+import platform
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from typing import Mapping, Optional, Sequence
+
+from perfed_tff import checks
+
+LISTEN_ENV = 'PERFED_TFF_WORKER_LISTEN'
+LISTEN_CHOICES = ('loopback', 'all')
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                      'loopback_shim.c')
+LOOPBACK_ADDRESS = '127.0.0.1'  # Where a loopback-only worker listens.
+
+
+class SettingError(checks.ArgumentError):
+  """A refused worker setting, as one whole line (no `--flag:` prefix): the
+  binaries print it and exit 2."""
+
+  def __init__(self, message: str, name: str = 'workers'):
+    ValueError.__init__(self, message)  # pylint: disable=non-parent-init-called
+    self.name = name
+    self.reason = message
+
+  @property
+  def flag_message(self) -> str:
+    return self.reason
+
+
+class WorkerExposureError(SettingError):
+  """A worker would listen (or listens) beyond loopback without the user's
+  explicit consent; the message names the fixes."""
+
+
+class ShimUnavailable(RuntimeError):
+  """The shim cannot be built or does not take effect here (why, one line)."""
+
+
+def listen_setting(value: Optional[str] = None) -> str:
+  """'loopback' or 'all': `value`, else $PERFED_TFF_WORKER_LISTEN, else
+  'loopback'."""
+  source = '`listen`'
+  if value is None:
+    value = os.environ.get(LISTEN_ENV) or 'loopback'
+    source = f'${LISTEN_ENV}'
+  value = str(value).strip().lower()
+  if value not in LISTEN_CHOICES:
+    raise SettingError(f'{source} must be one of '
+                       f'{", ".join(LISTEN_CHOICES)}, got {value!r}', 'listen')
+  return value
+
+
+# ---------------------------------------------------------------- the shim
+
+_LOCK = threading.Lock()
+_BUILT: dict[str, str] = {}     # key -> path of a checked shim
+_FAILED: dict[str, str] = {}    # key -> why it cannot be built
+
+# Run under LD_PRELOAD=shim: wildcard binds must come out on loopback.
+_SELF_TEST = r'''
+import socket
+s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+s.bind(('', 0)); print(s.getsockname()[0])
+try:
+  t = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+  t.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+  t.bind(('::', 0)); print(t.getsockname()[0])
+except OSError:
+  print('-')
+'''
+
+
+def _compiler() -> Optional[list[str]]:
+  cc = os.environ.get('CC', '').split()
+  if cc:
+    path = shutil.which(cc[0])
+    return [path] + cc[1:] if path else None
+  for name in ('cc', 'gcc', 'clang'):
+    path = shutil.which(name)
+    if path:
+      return [path]
+  return None
+
+
+def _safe_path(path: str) -> bool:
+  """Owned by us, writable by nobody else (a preloaded library runs with
+  the worker's rights), and usable in LD_PRELOAD (no space or colon)."""
+  if any(c in path for c in ' \t\n:'):
+    return False
+  try:
+    info = os.lstat(path)
+  except OSError:
+    return False
+  return (info.st_uid == os.geteuid() and not stat.S_ISLNK(info.st_mode)
+          and not info.st_mode & (stat.S_IWGRP | stat.S_IWOTH))
+
+
+def _cache_dirs() -> list[str]:
+  base = os.environ.get('XDG_CACHE_HOME') or os.path.join(
+      os.path.expanduser('~'), '.cache')
+  return [os.path.join(base, 'perfed_tff')]
+
+
+def _private_dir() -> str:
+  path = tempfile.mkdtemp(prefix='perfed_tff_shim_')
+  atexit.register(shutil.rmtree, path, ignore_errors=True)
+  return path
+
+
+def _usable_dir(path: str) -> bool:
+  try:
+    os.makedirs(path, mode=0o700, exist_ok=True)
+  except OSError:
+    return False
+  return _safe_path(path) and os.access(path, os.W_OK | os.X_OK)
+
+
+def _self_test(path: str) -> Optional[str]:
+  """None if wildcard binds under `path` come out on loopback; else why."""
+  env = dict(os.environ, LD_PRELOAD=path)
+  try:
+    r = subprocess.run([sys.executable, '-S', '-c', _SELF_TEST], env=env,
+                       capture_output=True, text=True, timeout=60,
+                       stdin=subprocess.DEVNULL)
+  except (OSError, subprocess.SubprocessError) as e:
+    return f'its check did not run ({e})'
+  got = r.stdout.split()
+  if r.returncode != 0 or len(got) != 2:
+    line = (r.stderr.strip().splitlines() or ['no output'])[-1]
+    return f'its check failed ({line[:200]})'
+  if got[0] != '127.0.0.1' or got[1] not in ('::ffff:127.0.0.1', '-'):
+    return (f'it did not take effect (a wildcard bind came out on '
+            f'{" and ".join(got)})')
+  return None
+
+
+def _compile(compiler: list[str], directory: str, name: str) -> str:
+  """Compiles the shim into `directory/name` atomically; returns the path."""
+  fd, tmp = tempfile.mkstemp(prefix='.build_', suffix='.so', dir=directory)
+  os.close(fd)
+  try:
+    error = ''
+    for libs in (['-ldl'], []):  # glibc < 2.34 keeps dlsym in libdl.
+      r = subprocess.run(
+          compiler + ['-shared', '-fPIC', '-O2', '-o', tmp, SOURCE] + libs,
+          capture_output=True, text=True, timeout=120,
+          stdin=subprocess.DEVNULL)
+      if r.returncode == 0:
+        break
+      error = (r.stderr.strip().splitlines() or
+               [f'exit status {r.returncode}'])[0][:200]
+    else:
+      raise ShimUnavailable(f'{compiler[0]} failed to build {SOURCE}: '
+                            f'{error}')
+    os.chmod(tmp, 0o755)
+    why = _self_test(tmp)
+    if why:
+      raise ShimUnavailable(f'the shim built by {compiler[0]} is unusable: '
+                            f'{why}')
+    path = os.path.join(directory, name)
+    os.replace(tmp, path)
+    return path
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def shim_file_name() -> str:
+  """The shim's file name in the cache: keyed by its source and machine."""
+  with open(SOURCE, 'rb') as f:
+    source = f.read()
+  key = hashlib.sha256(source + platform.machine().encode()).hexdigest()[:16]
+  return f'loopback_shim-{key}.so'
+
+
+def shim_path() -> str:
+  """The path of the built, checked shim (built on first call).
+
+  Raises:
+    ShimUnavailable: not Linux, no C compiler, or the shim does not work.
+  """
+  if not sys.platform.startswith('linux'):
+    raise ShimUnavailable(f'LD_PRELOAD confinement needs Linux, not '
+                          f'{sys.platform}')
+  name = shim_file_name()
+  key = name
+  with _LOCK:
+    if key in _BUILT:
+      return _BUILT[key]
+    if key in _FAILED:
+      raise ShimUnavailable(_FAILED[key])
+    try:
+      directories = [d for d in _cache_dirs() if _usable_dir(d)]
+      for directory in directories:
+        path = os.path.join(directory, name)
+        if _safe_path(path):
+          _BUILT[key] = path
+          return path
+      compiler = _compiler()
+      if compiler is None:
+        raise ShimUnavailable('no C compiler (cc, gcc or clang; or $CC) to '
+                              'build its loopback shim')
+      directory = directories[0] if directories else _private_dir()
+      _BUILT[key] = _compile(compiler, directory, name)
+      return _BUILT[key]
+    except ShimUnavailable as e:
+      _FAILED[key] = str(e)
+      raise
+    except (OSError, subprocess.SubprocessError) as e:
+      _FAILED[key] = f'its loopback shim could not be built ({e})'
+      raise ShimUnavailable(_FAILED[key]) from None
+
+
+def preload_env(base: Optional[Mapping[str, str]] = None) -> dict[str, str]:
+  """`base` (default: this process's environment) with the shim first in
+  LD_PRELOAD. Raises ShimUnavailable."""
+  env = dict(os.environ if base is None else base)
+  path = shim_path()
+  others = [p for p in env.get('LD_PRELOAD', '').replace(':', ' ').split()
+            if p != path]
+  env['LD_PRELOAD'] = ' '.join([path] + others)
+  return env
+
+
+def worker_env(listen: str, *, who: str = 'the local TFF worker',
+               accept: str = f'set {LISTEN_ENV}=all') -> dict[str, str]:
+  """The environment to start a worker in: with the shim preloaded for
+  'loopback', this process's own for 'all'.
+
+  Raises:
+    WorkerExposureError: 'loopback' and the shim is unavailable; the message
+      names the fixes (a C compiler, or `accept`).
+  """
+  if listen == 'all':
+    return dict(os.environ)
+  try:
+    return preload_env()
+  except ShimUnavailable as e:
+    raise WorkerExposureError(
+        f'cannot keep {who} on loopback: {e}; without it the worker would '
+        'run TensorFlow graphs (file reads and writes included) sent by '
+        'anyone who can reach this machine. Install a C compiler (e.g. '
+        f'`apt-get install gcc`), or {accept} to accept that exposure.'
+    ) from None
+
+
+# ----------------------------------------------------------- verification
+
+def _socket_inodes(pid: int) -> set[str]:
+  inodes = set()
+  fd_dir = f'/proc/{pid}/fd'
+  for fd in os.listdir(fd_dir):
+    try:
+      link = os.readlink(os.path.join(fd_dir, fd))
+    except OSError:
+      continue
+    if link.startswith('socket:['):
+      inodes.add(link[8:-1])
+  return inodes
+
+
+def _address(hex_address: str) -> str:
+  """An address of /proc/net/tcp{,6} as text ('::ffff:127.0.0.1' as `ss`
+  and inet_ntop write it)."""
+  raw = bytes.fromhex(hex_address)
+  # /proc prints each 32-bit word in host byte order.
+  words = [raw[i:i + 4][::-1] if sys.byteorder == 'little' else raw[i:i + 4]
+           for i in range(0, len(raw), 4)]
+  ip = ipaddress.ip_address(b''.join(words))
+  mapped = getattr(ip, 'ipv4_mapped', None)
+  return f'::ffff:{mapped}' if mapped is not None else str(ip)
+
+
+def listening_sockets(pid: int) -> list[tuple[str, int]]:
+  """(address, port) of every TCP socket process `pid` listens on, read
+  from /proc (Linux). Raises OSError when /proc cannot tell."""
+  inodes = _socket_inodes(pid)
+  found = []
+  for table in ('tcp', 'tcp6'):
+    try:
+      with open(f'/proc/{pid}/net/{table}') as f:
+        lines = f.read().splitlines()[1:]
+    except FileNotFoundError:
+      continue  # No IPv6 here.
+    for line in lines:
+      fields = line.split()
+      if len(fields) < 10 or fields[3] != '0A' or fields[9] not in inodes:
+        continue  # 0A: TCP_LISTEN.
+      address, port = fields[1].split(':')
+      found.append((_address(address), int(port, 16)))
+  return found
+
+
+def is_loopback(address: str) -> bool:
+  ip = ipaddress.ip_address(address.split('%')[0])
+  mapped = getattr(ip, 'ipv4_mapped', None)
+  return (mapped or ip).is_loopback
+
+
+def beyond_loopback(sockets: Sequence[tuple[str, int]]) -> list[str]:
+  """'address:port' of the sockets not on loopback ([::] and 0.0.0.0
+  included)."""
+  return [f'[{a}]:{p}' if ':' in a else f'{a}:{p}'
+          for a, p in sockets if not is_loopback(a)]
+
+
+def _alive(pid: int) -> bool:
+  try:
+    with open(f'/proc/{pid}/stat') as f:
+      return f.read().rsplit(')', 1)[1].split()[0] not in ('Z', 'X')
+  except (OSError, IndexError):
+    return False
+
+
+def wait_listening(pid: int, timeout: float,
+                   poll: float = 0.02) -> Optional[list[tuple[str, int]]]:
+  """The sockets `pid` listens on, as soon as there is one; None when it
+  exits, when `timeout` passes first or when /proc cannot tell."""
+  deadline = time.monotonic() + timeout
+  while _alive(pid):
+    try:
+      sockets = listening_sockets(pid)
+    except OSError:  # E.g. during its exec; gone, or /proc is closed to us.
+      sockets = None
+    if sockets:
+      return sockets
+    if time.monotonic() > deadline:
+      return None
+    time.sleep(poll)
+  return None
+
+
+def check_listeners(pid: int, who: str, accept: str,
+                    timeout: float = 5.0) -> None:
+  """Raises WorkerExposureError when process `pid` (a worker started
+  loopback-only, now answering) listens beyond loopback. No verdict (None
+  from `wait_listening`) passes: the shim was checked when it was built."""
+  sockets = wait_listening(pid, timeout)
+  exposed = beyond_loopback(sockets or [])
+  if exposed:
+    raise WorkerExposureError(
+        f'{who} listens beyond loopback on {", ".join(exposed)} although it '
+        'was started loopback-only (was its LD_PRELOAD shim ignored?); '
+        f'stopped it. Run it where the shim works, or {accept} to accept '
+        'that exposure.')
+
+
+def spawn_watcher(pid: int, who: str, accept: str, program: str,
+                  timeout: float = 300.0) -> None:
+  """Forks a detached process that waits until process `pid` (about to exec
+  a loopback-only worker) listens; if it listens beyond loopback, the
+  watcher SIGKILLs it and prints `<program>: error: <why>` on stderr. It
+  ends at the verdict, when `pid` exits or after `timeout` seconds."""
+  try:
+    child = os.fork()
+  except OSError:
+    return
+  if child:
+    os.waitpid(child, 0)  # The watcher is its child: nothing to reap later.
+    return
+  try:  # pylint: disable=too-many-try-statements
+    os.setsid()
+    if os.fork():
+      os._exit(0)  # pylint: disable=protected-access
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)
+    os.dup2(devnull, 1)
+    try:
+      check_listeners(pid, who, accept, timeout)
+    except WorkerExposureError as e:
+      try:
+        os.kill(pid, signal.SIGKILL)
+      except OSError:
+        pass
+      os.write(2, f'{program}: error: {e.reason}\n'.encode())
+  except BaseException:  # pylint: disable=broad-except
+    pass
+  os._exit(0)  # pylint: disable=protected-access
+
+
+# ------------------------------------------------------ the launcher's line
+
+def interface_addresses() -> list[str]:
+  """This machine's non-loopback IP addresses (Linux; best effort)."""
+  found = []
+  try:
+    import fcntl  # pylint: disable=g-import-not-at-top
+    import struct  # pylint: disable=g-import-not-at-top
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+      for _, name in socket.if_nameindex():
+        try:
+          request = struct.pack('256s', name.encode()[:15])
+          reply = fcntl.ioctl(s.fileno(), 0x8915, request)  # SIOCGIFADDR
+          found.append(socket.inet_ntoa(reply[20:24]))
+        except OSError:
+          continue
+  except (ImportError, OSError):
+    pass
+  try:
+    with open('/proc/net/if_inet6') as f:
+      for line in f:
+        fields = line.split()
+        address = str(ipaddress.ip_address(bytes.fromhex(fields[0])))
+        if address.startswith('fe80:'):
+          address += f'%{fields[5]}'
+        found.append(address)
+  except (OSError, ValueError, IndexError):
+    pass
+  return [a for a in dict.fromkeys(found) if not is_loopback(a)]
+
+
+def describe(listen: str, port: int) -> str:
+  """What a worker on `port` exposes, as one line."""
+  if listen == 'loopback':
+    return (f'listening on {LOOPBACK_ADDRESS} port {port} (loopback only: '
+            'other machines cannot reach it; reach it over an SSH tunnel, '
+            'see README "Trust model")')
+  addresses = interface_addresses()
+  user = _user()
+  return (f'listening on all interfaces port {port} '
+          f'({", ".join(addresses) or "no other address found"}): anyone who '
+          'can reach them can run TensorFlow graphs here, reading and writing '
+          f'files as user {user}')
+
+
+def _user() -> str:
+  try:
+    import pwd  # pylint: disable=g-import-not-at-top
+    return pwd.getpwuid(os.geteuid()).pw_name
+  except (ImportError, KeyError):
+    return str(os.geteuid())
