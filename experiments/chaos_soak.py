@@ -1,4 +1,4 @@
-r"""Soaks a training run in random faults and checks it ends as an uninterrupted run.
+r"""Runs training under random faults and checks it ends as an uninterrupted run.
 
   nice -n 10 .venv/bin/python -m experiments.chaos_soak --rounds=300 --seed=0 \
       --root_output_dir=/tmp/perfed_tff_chaos   # as root, for the tmpfs
@@ -25,12 +25,15 @@ it runs the same command on <root>/chaos and, every --min_interval to
   (expected: the resume sets it aside and continues from the one before;
   drawn only when there is one before).
 
-After each fault it waits (at most --exit_timeout seconds; longer is a hang:
-the trainer's tree is killed) for the trainer to exit or go on, checks that a
-failed exit wrote exactly one `train.py: error:` line, last, with no
-traceback, and a documented exit status (1, 2, 129, 130, 143; -9 only after
-its own SIGKILL), that no `worker_binary` of the trainer outlives it (a
-leftover is killed and reported), and reruns the same command. A run that
+After each fault it waits for the trainer to exit (at most --exit_timeout
+seconds; longer is a hang and the trainer's tree is killed) or, after a fault
+it may survive (a stopped worker, a full disk), to train two more rounds or
+still run 15 s later; a trainer with no output and no new round for
+--exit_timeout seconds is a hang too. It checks that a failed exit wrote
+exactly one `train.py: error:` line, last, with no traceback, and a
+documented exit status (1, 2, 129, 130, 143; -9 only after its own SIGKILL),
+that no `worker_binary` of the trainer outlives it (a leftover is killed and
+reported), and reruns the same command. A run that
 ends on its own with a failure is a finding and is rerun too (3 in a row
 without a fault in between: the soak stops). After --stalled_faults faults
 in a row with no new checkpoint between them (start-up can take longer than
@@ -83,7 +86,7 @@ FAULTS = ('kill_trainer', 'term_trainer', 'stop_worker', 'kill_worker',
 DEFAULT_TRAIN_FLAGS = ('--algorithm=per_fedavg_hf --dataset=digits '
                        '--clients_per_round=5 --eval_every=50 '
                        '--checkpoint_every=10 --seed=0')
-# Exit statuses the README documents: 0, 2 bad input, 1 failed run, 128 + signal.
+# Documented exit statuses: 0, 2 bad input, 1 failed run, 128 + signal.
 DOCUMENTED = (0, 1, 2, 129, 130, 143)
 EXPECTED = {  # Fault -> exit statuses that are as documented.
     'kill_trainer': (-signal.SIGKILL,),
@@ -102,6 +105,7 @@ DAMAGES = (('variables/variables.data-*', 'flip'),
            ('saved_model.pb', 'truncate'),
            ('saved_model.pb', 'flip'))
 CHECKPOINT = re.compile(r'program_state_(\d+)$')
+SETTLE_SECONDS = 15.0  # How long a fault that need not end the run is watched.
 
 flags.DEFINE_integer('rounds', 300, 'Rounds of the training run, >= 1.')
 flags.DEFINE_integer('seed', 0, 'Seed of the fault schedule (times, kinds, '
@@ -268,7 +272,7 @@ def _last_line(text: str) -> str:
 def _shape(line: str) -> str:
   """An error line with its numbers, ports and paths blanked, to group the
   same message."""
-  line = re.sub(r'/\S+', '<path>', line)
+  line = re.sub(r'/[^\s;)]+', '<path>', line)
   return re.sub(r'\d+(\.\d+)?', 'N', line)
 
 
@@ -311,6 +315,18 @@ class Life:
 
   def running(self) -> bool:
     return self.proc.poll() is None
+
+  def idle_seconds(self, run_root: str) -> float:
+    """Seconds since its stderr last grew or a round was last recorded."""
+    try:
+      size = os.path.getsize(self.stderr_path)
+    except OSError:
+      size = 0
+    key = (size, progress(run_root))
+    now = time.monotonic()
+    if key != getattr(self, '_activity', None):
+      self._activity, self._active_at = key, now
+    return now - getattr(self, '_active_at', now)
 
   def wait(self, timeout: float) -> bool:
     try:
@@ -503,6 +519,7 @@ class Soak:
     self._exit_round = None  # The last round in train.csv at the last exit.
     self._life = None
     self._last_fault_in_life = None  # (life, kind, time) of a survived one.
+    self.hangs = 0
     self.deferred = 0  # Faults held back until a new checkpoint.
     self.deferred_seconds = 0.0
 
@@ -522,7 +539,8 @@ class Soak:
       self.mounted = self.used_tmpfs = True
       return
     why = _last_line(r.stderr) or f'exit {r.returncode}'
-    note = f'full_disk skipped: cannot mount a tmpfs on {self.chaos_root} ({why})'
+    note = (f'full_disk skipped: cannot mount a tmpfs on {self.chaos_root} '
+            f'({why})')
     print(note, flush=True)
     self.notes.append(note)
     self.kinds = [k for k in self.kinds if k != 'full_disk']
@@ -608,17 +626,18 @@ class Soak:
       record['leftovers'] = pids
     self._exit_round = progress(self.chaos_root)
     record['round_at_exit'] = self._exit_round
-    self._judge_damage(record, text)
+    self._judge_damage(record)
     self.lives.append(record)
     self._life = None
-    print(f'  life {life.index}: exit {rc} after {record["seconds"]}s'
-          f'{" (" + record["fault"] + ")" if record["fault"] else ""}, '
-          f'round {self._exit_round}'
-          f'{", resumed from " + str(record["resumed_from"]) if record["resumed_from"] is not None else ""}'
-          f'{": " + last[:160] if rc not in (0, -9) else ""}', flush=True)
+    cause = f' ({record["fault"]})' if record['fault'] else ''
+    resumed = ('' if record['resumed_from'] is None
+               else f', resumed from {record["resumed_from"]}')
+    line = f': {last[:160]}' if rc not in (0, -9) else ''
+    print(f'  life {life.index}: exit {rc} after {record["seconds"]}s{cause}, '
+          f'round {self._exit_round}{resumed}{line}', flush=True)
     return record
 
-  def _judge_damage(self, record: dict, text: str) -> None:
+  def _judge_damage(self, record: dict) -> None:
     """The next life after a damaged checkpoint: how it resumed."""
     pending = self._pending_damage
     if pending is None:
@@ -629,11 +648,10 @@ class Soak:
       pending['resumed_from'] = resumed
       if resumed >= pending['round']:
         pending['outcome'] = 'resumed from the damaged checkpoint'
-        if pending['damage'].get('how') != 'flip':
-          self.findings.append(
-              f'life {record["index"]}: resumed from round {resumed} although'
-              f' checkpoint round {pending["round"]} was damaged '
-              f'({pending["damage"]})')
+        self.findings.append(
+            f'life {record["index"]}: resumed from round {resumed} although '
+            f'checkpoint round {pending["round"]} was damaged '
+            f'({pending["damage"]})')
       else:
         pending['outcome'] = f'resumed from round {resumed} (set aside)'
       self._pending_damage = None
@@ -680,11 +698,13 @@ class Soak:
 
   def _await_end(self, life: Life, fault: dict) -> bool:
     """After a fault that may leave the trainer running: True when it
-    exited; False when it went on (two new rounds after the fault ended: a
-    round in flight may still be recorded by a run that is stopping); a
-    hang is killed."""
+    exited within SETTLE_SECONDS; False when it went on (two new rounds
+    after the fault ended: a round in flight may still be recorded by a run
+    that is stopping) or is still running (e.g. in start-up; a later exit
+    is reported as one without a fault, naming this one, and a run with no
+    output for --exit_timeout seconds as a hang)."""
     base = progress(self.chaos_root)
-    deadline = time.monotonic() + FLAGS.exit_timeout
+    deadline = time.monotonic() + SETTLE_SECONDS
     while time.monotonic() < deadline:
       if not life.running():
         return True
@@ -692,10 +712,11 @@ class Soak:
         fault['outcome'] = 'the run went on'
         return False
       time.sleep(0.2)
-    self._hang(life, fault)
-    return True
+    fault['outcome'] = f'still running {SETTLE_SECONDS:g}s later'
+    return False
 
   def _hang(self, life: Life, fault: dict) -> None:
+    self.hangs += 1
     fault['outcome'] = 'hang'
     self.findings.append(
         f'life {life.index}: neither exited nor trained a round within '
@@ -734,9 +755,9 @@ class Soak:
           self._pending_damage = dict(round=newest[0], path=newest[1],
                                       damage=info, fault=len(self.faults))
           fault['judged'] = self._pending_damage
-        print(f'  damaged checkpoint round {fault.get("damage", {}).get("round")}'
-              f': {fault.get("damage", {}).get("file")} '
-              f'{fault.get("damage", {}).get("how")}', flush=True)
+        what = fault.get('damage', {})
+        print(f'  damaged checkpoint round {what.get("round")}: '
+              f'{what.get("file")} {what.get("how")}', flush=True)
         return True
     elif kind == 'term_trainer':
       life.refresh_workers()
@@ -748,7 +769,7 @@ class Soak:
       fault['worker'] = worker.pid
       _kill(worker)
       if not life.wait(FLAGS.exit_timeout):
-        exited = self._await_end(life, fault)
+        self._hang(life, fault)
     elif kind == 'stop_worker':
       worker = life.worker()
       seconds = round(self.rng.uniform(1, FLAGS.max_stop_seconds), 1)
@@ -778,8 +799,8 @@ class Soak:
       self._record_exit(life, fault)
     else:
       self._last_fault_in_life = (life.index, kind, time.monotonic())
-      fault.setdefault('outcome', 'the run went on')
-      print(f'  life {life.index} went on after {kind}', flush=True)
+      print(f'  life {life.index}: {fault["outcome"]} after {kind}',
+            flush=True)
     return exited
 
   def run(self) -> str:
@@ -817,6 +838,24 @@ class Soak:
           finished = 'stopped: 3 failures in a row without a fault'
         continue
       now = time.monotonic()
+      if life.idle_seconds(self.chaos_root) > FLAGS.exit_timeout:
+        fault = self.faults[-1] if self.faults and self.faults[-1][
+            'life'] == life.index else None
+        self.findings.append(
+            f'life {life.index}: no output and no round for '
+            f'{FLAGS.exit_timeout:g}s (hang'
+            f'{", after " + fault["kind"] if fault else ""}); its tree was '
+            'killed')
+        if fault:
+          fault['outcome'] = 'hang'
+        self.hangs += 1
+        life.kill_tree()
+        self._finish(life, fault)
+        life = None
+        failures_without_fault += 1
+        if failures_without_fault >= 3:
+          finished = 'stopped: 3 failures in a row without a fault'
+        continue
       if now > deadline:
         life.kill_tree()
         self._finish(life)
@@ -889,8 +928,13 @@ class Soak:
   def abort(self) -> None:
     """Kills the live trainer's tree (an interrupt of this script)."""
     if self._life is not None:
-      self._life.kill_tree()
-      self._life.close()
+      life = self._life
+      life.kill_tree()
+      life.close()
+      self.lives.append(dict(index=life.index, returncode=life.proc.returncode,
+                             fault=None, aborted=True,
+                             seconds=round(time.monotonic() - life.started, 1)))
+      self._life = None
 
 
 def fill(path: str) -> int:
@@ -984,7 +1028,7 @@ def summarize(soak: Soak, reference: dict, comparison) -> dict:
   for f in soak.faults:  # Not JSON-cyclic: the judged record by value.
     if 'judged' in f:
       f['judged'] = {k: v for k, v in f['judged'].items() if k != 'path'}
-  hangs = sum(1 for f in soak.faults if f.get('outcome') == 'hang')
+  hangs = soak.hangs
   tracebacks = sum(1 for l in soak.lives if l.get('traceback'))
   orphans = sum(len(l.get('leftovers', ())) for l in soak.lives)
   identical = comparison['identical'] if comparison else None
@@ -1052,9 +1096,10 @@ def print_table(report: dict) -> None:
         f'leftover processes {report["leftover_processes"]}, checkpoints '
         f'set aside by the soak {len(report["checkpoints_set_aside_by_soak"])}')
   left = report.get('run_folder_leftovers', {})
-  print(f'checkpoints set aside by the run {len(left.get("set_aside_by_run", []))}'
-        f', partial saves left {len(left.get("partial_saves", []))}; left in '
-        f'TMPDIR: {left.get("worker_logs_left", 0)} worker logs, '
+  print(f'checkpoints set aside by the run '
+        f'{len(left.get("set_aside_by_run", []))}, partial saves left '
+        f'{len(left.get("partial_saves", []))}; left in TMPDIR: '
+        f'{left.get("worker_logs_left", 0)} worker logs, '
         f'{left.get("autograph_files_left", 0)} autograph files')
   for note in report['notes']:
     print(f'note: {note}')

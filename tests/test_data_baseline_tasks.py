@@ -15,12 +15,14 @@ import tensorflow_federated as tff
 
 import perfed_tff
 from perfed_tff import checks
+from perfed_tff import export
 from perfed_tff import per_fedavg
 from perfed_tff import personalization_eval
 from perfed_tff.data import baseline_tasks
 from perfed_tff.data import shakespeare
 from perfed_tff.data import task as task_lib
 from perfed_tff.program import population_eval
+from perfed_tff.program import training_loop
 from tests import data_fixtures as fx
 from tests import tff_helpers as h
 
@@ -190,7 +192,9 @@ def test_evaluate_population_takes_the_baseline_task(name, request):
                                         task.test)
 
 
-def _round(baseline, task, model, clients, local_steps=1):
+def _round(task, model, clients, local_steps=1):
+  """One Per-FedAvg (HF) round of `model` on `task`'s `clients` (batches of
+  2): checks that the weights moved and stayed finite; the round's metrics."""
   process = perfed_tff.build_per_fedavg(
       model, variant='hf', alpha=0.01, beta=0.05, local_steps=local_steps)
   state = process.initialize()
@@ -200,7 +204,8 @@ def _round(baseline, task, model, clients, local_steps=1):
       num_batches=3 * local_steps, seed=task_lib.derive_seed(0, 1, cid))
           for cid in clients]
   output = process.next(state, data)
-  after = [np.array(w) for w in process.get_model_weights(output.state).trainable]
+  after = [np.array(w)
+           for w in process.get_model_weights(output.state).trainable]
   assert all(np.isfinite(w).all() for w in after)
   assert any(not np.allclose(a, b) for a, b in zip(after, before))
   return output.metrics['client_work']['train']
@@ -209,14 +214,14 @@ def _round(baseline, task, model, clients, local_steps=1):
 def test_per_fedavg_round_on_emnist_task(emnist_task):
   task = baseline_tasks.from_baseline_task(emnist_task)
   # From the task's own model_fn (a VariableModel) ...
-  metrics = _round(emnist_task, task, emnist_task.model_fn, EMNIST_IDS[:2])
+  metrics = _round(task, emnist_task.model_fn, EMNIST_IDS[:2])
   assert metrics['num_examples'] == 12 and metrics['num_steps'] == 2
   assert math.isfinite(metrics['loss'])
   assert 'sparse_categorical_accuracy' in metrics
   # ... and as the FunctionalModel the training program trains: the same
   # model (the evaluations at the same weights agree).
   functional = task.functional_model()
-  metrics = _round(emnist_task, task, functional, EMNIST_IDS[2:])
+  metrics = _round(task, functional, EMNIST_IDS[2:])
   assert 'sparse_categorical_accuracy' in metrics
   weights = per_fedavg.initial_model_weights_computation(
       emnist_task.model_fn)()
@@ -227,12 +232,17 @@ def test_per_fedavg_round_on_emnist_task(emnist_task):
   for k in (0, 1, 2):
     np.testing.assert_allclose(by_function.loss[k], by_variables.loss[k],
                                rtol=1e-5)
+  # The exported Keras model is the same model too: the global accuracy.
+  model = export.keras_model(weights, task.keras_model_fn)
+  for i, cid in enumerate(by_variables.client_ids):
+    assert export.accuracy(model, task.test.create_tf_dataset_for_client(
+        cid)) == pytest.approx(by_variables.accuracy[0][i], abs=1e-6)
 
 
 @pytest.mark.slow
 def test_per_fedavg_round_on_shakespeare_task(shakespeare_task):
   task = baseline_tasks.from_baseline_task(shakespeare_task)
-  metrics = _round(shakespeare_task, task, shakespeare_task.model_fn,
+  metrics = _round(task, shakespeare_task.model_fn,
                    [CUPID, 'THE_TRAGEDY_OF_KING_LEAR_KENT'])
   assert metrics['num_examples'] == 12 and math.isfinite(metrics['loss'])
   # TFF's masked metrics, at w and (personalized_) at w~.
@@ -240,7 +250,6 @@ def test_per_fedavg_round_on_shakespeare_task(shakespeare_task):
 
 
 def test_training_program_runs_a_baseline_task(tmp_path, emnist_task):
-  from perfed_tff.program import training_loop  # pylint: disable=g-import-not-at-top
   task = baseline_tasks.from_baseline_task(emnist_task)
   config = h.training_config(
       tmp_path, algorithm='per_fedavg_hf', rounds=2, clients_per_round=2,

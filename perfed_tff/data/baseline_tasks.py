@@ -1,7 +1,9 @@
-"""TFF's baseline tasks (`tff.simulation.baselines.BaselineTask`) as `FederatedTask`s.
+"""TFF's baseline tasks (`tff.simulation.baselines.BaselineTask`) as
+`FederatedTask`s.
 
-A baseline task (e.g. `tff.simulation.baselines.emnist.create_character_recognition_task`
-or `tff.simulation.baselines.shakespeare.create_character_prediction_task`)
+A baseline task (e.g.
+`tff.simulation.baselines.emnist.create_character_recognition_task` or
+`tff.simulation.baselines.shakespeare.create_character_prediction_task`)
 holds raw client data (`task.datasets.train_data`, `test_data`), two
 preprocessing functions built from `tff.simulation.baselines.ClientSpec`s
 (`train_preprocess_fn`, `eval_preprocess_fn`) and a `model_fn`. TFF's
@@ -106,15 +108,19 @@ def example_preprocess_fn(
   return examples
 
 
-def _splits(datasets, *, seed: int = 0,
-            num_unseen_users: Optional[int] = None,
-            unseen_fraction: Optional[float] = None):
-  """(train, test, unseen) of `datasets` under the module's rule."""
+def _check_federated_test_data(datasets) -> None:
   if not isinstance(datasets.test_data, tff.simulation.datasets.ClientData):
     raise checks.ArgumentError(
         'baseline_task', 'must have federated test data (a ClientData) for '
         'the personalized evaluation, got a '
         f'{type(datasets.test_data).__name__}')
+
+
+def _splits(datasets, *, seed: int = 0,
+            num_unseen_users: Optional[int] = None,
+            unseen_fraction: Optional[float] = None):
+  """(train, test, unseen) of `datasets` under the module's rule."""
+  _check_federated_test_data(datasets)
   return unseen_lib.populations(
       datasets.train_data, datasets.test_data,
       example_preprocess_fn(datasets.eval_preprocess_fn), seed=seed,
@@ -200,9 +206,9 @@ def _model_parts(model_fn):
 
 
 def _ignore_label(ignore_label, masked: set) -> Optional[int]:
+  """`ignore_label` as given, or (FROM_MODEL) the model's one masked label."""
   if ignore_label != FROM_MODEL:
-    return (None if ignore_label is None
-            else checks.integer('ignore_label', ignore_label, 0))
+    return ignore_label
   if len(masked) > 1:
     raise checks.ArgumentError(
         'ignore_label', f'must be given: the model masks several labels '
@@ -244,9 +250,12 @@ def from_baseline_task(baseline_task: tff.simulation.baselines.BaselineTask,
   if not isinstance(baseline_task, tff.simulation.baselines.BaselineTask):
     raise TypeError('`baseline_task` must be a tff.simulation.baselines.'
                     f'BaselineTask, got {type(baseline_task).__name__}.')
+  _check_federated_test_data(baseline_task.datasets)
   unseen_lib.check_unseen_options(num_unseen_users, unseen_fraction)
   shuffle_buffer = checks.integer('shuffle_buffer', shuffle_buffer, 1)
   seed = checks.integer('seed', seed, 0)
+  if ignore_label is not None and ignore_label != FROM_MODEL:
+    ignore_label = checks.integer('ignore_label', ignore_label, 0)
   element_spec, keras_model_fn, loss_fn, metrics_fn, masked = _model_parts(
       baseline_task.model_fn)
   ignore_label = _ignore_label(ignore_label, masked)

@@ -3,8 +3,9 @@
 Every dataset (synthetic, digits, EMNIST, Shakespeare) is exposed the same way:
 
 * `train` / `test`: `tff.simulation.datasets.ClientData` of unbatched examples
-  `OrderedDict(x=..., y=...)`; the same client ids in both (each user's own
-  train and held-out test data).
+  `OrderedDict(x=..., y=...)` (or `(x, y)` tuples: a TFF baseline task's,
+  `perfed_tff.data.baseline_tasks`); the same client ids in both (each
+  user's own train and held-out test data).
 * `unseen`: optional `(train, test)` pair of users never used in training.
 * `model_fn`: no-arg callable returning a `tff.learning.models.VariableModel`.
 * `keras_model_fn`: the Keras model behind it (for pure-TF code).
@@ -43,7 +44,7 @@ class FederatedTask:
   model_fn: Callable[[], tff.learning.models.VariableModel]
   keras_model_fn: Callable[[], tf.keras.Model]
   loss_fn: Callable[[], tf.keras.losses.Loss]
-  element_spec: object   # spec of one *batch*: OrderedDict(x=..., y=...)
+  element_spec: object   # spec of one *batch*: OrderedDict(x, y) or (x, y)
   unseen: Optional[tuple] = None   # (train ClientData, test ClientData)
   shuffle_buffer: int = 1000
   ignore_label: Optional[int] = None  # label left out of accuracy (padding)

@@ -108,13 +108,13 @@ def dataset_reader(client_data: tff.simulation.datasets.ClientData):
   traceable), so the pipeline's functions are traced once. A `ClientData`
   whose dataset function cannot be traced is read eagerly.
   """
-  traced = tf.function(client_data.serializable_dataset_fn,
-                       input_signature=[tf.TensorSpec([], tf.string)],
-                       autograph=False)
   try:
+    traced = tf.function(client_data.serializable_dataset_fn,
+                         input_signature=[tf.TensorSpec([], tf.string)],
+                         autograph=False)
     traced.get_concrete_function()
   except Exception:  # pylint: disable=broad-except
-    # Not traceable (a user's ClientData): the eager path, unchanged.
+    # No traceable dataset function (a user's ClientData): read eagerly.
     return client_data.create_tf_dataset_for_client
   return lambda client_id: traced(tf.constant(client_id, tf.string))
 

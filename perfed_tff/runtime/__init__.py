@@ -1,8 +1,8 @@
 """Everything that touches TFF's runtime internals: execution contexts that own
 their C++ workers (`execution`), how computations are compiled for the worker
 (`compilation`), the local worker processes (`local_worker`), kept on
-loopback (`loopback`), run supervision
-(`supervision`) and the worker binary (`python -m perfed_tff.runtime.worker`).
+loopback (`loopback`), run supervision (`supervision`) and the worker binary
+(`python -m perfed_tff.runtime.worker`).
 
 Open the project's context with one line before running computations:
 

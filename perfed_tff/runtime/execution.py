@@ -105,8 +105,9 @@ def _computation_error(error, address: str) -> Optional[WorkerComputationError]:
     code, details = code(), details()
   except Exception:  # pylint: disable=broad-except
     return None
+  # (TFF retries UNAVAILABLE and FAILED_PRECONDITION: never seen here.)
   if code not in (grpc.StatusCode.INTERNAL, grpc.StatusCode.INVALID_ARGUMENT,
-                  grpc.StatusCode.UNKNOWN, grpc.StatusCode.FAILED_PRECONDITION,
+                  grpc.StatusCode.UNKNOWN,
                   grpc.StatusCode.OUT_OF_RANGE) or not details:
     return None
   return WorkerComputationError(telling_line(details), details=details,
