@@ -501,8 +501,9 @@ def execution_context(config: TrainingConfig, *,
         f'{e.ready_timeout:g}s, so no run was started; check that '
         f'`python -m perfed_tff.runtime.worker --port={port}` is running on '
         'that host and that the host and port are right and reachable from '
-        'here (a worker still starting up may need a longer '
-        'worker_timeout)') from None
+        'here (a worker listens on its own loopback only unless started '
+        'with `--listen=all`, or reach it through an SSH tunnel; one still '
+        'starting up may need a longer worker_timeout)') from None
 
 
 def run(config: TrainingConfig,
