@@ -1,10 +1,12 @@
 """Checkpoints (`perfed_tff/program/checkpointing.py`): the CheckpointManager
 (a TFF program state manager; round trips, checks, partial and corrupt
-saves, resuming past a damaged checkpoint) and the output-directory lock."""
+saves, resuming past a damaged checkpoint, with `checkpoint_files`' manifest)
+and the output-directory lock."""
 
 import collections
 import csv
 import dataclasses
+import errno
 import json
 import os
 import re
@@ -17,6 +19,7 @@ import pytest
 import tensorflow_federated as tff
 
 from perfed_tff import checks
+from perfed_tff.program import checkpoint_files
 from perfed_tff.program import checkpointing
 from perfed_tff.program import metrics as metrics_lib
 from perfed_tff.program import training_loop as tp
@@ -109,8 +112,8 @@ def test_damaged_latest_checkpoint_is_set_aside_and_resume_is_exact(
   ckpts = tmp_path / 'per_fedavg_fo' / 'checkpoints'
   assert sorted(os.listdir(ckpts)) == [
       'program_state_2', 'program_state_4', 'program_state_6']
-  assert checkpointing.MANIFEST_NAME == 'perfed_tff_manifest.json'
-  (ckpts / 'program_state_4' / checkpointing.MANIFEST_NAME).unlink()
+  assert checkpoint_files.MANIFEST_NAME == 'perfed_tff_manifest.json'
+  (ckpts / 'program_state_4' / checkpoint_files.MANIFEST_NAME).unlink()
   bad = ckpts / 'program_state_6'
   damage(bad, kind)
   kept = binary_helpers.snapshot(bad) if bad.is_dir() else bad.read_bytes()
@@ -215,3 +218,21 @@ def test_output_dir_lock_refuses_then_takes_over_a_killed_holder(tmp_path):
     owner = json.loads((tmp_path / checkpointing.LOCK_NAME).read_text())
     assert owner['pid'] == os.getpid()
   assert not (tmp_path / checkpointing.LOCK_NAME).exists()
+
+
+def test_a_full_disk_when_taking_the_lock_names_it_and_leaves_nothing(
+    tmp_path, monkeypatch):
+  # Found by experiments/chaos_soak.py: a run started on a full disk said
+  # `the disk is full;` with no path and left an empty lock file behind.
+  def full(*_):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+  monkeypatch.setattr(checkpointing.os, 'pwrite', full)
+  with pytest.raises(OSError) as e:
+    checkpointing.OutputDirLock(str(tmp_path)).__enter__()
+  assert e.value.errno == errno.ENOSPC
+  assert e.value.filename == str(tmp_path / checkpointing.LOCK_NAME)
+  assert not (tmp_path / checkpointing.LOCK_NAME).exists()
+  monkeypatch.undo()
+  with checkpointing.OutputDirLock(str(tmp_path)):  # Nothing held: it works.
+    pass

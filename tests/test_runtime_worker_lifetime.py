@@ -11,6 +11,8 @@ import time
 import psutil
 import pytest
 
+from perfed_tff.runtime import local_worker
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Opens an ExecutionContext without closing it (the one line a library user
@@ -110,3 +112,18 @@ def test_import_and_build_start_no_worker_and_keep_tffs_context():
   r = subprocess.run([sys.executable, '-c', IMPORT_SCRIPT], env=env,
                      capture_output=True, text=True, timeout=240)
   assert r.returncode == 0 and 'UNTOUCHED' in r.stdout, r.stderr[-3000:]
+
+
+def test_logs_of_trainers_killed_by_sigkill_are_removed_by_the_next_start(
+    tmp_path):
+  # Found by experiments/chaos_soak.py: a trainer killed by SIGKILL cannot
+  # delete its worker's temporary log, so they piled up in the temp folder.
+  dead = subprocess.Popen([sys.executable, '-c', 'pass'])
+  dead.wait()
+  names = [f'tff_worker_{dead.pid}_abc.log', f'tff_worker_{os.getpid()}_x.log',
+           'tff_worker_abc.log', 'other.log']
+  for name in names:
+    (tmp_path / name).write_text('log')
+  removed = local_worker.remove_stale_logs(str(tmp_path))
+  assert removed == [str(tmp_path / names[0])]
+  assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[1:])

@@ -50,6 +50,45 @@ def _default_signals():
     pass
 
 
+_LOG_PREFIX = 'tff_worker_'
+
+
+def remove_stale_logs(directory: Optional[str] = None) -> list[str]:
+  """Removes this user's temporary worker logs left by trainers that no
+  longer run (`tff_worker_<trainer pid>_*.log`: a trainer killed by
+  SIGKILL cannot delete its worker's log); returns their paths."""
+  directory = directory or tempfile.gettempdir()
+  removed = []
+  try:
+    names = os.listdir(directory)
+  except OSError:
+    return removed
+  for name in names:
+    if not (name.startswith(_LOG_PREFIX) and name.endswith('.log')):
+      continue
+    owner = name[len(_LOG_PREFIX):].split('_', 1)[0]
+    path = os.path.join(directory, name)
+    try:
+      if (not owner.isdigit() or _alive(int(owner))
+          or os.lstat(path).st_uid != os.getuid()):
+        continue
+      os.remove(path)
+      removed.append(path)
+    except OSError:
+      pass
+  return removed
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
 class WorkerProcess:
   """One `worker_binary` process serving TFF's executor service on a port.
 
@@ -87,7 +126,9 @@ class WorkerProcess:
     self.port = port or portpicker.pick_unused_port()
     self._temporary_log = log_path is None
     if log_path is None:
-      fd, log_path = tempfile.mkstemp(prefix='tff_worker_', suffix='.log')
+      remove_stale_logs()
+      fd, log_path = tempfile.mkstemp(prefix=f'{_LOG_PREFIX}{os.getpid()}_',
+                                      suffix='.log')
       os.close(fd)
     self.log_path = log_path
     self._log = open(log_path, 'ab')
