@@ -18,19 +18,40 @@ from perfed_tff.runtime import program_context
 ROUNDS, CLIENTS, BATCH, TAU = 3, 2, 8, 2
 
 
-def test_train_model_three_rounds_with_owned_worker_and_checkpoints(
-    tmp_path, tff_context):
+def _process_source_and_checkpoints(algorithm, tmp_path):
+  """(process, RoundDataSource, CheckpointManager) of a small synthetic run
+  of `algorithm`."""
   task = synthetic.load_synthetic(num_users=6, seed=0)
   process = algorithms.build_algorithm(
-      'per_fedavg_hf', task.model_fn, alpha=0.05, beta=0.05,
-      local_steps=TAU)
-  num_batches = algorithms.batches_per_round('per_fedavg_hf', TAU)
+      algorithm, task.model_fn, alpha=0.05, beta=0.05, local_steps=TAU)
   source = program_context.RoundDataSource(
-      task, clients_per_round=CLIENTS, num_batches=num_batches,
+      task, clients_per_round=CLIENTS,
+      num_batches=algorithms.batches_per_round(algorithm, TAU),
       batch_size=BATCH, seed=0)
   manager = checkpointing.CheckpointManager(
-      str(tmp_path / 'checkpoints'), metadata={'algorithm': 'per_fedavg_hf'},
+      str(tmp_path / 'checkpoints'), metadata={'algorithm': algorithm},
       keep_total=5)
+  return process, source, manager
+
+
+def _plain_loop_weights(process, algorithm):
+  """Trainable weights after ROUNDS rounds of a plain loop over the same
+  clients and batches (the synchronous context)."""
+  task = synthetic.load_synthetic(num_users=6, seed=0)
+  state = process.initialize()
+  for r in range(1, ROUNDS + 1):
+    _, data = task_lib.round_client_data(
+        task, clients_per_round=CLIENTS,
+        num_batches=algorithms.batches_per_round(algorithm, TAU),
+        batch_size=BATCH, seed=0, round_num=r)
+    state = process.next(state, data).state
+  return process.get_model_weights(state).trainable
+
+
+def test_train_model_three_rounds_with_owned_worker_and_checkpoints(
+    tmp_path, tff_context):
+  process, source, manager = _process_source_and_checkpoints(
+      'per_fedavg_hf', tmp_path)
   states = program_context.TrainModelStateManager(manager, source)
   metrics = tff.program.MemoryReleaseManager()
   models = tff.program.MemoryReleaseManager()
@@ -58,13 +79,7 @@ def test_train_model_three_rounds_with_owned_worker_and_checkpoints(
   assert 'personalized_sparse_categorical_accuracy' in train
 
   # The same rounds in a plain loop in the synchronous context.
-  state = process.initialize()
-  for r in range(1, ROUNDS + 1):
-    _, data = task_lib.round_client_data(
-        task, clients_per_round=CLIENTS, num_batches=num_batches,
-        batch_size=BATCH, seed=0, round_num=r)
-    state = process.next(state, data).state
-  want = process.get_model_weights(state).trainable
+  want = _plain_loop_weights(process, 'per_fedavg_hf')
   saved = supervision.run_sync(states.load(
       ROUNDS, program_context_state(process, source)))
   assert saved.round_number == ROUNDS
@@ -80,17 +95,8 @@ def test_checkpoint_manager_is_train_models_state_manager_as_it_is(
     tmp_path, tff_context):
   """CheckpointManager itself stores train_model's program state: a second
   call resumes the model, round and data iterator and trains the rest."""
-  task = synthetic.load_synthetic(num_users=6, seed=0)
-  process = algorithms.build_algorithm(
-      'per_fedavg_fo', task.model_fn, alpha=0.05, beta=0.05,
-      local_steps=TAU)
-  num_batches = algorithms.batches_per_round('per_fedavg_fo', TAU)
-  source = program_context.RoundDataSource(
-      task, clients_per_round=CLIENTS, num_batches=num_batches,
-      batch_size=BATCH, seed=0)
-  manager = checkpointing.CheckpointManager(
-      str(tmp_path / 'checkpoints'), metadata={'algorithm': 'per_fedavg_fo'},
-      keep_total=5)
+  process, source, manager = _process_source_and_checkpoints(
+      'per_fedavg_fo', tmp_path)
 
   def run(rounds):
     metrics = tff.program.MemoryReleaseManager()
@@ -112,14 +118,8 @@ def test_checkpoint_manager_is_train_models_state_manager_as_it_is(
   assert saved.round_number == ROUNDS
   assert saved.data_iterator.round_num == ROUNDS + 1
   assert saved.next_evaluation_timestamp_seconds is None
-  state = process.initialize()
-  for r in range(1, ROUNDS + 1):
-    _, data = task_lib.round_client_data(
-        task, clients_per_round=CLIENTS, num_batches=num_batches,
-        batch_size=BATCH, seed=0, round_num=r)
-    state = process.next(state, data).state
   for g, w in zip(process.get_model_weights(saved.state).trainable,
-                  process.get_model_weights(state).trainable):
+                  _plain_loop_weights(process, 'per_fedavg_fo')):
     np.testing.assert_allclose(g, w, atol=1e-6)
 
 
