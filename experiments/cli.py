@@ -241,7 +241,7 @@ def as_flags(message: str) -> str:
 
 def stopped(interrupt: KeyboardInterrupt) -> tuple[str, int]:
   """('interrupted' or 'stopped by SIGTERM', exit status 128 + signum) of an
-  interrupt (`supervision.Interrupted` carries its signal; a plain
+  interrupt (`perfed_tff.runtime.interrupts.Interrupted` carries its signal; a plain
   KeyboardInterrupt is SIGINT)."""
   signum = getattr(interrupt, 'signum', signal.SIGINT)
   if signum == signal.SIGINT:
@@ -253,7 +253,7 @@ def guard(work, resume_hint: str, traceback_dir=None):
   """Runs `work()` and returns its result; any failure ends the process with
   one line on stderr and its exit status (see the module docstring)."""
   from perfed_tff.program import training_loop  # pylint: disable=g-import-not-at-top
-  from perfed_tff.runtime import execution  # pylint: disable=g-import-not-at-top
+  from perfed_tff.runtime import worker_errors  # pylint: disable=g-import-not-at-top
   try:
     return work()
   except checks.ArgumentError as e:
@@ -262,7 +262,7 @@ def guard(work, resume_hint: str, traceback_dir=None):
     fail(as_flags(str(e)), checks.EXIT_USAGE, hard=True)
   except training_loop.NonFiniteLossError as e:
     fail(as_flags(str(e)), 1, hard=True)
-  except execution.WorkerUnavailableError as e:
+  except worker_errors.WorkerUnavailableError as e:
     fail(f'{as_flags(str(e))} {resume_hint}', 1, hard=True)
   except KeyboardInterrupt as e:
     what, status = stopped(e)

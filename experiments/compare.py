@@ -215,8 +215,8 @@ def run() -> dict:
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  from perfed_tff.runtime import supervision  # pylint: disable=g-import-not-at-top
-  supervision.install_interrupt_handlers()
+  from perfed_tff.runtime import interrupts  # pylint: disable=g-import-not-at-top
+  interrupts.install_interrupt_handlers()
   paths = cli.guard(run, 'Rerun the same command to resume.')
   with open(paths['md']) as f:
     print(f.read())

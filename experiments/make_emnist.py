@@ -62,7 +62,7 @@ import numpy as np
 
 from experiments import cli
 from perfed_tff import checks
-from perfed_tff.runtime import supervision
+from perfed_tff.runtime import interrupts
 
 FILENAME = 'emnist_all.sqlite'
 DEFAULT_NUM_CLIENTS = 3383  # TFF's EMNIST-10 writers.
@@ -243,7 +243,7 @@ def _remove(path: str) -> None:
 def main(argv):
   del argv
   # A signal raises (nothing half-written stays: see `make`).
-  supervision.install_interrupt_handlers()
+  interrupts.install_interrupt_handlers()
   try:
     line = make(FLAGS.mnist, FLAGS.cache_dir, num_clients=FLAGS.num_clients,
                 seed=FLAGS.seed, overwrite=FLAGS.overwrite,

@@ -23,7 +23,7 @@ from absl import flags
 
 from experiments import cli
 from perfed_tff.data import shakespeare_plays as plays
-from perfed_tff.runtime import supervision
+from perfed_tff.runtime import interrupts
 
 FLAGS = flags.FLAGS
 
@@ -50,7 +50,7 @@ def main(argv):
   del argv
   # A signal raises: the write removes what it made (startup's handler
   # would exit at once and could leave a partial file).
-  supervision.install_interrupt_handlers()
+  interrupts.install_interrupt_handlers()
   try:
     text_path = FLAGS.text
     text = plays.read_text(text_path)

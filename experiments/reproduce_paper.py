@@ -141,8 +141,8 @@ def main(argv):
   from experiments import reproduce_paper_lib  # pylint: disable=g-import-not-at-top
   from perfed_tff.program import config as config_lib  # pylint: disable=g-import-not-at-top
   from perfed_tff.program import training_loop  # pylint: disable=g-import-not-at-top
-  from perfed_tff.runtime import supervision  # pylint: disable=g-import-not-at-top
-  supervision.install_interrupt_handlers()
+  from perfed_tff.runtime import interrupts  # pylint: disable=g-import-not-at-top
+  interrupts.install_interrupt_handlers()
 
   def work():
     experiment, output_dir = build_experiment()

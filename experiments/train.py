@@ -90,10 +90,10 @@ def main(argv):
   # Our own lines go through cli.log; TF/TFF's INFO chatter is hidden.
   logging.set_verbosity(logging.WARNING)
   from perfed_tff.program import training_loop  # pylint: disable=g-import-not-at-top
-  from perfed_tff.runtime import supervision  # pylint: disable=g-import-not-at-top
-  # SIGINT/SIGTERM/SIGHUP now raise `supervision.Interrupted`: the run stops
+  from perfed_tff.runtime import interrupts  # pylint: disable=g-import-not-at-top
+  # SIGINT/SIGTERM/SIGHUP now raise `interrupts.Interrupted`: the run stops
   # its workers, keeps its last checkpoint and `cli.guard` prints one line.
-  supervision.install_interrupt_handlers()
+  interrupts.install_interrupt_handlers()
 
   def work():
     config = cli.training_config()

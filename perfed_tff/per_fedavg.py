@@ -328,7 +328,7 @@ def build_per_fedavg(
     (`personalized_sparse_categorical_accuracy`).
     Run it in a `perfed_tff.ExecutionContext()`: a computation that fails
     on the worker (e.g. a label outside the model's range) then raises
-    `perfed_tff.runtime.execution.WorkerComputationError` (a `ValueError`)
+    `perfed_tff.runtime.worker_errors.WorkerComputationError` (a `ValueError`)
     with TensorFlow's one telling line.
 
   Raises:

@@ -166,7 +166,7 @@ def test_round_without_a_usable_client_reports_nan_losses():
 
 
 def test_label_outside_the_model_range_is_a_typed_one_line_error():
-  from perfed_tff.runtime import execution  # pylint: disable=g-import-not-at-top
+  from perfed_tff.runtime import worker_errors  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(5)
   (x, _), = _clients(rng, [8])
   process = perfed_tff.build_per_fedavg(
@@ -174,7 +174,7 @@ def test_label_outside_the_model_range_is_a_typed_one_line_error():
   with pytest.raises(ValueError) as e:
     process.next(process.initialize(),
                  [h.dataset(x, np.full(8, 12, np.int32), 4)])
-  assert isinstance(e.value, execution.WorkerComputationError)
+  assert isinstance(e.value, worker_errors.WorkerComputationError)
   assert str(e.value).startswith(
       f'Received a label value of 12 which is outside the valid range of '
       f'[0, {CLASSES}).'), str(e.value)

@@ -8,6 +8,7 @@ import pytest
 import tensorflow_federated as tff
 
 from perfed_tff.runtime import execution
+from perfed_tff.runtime import worker_errors
 from tensorflow_federated.python.core.impl.context_stack import context_stack_impl
 
 
@@ -41,7 +42,7 @@ def test_two_workers_split_clients_and_dead_worker_fails_fast():
       workers[1].process.kill()
       workers[1].process.wait()
       t0 = time.monotonic()
-      with pytest.raises(execution.WorkerUnavailableError,
+      with pytest.raises(worker_errors.WorkerUnavailableError,
                          match=f'TFF worker at {workers[1].address} is '
                          'unreachable and did not come back within 2s'):
         _sum_doubles(values)
@@ -52,7 +53,7 @@ def test_two_workers_split_clients_and_dead_worker_fails_fast():
 
 
 def test_unreachable_worker_at_start_is_a_clear_error():
-  with pytest.raises(execution.WorkerUnavailableError,
+  with pytest.raises(worker_errors.WorkerUnavailableError,
                      match='did not become ready within 1s'):
     execution.ExecutionContext(workers=['localhost:1'], ready_timeout=1.0)
 
@@ -71,9 +72,9 @@ def test_freeing_values_on_a_gone_worker_returns_at_once():
   assert stub.dispose(executor_pb2.DisposeRequest()) is None
   assert stub.dispose_executor(executor_pb2.DisposeExecutorRequest()) is None
   assert time.monotonic() - start < 10.0
-  stub.abort(execution.WorkerUnavailableError('stopped'))
+  stub.abort(worker_errors.WorkerUnavailableError('stopped'))
   assert stub.dispose(executor_pb2.DisposeRequest()) is None
-  with pytest.raises(execution.WorkerUnavailableError):
+  with pytest.raises(worker_errors.WorkerUnavailableError):
     stub.compute(executor_pb2.ComputeRequest())
 
 
@@ -86,7 +87,7 @@ def test_killed_local_worker_is_reported_at_once():
     worker.process.kill()
     worker.process.wait()
     t0 = time.monotonic()
-    with pytest.raises(execution.WorkerUnavailableError,
+    with pytest.raises(worker_errors.WorkerUnavailableError,
                        match=rf'^local TFF worker at {worker.address} \(pid '
                        rf'{worker.pid}\) exited with status -9; stopped the '
                        'run.$') as e:
@@ -103,7 +104,7 @@ def test_failed_computation_is_a_typed_error_with_the_telling_line():
              'is outside the valid range of [0, 10).  Label values: 12 12\n'
              '\t [[{{function_node __inference_update_state_419}}]] while '
              'evaluating local [_wvh27] in block locals [_wvh3]')
-  assert execution.telling_line(details) == (
+  assert worker_errors.telling_line(details) == (
       'Received a label value of 12 which is outside the valid range of '
       '[0, 10).  Label values: 12 12')
-  assert execution.telling_line('') == 'the computation failed on the worker'
+  assert worker_errors.telling_line('') == 'the computation failed on the worker'

@@ -12,31 +12,32 @@ import tensorflow_federated as tff
 
 from perfed_tff.program import metrics as metrics_lib
 from perfed_tff.program import training_loop as tp
-from perfed_tff.runtime import execution
+from perfed_tff.runtime import interrupts
 from perfed_tff.runtime import supervision
+from perfed_tff.runtime import worker_errors
 from tests import tff_helpers as h
 
 
 def test_interrupt_is_deferred_to_the_end_of_a_critical_section():
-  previous = {s: signal.getsignal(s) for s in supervision.INTERRUPT_SIGNALS}
+  previous = {s: signal.getsignal(s) for s in interrupts.INTERRUPT_SIGNALS}
   try:
-    supervision.install_interrupt_handlers()
+    interrupts.install_interrupt_handlers()
     done = []
-    with pytest.raises(supervision.Interrupted) as e:
-      with supervision.critical_section():
+    with pytest.raises(interrupts.Interrupted) as e:
+      with interrupts.critical_section():
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(0.2)  # The handler has run: deferred.
         done.append(True)
     assert done == [True]
     assert e.value.signum == signal.SIGTERM and e.value.exit_status == 143
-    with pytest.raises(supervision.Interrupted) as e:
+    with pytest.raises(interrupts.Interrupted) as e:
       os.kill(os.getpid(), signal.SIGHUP)
       time.sleep(1)
     assert e.value.exit_status == 129
   finally:
     for s, handler in previous.items():
       signal.signal(s, handler)
-    supervision.clear_interrupt()
+    interrupts.clear_interrupt()
 
 
 def test_sigint_during_a_checkpoint_write_completes_it(tmp_path, small_task,
@@ -52,16 +53,16 @@ def test_sigint_during_a_checkpoint_write_completes_it(tmp_path, small_task,
     await real_save(self, state, version)
 
   monkeypatch.setattr(tff.program.FileProgramStateManager, 'save', slow_save)
-  previous = {s: signal.getsignal(s) for s in supervision.INTERRUPT_SIGNALS}
+  previous = {s: signal.getsignal(s) for s in interrupts.INTERRUPT_SIGNALS}
   config = h.training_config(tmp_path, **h.FAULTS_RUN)
   try:
-    supervision.install_interrupt_handlers()
-    with pytest.raises(supervision.Interrupted) as e:
+    interrupts.install_interrupt_handlers()
+    with pytest.raises(interrupts.Interrupted) as e:
       tp.run_training(config, task=small_task, process=h.StubProcess())
   finally:
     for s, handler in previous.items():
       signal.signal(s, handler)
-    supervision.clear_interrupt()
+    interrupts.clear_interrupt()
   assert e.value.phase is None or 'checkpoint 2' in e.value.phase
   ckpts = tp.output_paths(config)['checkpoints']
   assert sorted(os.listdir(ckpts)) == ['program_state_0', 'program_state_1',
@@ -110,7 +111,7 @@ def test_watchdog_fails_a_phase_on_an_unhealthy_worker():
   dog = supervision.Watchdog(round_timeout=0, health_timeout=5, write=lines.append,
                      context=context)
   _run_phase_until_failure(dog, 'round 4', lambda: context.aborted)
-  assert isinstance(context.aborted, execution.WorkerUnavailableError)
+  assert isinstance(context.aborted, worker_errors.WorkerUnavailableError)
   assert str(context.aborted) == (
       'TFF worker at h:1 did not answer a health check within 5s during '
       'round 4; stopped the run.')
@@ -133,7 +134,7 @@ def test_watchdog_deadlines():
                           context=_FakeContext())
   explicit._seconds['round'] = [9.0]
   _run_phase_until_failure(explicit, 'round 2', lambda: explicit.error)
-  assert isinstance(explicit.error, execution.RoundTimeoutError)
+  assert isinstance(explicit.error, worker_errors.RoundTimeoutError)
   assert 'round 2 did not finish within its 1s deadline' in str(
       explicit.error)
 
@@ -176,12 +177,12 @@ def test_full_disk_during_a_checkpoint_write_is_enospc_naming_the_file(
 def test_a_worker_failure_is_named_with_the_phase_it_stopped(tmp_path):
   """A dead local worker reported by the execution context (not the
   watchdog) reads as the watchdog says it: worker, what happened, phase."""
-  error = execution.WorkerUnavailableError(
+  error = worker_errors.WorkerUnavailableError(
       'local TFF worker at localhost:1 (pid 7) exited with status -9; '
       'stopped the run.')
   error.worker_failure = ('local TFF worker at localhost:1 (pid 7)',
                           'exited with status -9')
-  with pytest.raises(execution.WorkerUnavailableError) as e:
+  with pytest.raises(worker_errors.WorkerUnavailableError) as e:
     with supervision.Supervisor(round_timeout=0, health_timeout=5,
                                 write=print, run_dir=str(tmp_path)) as s:
       s.begin('round 4', 'round')

@@ -59,6 +59,7 @@ from perfed_tff.program import divergence
 from perfed_tff.program import metrics as metrics_lib
 from perfed_tff.program import population_eval
 from perfed_tff.runtime import execution
+from perfed_tff.runtime import worker_errors
 from perfed_tff.runtime import supervision
 
 TrainingConfig = config_lib.TrainingConfig
@@ -453,7 +454,7 @@ def _step_sizes(config: TrainingConfig) -> dict:
 
 
 class WorkerUnreachableError(checks.ArgumentError,
-                             execution.WorkerUnavailableError):
+                             worker_errors.WorkerUnavailableError):
   """A `workers` address where no TFF worker answers when a run that has no
   checkpoint yet starts: there is nothing to resume; the worker or the
   address must be fixed. A `checks.ArgumentError` naming `workers` (the
@@ -489,7 +490,7 @@ def execution_context(config: TrainingConfig, *,
         workers=list(config.workers) or None, ready_timeout=ready,
         retry_timeout=config.worker_timeout,
         graph_optimization=config.graph_optimization)
-  except execution.WorkerUnavailableError as e:
+  except worker_errors.WorkerUnavailableError as e:
     address = e.unready_address
     if resumable is None:
       resumable = has_checkpoint(config)

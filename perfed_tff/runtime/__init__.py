@@ -1,7 +1,8 @@
 """Everything that touches TFF's runtime internals: execution contexts that own
 their C++ workers (`execution`), how computations are compiled for the worker
 (`compilation`), the local worker processes (`local_worker`), kept on
-loopback (`loopback`), run supervision (`supervision`) and the worker binary
+loopback (`loopback`), their errors (`worker_errors`), interrupts
+(`interrupts`), run supervision (`supervision`) and the worker binary
 (`python -m perfed_tff.runtime.worker`).
 
 Open the project's context with one line before running computations:
@@ -18,7 +19,9 @@ import importlib
 _LAZY = {
     'ExecutionContext': ('perfed_tff.runtime.execution', 'ExecutionContext'),
     'WorkerProcess': ('perfed_tff.runtime.local_worker', 'WorkerProcess'),
-    'WorkerUnavailableError': ('perfed_tff.runtime.execution',
+    'WorkerComputationError': ('perfed_tff.runtime.worker_errors',
+                               'WorkerComputationError'),
+    'WorkerUnavailableError': ('perfed_tff.runtime.worker_errors',
                                'WorkerUnavailableError'),
 }
 __all__ = sorted(_LAZY)

@@ -41,6 +41,8 @@ from perfed_tff.runtime import compilation
 from perfed_tff.runtime.local_worker import WorkerProcess
 from perfed_tff.runtime.local_worker import install_exit_handlers
 from perfed_tff.runtime.local_worker import stop_all_workers
+from perfed_tff.runtime.worker_errors import computation_error
+from perfed_tff.runtime.worker_errors import WorkerUnavailableError
 
 _GRPC_MAX_MESSAGE_BYTES = 2 * 1000 * 1000 * 1000
 _GRPC_OPTIONS = [
@@ -48,70 +50,6 @@ _GRPC_OPTIONS = [
     ('grpc.max_receive_message_length', _GRPC_MAX_MESSAGE_BYTES),
     ('grpc.max_send_message_length', _GRPC_MAX_MESSAGE_BYTES),
 ]
-class WorkerUnavailableError(ConnectionError):
-  """A TFF worker stopped answering and did not come back in time.
-
-  `worker_failure`: (the worker, what happened to it), e.g.
-  ('local TFF worker at localhost:1234 (pid 5)', 'exited with status -9'),
-  when the error names no phase of a run yet (`supervision.Supervisor`
-  names it); None otherwise."""
-
-  worker_failure = None
-  unready_address = None  # A worker that never became ready (at start).
-  ready_timeout = None
-
-
-class RoundTimeoutError(WorkerUnavailableError):
-  """A round (or evaluation, or checkpoint write) ran past its deadline."""
-
-
-class WorkerComputationError(ValueError, grpc.RpcError):
-  """A computation failed inside a TFF worker, typically on bad input data
-  (e.g. a label outside the model's range). Its message is the worker's
-  telling line (TensorFlow's error message, e.g. `Received a label value of
-  12 which is outside the valid range of [0, 10).`); `details` is the
-  worker's whole (multi-line) message, `status` the gRPC status code name
-  and `address` the worker's. A `grpc.RpcError` too, as the raw error was."""
-
-  def __init__(self, message: str, *, details: str = '', status: str = '',
-               address: str = ''):
-    super().__init__(message)
-    self.details = details
-    self.status = status
-    self.address = address
-
-
-# The worker's prefix of a failed computation's message.
-_FAILED_COMPUTATION_PREFIX = 'Failed to run computation:'
-
-
-def telling_line(details: str) -> str:
-  """The one line of a worker's (multi-line gRPC/TensorFlow) error message
-  that says what went wrong: its first line, without the worker's
-  `Failed to run computation:` prefix (at most 300 characters)."""
-  lines = [l.strip() for l in str(details).splitlines() if l.strip()]
-  line = lines[0] if lines else 'the computation failed on the worker'
-  if line.startswith(_FAILED_COMPUTATION_PREFIX):
-    line = line[len(_FAILED_COMPUTATION_PREFIX):].strip() or line
-  return line[:300]
-
-
-def _computation_error(error, address: str) -> Optional[WorkerComputationError]:
-  """The typed error of a worker's failed computation (None: `error` is no
-  such failure, e.g. a cancelled or timed-out call)."""
-  code = getattr(error, 'code', None)
-  details = getattr(error, 'details', None)
-  try:
-    code, details = code(), details()
-  except Exception:  # pylint: disable=broad-except
-    return None
-  # (TFF retries UNAVAILABLE and FAILED_PRECONDITION: never seen here.)
-  if code not in (grpc.StatusCode.INTERNAL, grpc.StatusCode.INVALID_ARGUMENT,
-                  grpc.StatusCode.UNKNOWN,
-                  grpc.StatusCode.OUT_OF_RANGE) or not details:
-    return None
-  return WorkerComputationError(telling_line(details), details=details,
-                                status=code.name, address=address)
 
 
 # -------------------------------------------------------------- health check
@@ -232,7 +170,7 @@ class _BoundedRetryStub(remote_executor_grpc_stub.RemoteExecutorGrpcStub):
       except Exception as e:  # pylint: disable=broad-except
         if self._dead is not None:  # Cancelled by `abort`.
           raise self._dead_error() from None
-        failed = _computation_error(e, self._address)
+        failed = computation_error(e, self._address)
         if failed is not None:
           raise failed from None
         raise
