@@ -136,6 +136,10 @@ _HELP = {
     'round_timeout': 'Seconds a training round or checkpoint write may take '
                      '(evaluations 10x) before the run stops; 0: '
                      'max(60, 20 x the median round), 600 until measured.',
+    'rounds_per_invocation': 'Training rounds run in one TFF invocation, at '
+                             'most (never past a checkpoint or evaluation '
+                             'round); 0: chosen by the program (up to 10); '
+                             '1: one per invocation. Same results.',
 }
 
 
@@ -206,11 +210,23 @@ def fail(message: str, status: int = checks.EXIT_USAGE, *,
     sys.exit(status)
   for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
     signal.signal(signum, signal.SIG_IGN)  # A second Ctrl-C changes nothing.
+  exit_now(status)
+
+
+def exit_now(status: int = 0):
+  """Ends the process with `status` once its work is done: stops any worker
+  this process started, runs the atexit work (TF's generated-code files,
+  ...) and flushes the output, then leaves with `os._exit`, skipping
+  interpreter teardown: TensorFlow's module and thread teardown took 1.6 s
+  of the 20-round README command (docs/performance.md), and its threads can
+  abort the process there. Every output file is closed before this."""
   local_worker = sys.modules.get('perfed_tff.runtime.local_worker')
   if local_worker is not None:
     local_worker.stop_all_workers()
-  try:  # atexit work (TF's generated-code files, ...), not C++ teardown.
+  try:
     import atexit  # pylint: disable=g-import-not-at-top
+    from experiments import startup  # pylint: disable=g-import-not-at-top
+    atexit.unregister(startup.release_tff_context)  # No teardown follows.
     atexit._run_exitfuncs()  # pylint: disable=protected-access
   except Exception:  # pylint: disable=broad-except
     pass

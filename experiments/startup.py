@@ -25,7 +25,10 @@ def _exit_on_signal(signum, frame):
   os._exit(128 + signum)  # pylint: disable=protected-access
 
 
-def _release_tff_context():
+def release_tff_context():
+  """At exit, before interpreter teardown (registered by
+  `exit_quietly_on_signals`). Not needed when the process leaves with
+  `os._exit` (`experiments.cli.exit_now`): there is no teardown."""
   if 'tensorflow_federated' in sys.modules:
     from perfed_tff.runtime import execution  # pylint: disable=g-import-not-at-top
     execution.release_tff_default_context()
@@ -36,4 +39,4 @@ def exit_quietly_on_signals() -> None:
     if signal.getsignal(signum) != signal.SIG_IGN:
       signal.signal(signum, _exit_on_signal)
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-  atexit.register(_release_tff_context)
+  atexit.register(release_tff_context)

@@ -107,6 +107,7 @@ def main(argv):
     print(format_summary(result), flush=True)
   if len(results) > 1:
     print(format_comparison(results), flush=True)
+  cli.exit_now(0)
 
 
 if __name__ == '__main__':

@@ -70,6 +70,44 @@ def test_kill9_at_several_rounds_resumes_exactly(tmp_path, baseline):
                          atol=1e-6)
 
 
+def test_kill9_inside_a_block_of_rounds_resumes_exactly(tmp_path, baseline):
+  """With checkpoints every 6 rounds, rounds 7-12 run in one invocation
+  (`perfed_tff.program.round_blocks`). The worker is frozen once that block
+  is sent, so the trainer is killed while the block is in flight; the
+  resume starts from round 6 and computes the block again."""
+  out = tmp_path / 'out'
+  run_dir = out / 'per_fedavg_fo'
+  csv_path = run_dir / 'metrics' / 'train.csv'
+  manifest = run_dir / 'checkpoints' / 'program_state_6' / (
+      'perfed_tff_manifest.json')
+  flags = (ROUNDS, f'--root_output_dir={out}', '--checkpoint_every=6')
+  proc = h.start(*flags, log_path=tmp_path / 'log.txt')
+  h.wait_for_round(proc, csv_path, 6)
+  deadline = time.monotonic() + 60
+  while not manifest.exists():
+    assert proc.poll() is None and time.monotonic() < deadline
+    time.sleep(0.01)
+  workers = h.worker_descendants(proc.pid)
+  assert workers
+  for worker in workers:
+    worker.suspend()
+  # Health checks start 2 s into a phase: kill before the run notices.
+  time.sleep(0.8)
+  assert h.csv_rounds(csv_path) == list(range(1, 7))
+  h.kill9(proc)
+  for worker in workers:
+    try:
+      worker.resume()
+    except Exception:  # pylint: disable=broad-except
+      pass
+  assert not h.wait_gone(workers), 'worker_binary outlived kill -9'
+  r = h.run(*flags)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert 'resuming from round 6' in r.stderr + r.stdout, r.stderr[-2000:]
+  assert h.csv_rounds(csv_path) == list(range(1, 13))
+  h.assert_weights_close(h.final_weights(run_dir), baseline, atol=0.0)
+
+
 def test_two_local_workers_match_single_process(tmp_path, baseline,
                                                 two_workers):
   ports, _, _ = two_workers

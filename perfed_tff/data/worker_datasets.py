@@ -106,8 +106,14 @@ def dataset_reader(client_data: tff.simulation.datasets.ClientData):
   large population grew by hundreds of MB. Here the client id is a string
   tensor of one `tf.function` (TFF requires `serializable_dataset_fn` to be
   traceable), so the pipeline's functions are traced once. A `ClientData`
-  whose dataset function cannot be traced is read eagerly.
+  whose dataset function cannot be traced is read eagerly, and so is an
+  in-memory `tff.simulation.datasets.TestClientData` (its eager read maps
+  nothing, so it registers no function, while its traceable dataset
+  function holds every client's tensors: 0.7 s to trace and 25 ms a read on
+  the digits task, against 0.2 ms eagerly).
   """
+  if isinstance(client_data, tff.simulation.datasets.TestClientData):
+    return client_data.create_tf_dataset_for_client
   try:
     traced = tf.function(client_data.serializable_dataset_fn,
                          input_signature=[tf.TensorSpec([], tf.string)],

@@ -18,6 +18,7 @@ spreads every round's clients over them with
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import os
@@ -32,6 +33,7 @@ from tensorflow_federated.python.core.impl.executors import remote_executor
 from tensorflow_federated.python.core.impl.executors import remote_executor_grpc_stub
 from tensorflow_federated.python.core.impl.execution_contexts import async_execution_context
 from tensorflow_federated.python.core.impl.execution_contexts import sync_execution_context
+from tensorflow_federated.python.core.impl.computation import computation_impl
 from tensorflow_federated.python.core.impl.types import placements
 from tensorflow_federated.python.core.environments.tensorflow_frontend import tensorflow_computation
 from tensorflow_federated.python.core.impl.context_stack import context_stack_impl
@@ -227,6 +229,77 @@ class _BoundedRetryStub(remote_executor_grpc_stub.RemoteExecutorGrpcStub):
     raise self._dead from None
 
 
+class _IdentityCache:
+  """A bounded LRU map keyed by the identity of its key objects, which it
+  keeps alive (so that an id is never reused while it is in the map)."""
+
+  def __init__(self, size: int):
+    self._size = size
+    self._entries = collections.OrderedDict()  # id(key) -> (key, value)
+
+  def get(self, key):
+    entry = self._entries.get(id(key))
+    if entry is None or entry[0] is not key:
+      return None
+    self._entries.move_to_end(id(key))
+    return entry[1]
+
+  def put(self, key, value) -> None:
+    self._entries[id(key)] = (key, value)
+    self._entries.move_to_end(id(key))
+    while len(self._entries) > self._size:
+      self._entries.popitem(last=False)
+
+
+# Computations a run keeps compiled and on its worker: a training process
+# (next, plus a multi-round `next`), its evaluation and a few helpers.
+_CACHED_COMPUTATIONS = 32
+
+
+class _CompilerPipeline:
+  """TFF's `CompilerPipeline`, keyed by the computation object instead of its
+  hash: TFF's hashes a computation by serializing its whole proto (0.3-0.5 MB
+  for a Per-FedAvg round), on every invocation. `add_compiled` registers a
+  computation that is already in the worker's form (it is run as it is)."""
+
+  def __init__(self, compiler_fn):
+    self._compiler_fn = compiler_fn
+    self._compiled = _IdentityCache(_CACHED_COMPUTATIONS)
+
+  def compile(self, comp):
+    compiled = self._compiled.get(comp)
+    if compiled is None:
+      compiled = self._compiler_fn(comp)
+      self._compiled.put(comp, compiled)
+    return compiled
+
+  def add_compiled(self, comp) -> None:
+    self._compiled.put(comp, comp)
+
+
+class _ComputationKeepingExecutor(remote_executor.RemoteExecutor):
+  """TFF's `RemoteExecutor` that creates each (compiled) computation on the
+  worker once and calls it there again on every later invocation, instead of
+  serializing and sending it with every call (TFF disposes of the
+  computation value after each call). Arguments are sent as before. The
+  values live as long as this executor (one per cardinality, see
+  `ResourceManagingExecutorFactory`), at most `_CACHED_COMPUTATIONS` of
+  them."""
+
+  def __init__(self, stub):
+    super().__init__(stub)
+    self._computations = _IdentityCache(_CACHED_COMPUTATIONS)
+
+  async def create_value(self, value, type_spec=None):
+    if not isinstance(value, computation_impl.ConcreteComputation):
+      return await super().create_value(value, type_spec)
+    remote = self._computations.get(value)
+    if remote is None:
+      remote = await super().create_value(value, type_spec)
+      self._computations.put(value, remote)
+    return remote
+
+
 def _executor_factory(address: str, default_num_clients: int,
                       ready_timeout: float, retry_timeout: float,
                       stubs: Optional[list] = None, wait: bool = True,
@@ -255,11 +328,20 @@ def _executor_factory(address: str, default_num_clients: int,
       ready.append(True)
     if cardinalities.get(placements.CLIENTS) is None:
       cardinalities[placements.CLIENTS] = default_num_clients
-    executor = remote_executor.RemoteExecutor(stub)
+    executor = _ComputationKeepingExecutor(stub)
     executor.set_cardinalities(cardinalities)
     return executor
 
   return python_executor_stacks.ResourceManagingExecutorFactory(stack_fn)
+
+
+def _keep_compiled(context) -> _CompilerPipeline:
+  """Makes `context` (a TFF Sync or Async execution context) look compiled
+  computations up by identity; returns its `_CompilerPipeline`."""
+  inner = getattr(context, '_async_context', context)
+  pipeline = inner._compiler_pipeline  # pylint: disable=protected-access
+  inner._compiler_pipeline = _CompilerPipeline(pipeline._compiler_fn)  # pylint: disable=protected-access
+  return inner._compiler_pipeline  # pylint: disable=protected-access
 
 
 def _context_kwargs(graph_optimization: str, local_worker: bool):
@@ -318,6 +400,7 @@ class ExecutionContext:
     compilation.check_graph_optimization(graph_optimization)
     install_exit_handlers()
     self.context = None
+    self._pipeline: Optional[_CompilerPipeline] = None
     self.stubs: list[_BoundedRetryStub] = []
     self.aborted: Optional[WorkerUnavailableError] = None
     self.local_workers: list[WorkerProcess] = []
@@ -347,6 +430,7 @@ class ExecutionContext:
         self.context = sync_execution_context.SyncExecutionContext(
             factory, **context_kwargs
         )
+        self._pipeline = _keep_compiled(self.context)
       else:
         async_contexts = [
             async_execution_context.AsyncExecutionContext(
@@ -356,6 +440,8 @@ class ExecutionContext:
             )
             for a in self.addresses
         ]
+        for async_context in async_contexts:
+          _keep_compiled(async_context)
         self.context = tff.backends.native.create_mergeable_comp_execution_context(
             async_contexts
         )
@@ -364,6 +450,31 @@ class ExecutionContext:
       raise
     tff.framework.set_default_context(self.context)
     _OPEN_CONTEXTS.append(self)
+
+  @property
+  def single_worker(self) -> bool:
+    """Whether computations run whole on one worker (not split across
+    several by the mergeable context)."""
+    return self._pipeline is not None
+
+  def compile(self, comp: computation_impl.ConcreteComputation
+              ) -> computation_impl.ConcreteComputation:
+    """`comp` in the form this context sends its worker (compiled once and
+    kept; a single-worker context only)."""
+    if self._pipeline is None:
+      raise ValueError('a multi-worker context compiles per invocation')
+    return self._pipeline.compile(comp)
+
+  def add_compiled(self, comp: computation_impl.ConcreteComputation) -> None:
+    """Runs `comp`, built from computations of `compile`, as it is."""
+    if self._pipeline is None:
+      raise ValueError('a multi-worker context compiles per invocation')
+    self._pipeline.add_compiled(comp)
+
+  def is_current(self) -> bool:
+    """Whether TFF's computations run in this context now."""
+    return (self.context is not None and
+            context_stack_impl.context_stack.current is self.context)
 
   def _local_worker(self, address: str) -> Optional[WorkerProcess]:
     for worker in self.local_workers:

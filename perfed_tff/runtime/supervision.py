@@ -134,7 +134,7 @@ class Watchdog:
     self._write = write
     self._context = context
     self._lock = threading.Lock()
-    self._phase = None  # (label, kind, start)
+    self._phase = None  # (label, kind, start, rounds)
     self._seconds = collections.defaultdict(list)
     self._done = threading.Event()
     self.error = None
@@ -142,11 +142,14 @@ class Watchdog:
                                     name='perfed_tff-watchdog')
     self._thread.start()
 
-  def begin(self, label: str, kind: str) -> None:
+  def begin(self, label: str, kind: str, rounds: int = 1) -> None:
+    """A phase starts; `rounds` training rounds run in it (a block of
+    rounds in one invocation: its deadline is `rounds` round deadlines, and
+    it is measured as `rounds` rounds of equal length)."""
     now = time.monotonic()
     with self._lock:
       self._close_phase(now)
-      self._phase = (label, kind, now)
+      self._phase = (label, kind, now, max(1, rounds))
 
   def end(self) -> None:
     with self._lock:
@@ -155,7 +158,8 @@ class Watchdog:
 
   def _close_phase(self, now: float) -> None:
     if self._phase is not None:
-      self._seconds[self._phase[1]].append(now - self._phase[2])
+      _, kind, start, rounds = self._phase
+      self._seconds[kind].append((now - start) / rounds)
 
   def stop(self) -> None:
     self._done.set()
@@ -207,10 +211,10 @@ class Watchdog:
         phase = self._phase
       if phase is None:
         continue
-      label, kind, start = phase
+      label, kind, start, rounds = phase
       if phase is not current:
         current, checked_at = phase, None
-        notice = max(30.0, self.deadline(kind) / 8)
+        notice = max(30.0, rounds * self.deadline(kind) / 8)
       elapsed = now - start
       if (self._context is not None and elapsed >= HEALTH_CHECK_AFTER and
           (checked_at is None or now - checked_at >= HEALTH_CHECK_EVERY)):
@@ -224,7 +228,7 @@ class Watchdog:
               f'{self._context.describe(address)} {why} during {label}; '
               'stopped the run.'), phase)
           return
-      limit = self.deadline(kind)
+      limit = rounds * self.deadline(kind)
       if elapsed > limit and not self._done.is_set():
         flag = (f'`round_timeout`={self._explicit:g}' if self._explicit
                 else 'raise it with `round_timeout`')
@@ -306,8 +310,8 @@ class Supervisor:
                               context=self._context)
     self._stop = threading.Event()
 
-  def begin(self, label: str, kind: str) -> None:
-    self._watchdog.begin(label, kind)
+  def begin(self, label: str, kind: str, rounds: int = 1) -> None:
+    self._watchdog.begin(label, kind, rounds)
 
   def end(self) -> None:
     self._watchdog.end()

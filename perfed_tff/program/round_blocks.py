@@ -1,0 +1,140 @@
+"""The training program's rounds, several per TFF invocation.
+
+Round r's clients and their batches are a pure function of (seed, r)
+(`task.sample_clients`, `task.derive_seed`), and the worker builds the
+batches from the clients' examples and seeds; so the program can hand the
+worker the inputs of rounds r..r+K-1 at once and run them in one invocation
+(`perfed_tff.runtime.multi_round`), with the same weights and per-round
+metrics as K invocations. A block never runs past a round where the program
+needs the state in Python: a checkpoint round, an evaluation round, the last
+round. A run killed inside a block resumes from the checkpoint before it
+and computes the same rounds again.
+
+`rounds_per_invocation` (a `TrainingConfig` field, `--rounds_per_invocation`)
+is K at most; 0 (the default) lets the program choose: up to the next
+checkpoint or evaluation round, at most `AUTO_MAX_ROUNDS`, and at most
+`MAX_BLOCK_BYTES` of client inputs in one invocation.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Optional
+
+import tensorflow as tf
+import tensorflow_federated as tff
+
+from perfed_tff.runtime import multi_round
+
+# K under rounds_per_invocation=0: the gain per round levels off well before
+# (docs/performance.md), and a block's client inputs are held at once.
+AUTO_MAX_ROUNDS = 10
+# Client inputs (examples and seeds) of one block, at most; a block always
+# runs at least one round.
+MAX_BLOCK_BYTES = 256 * 1024 * 1024
+
+
+def _next_multiple(round_num: int, every: int) -> int:
+  return -(-round_num // every) * every
+
+
+def last_round_of_block(round_num: int, *, total_rounds: int,
+                        checkpoint_every: int, eval_every: int,
+                        max_rounds: int) -> int:
+  """The last round of the block that starts at `round_num`: at most
+  `max_rounds` rounds, ending at the next checkpoint round, evaluation round
+  (eval_every > 0) or `total_rounds`, whichever comes first."""
+  ends = [total_rounds, round_num + max(1, max_rounds) - 1,
+          _next_multiple(round_num, checkpoint_every)]
+  if eval_every:
+    ends.append(_next_multiple(round_num, eval_every))
+  return min(ends)
+
+
+def _nbytes(inputs) -> int:
+  return sum(getattr(a, 'nbytes', 0) for a in tf.nest.flatten(inputs))
+
+
+class RoundBlocks:
+  """Runs the rounds of a worker-side process (one that takes
+  `round_client_inputs`) in blocks.
+
+  `next(state, round_num)` returns round `round_num`'s
+  `LearningProcessOutput`. At the first round of a block it runs the whole
+  block in one invocation and keeps the later rounds' metrics; their calls
+  return them (the state is the block's last; the rounds inside a block
+  never checkpoint or evaluate, so only the last round's state is handed
+  on). `seconds(round_num)` is a block round's share of the block's time.
+
+  Args:
+    process: the worker-side `LearningProcess`.
+    context: the single-worker `perfed_tff.runtime.ExecutionContext` it runs
+      in.
+    round_inputs: `round_num -> client inputs of that round`.
+    last_round: `round_num -> last round of the block starting there`.
+    max_bytes: client inputs of one block, at most.
+  """
+
+  def __init__(self, process, context, *,
+               round_inputs: Callable[[int], list],
+               last_round: Callable[[int], int],
+               max_bytes: int = MAX_BLOCK_BYTES):
+    self._process = process
+    self._context = context
+    self._round_inputs = round_inputs
+    self._last_round = last_round
+    self._max_bytes = max_bytes
+    self._computations = {}          # K -> multi-round computation
+    self._ahead = {}                 # round -> metrics not handed out yet
+    self._state = None               # the last block's final state
+    self._seconds = {}               # round -> its share of its block's time
+
+  def pending(self, round_num: int) -> bool:
+    """Whether round `round_num` was run by an earlier block."""
+    return round_num in self._ahead
+
+  def rounds_from(self, round_num: int) -> int:
+    """The rounds of the block that would start at `round_num`."""
+    return self._last_round(round_num) - round_num + 1
+
+  def seconds(self, round_num: int) -> Optional[float]:
+    return self._seconds.pop(round_num, None)
+
+  def _computation(self, rounds: int):
+    comp = self._computations.get(rounds)
+    if comp is None:
+      comp = self._computations[rounds] = multi_round.build_multi_round_next(
+          self._context, self._process.next, rounds)
+    return comp
+
+  def next(self, state, round_num: int):
+    if round_num in self._ahead:
+      return tff.learning.templates.LearningProcessOutput(
+          state=self._state if not self._ahead_after(round_num) else None,
+          metrics=self._ahead.pop(round_num))
+    self._ahead.clear()
+    start = time.time()
+    inputs = [self._round_inputs(round_num)]
+    size = _nbytes(inputs[0])
+    for r in range(round_num + 1, self._last_round(round_num) + 1):
+      data = self._round_inputs(r)
+      size += _nbytes(data)
+      if size > self._max_bytes:
+        break
+      inputs.append(data)
+    if len(inputs) == 1:
+      output = self._process.next(state, inputs[0])
+      self._seconds[round_num] = time.time() - start
+      return output
+    final_state, metrics = self._computation(len(inputs))(state, inputs)
+    share = (time.time() - start) / len(inputs)
+    for k, round_metrics in enumerate(metrics):
+      self._seconds[round_num + k] = share
+      if k:
+        self._ahead[round_num + k] = round_metrics
+    self._state = final_state
+    return tff.learning.templates.LearningProcessOutput(
+        state=None, metrics=metrics[0])
+
+  def _ahead_after(self, round_num: int) -> bool:
+    return any(r > round_num for r in self._ahead)
