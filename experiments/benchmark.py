@@ -79,6 +79,12 @@ _TFF_CLIENT_DATA = flags.DEFINE_enum(
     'How the TFF contenders get client data: "worker" (what the training '
     'program does: each client\'s examples and seed, batches built on the '
     'worker) or "datasets" (a serialized tf.data.Dataset per client).')
+_ROUNDS_PER_INVOCATION = flags.DEFINE_integer(
+    'rounds_per_invocation', 10,
+    'TFF contenders (worker-side data) run this many rounds per invocation, '
+    'as the training program does between checkpoints (10: its default '
+    'with --checkpoint_every=10); 1: one `next` call per round.',
+    lower_bound=1)
 _EMPTY_ROUNDS = flags.DEFINE_integer(
     'empty_rounds', 5,
     'Rounds per contender with empty client data: the fixed cost of a round, '
@@ -116,6 +122,7 @@ def main(argv):
       seed=_SEED.value,
       max_concurrent_computation_calls=_CONCURRENCY.value,
       tff_client_data=_TFF_CLIENT_DATA.value,
+      rounds_per_invocation=_ROUNDS_PER_INVOCATION.value,
       empty_rounds=_EMPTY_ROUNDS.value,
       memory_rounds=_MEMORY_ROUNDS.value,
       memory_contender=_MEMORY_CONTENDER.value)

@@ -42,6 +42,8 @@ from perfed_tff import algorithms as algorithms_lib
 from perfed_tff.data import task as task_lib
 from perfed_tff.models import specs
 from perfed_tff.data import worker_datasets
+from perfed_tff.runtime import execution
+from perfed_tff.runtime import multi_round
 
 FLOORS = ('floor_fedavg', 'floor_fo', 'floor_hf', 'floor_maml')
 # The PyTorch peer (`experiments.torch_peer`; skipped without torch).
@@ -108,6 +110,11 @@ class BenchmarkConfig:
   # `worker_datasets`) or 'datasets' (one serialized tf.data.Dataset per
   # client per round, TFF's plain interface).
   tff_client_data: str = 'worker'
+  # TFF contenders (worker-side client data) run this many rounds per
+  # invocation, as the training program does between checkpoints
+  # (`perfed_tff.program.round_blocks`); each measured "round" of theirs is
+  # then a block of K rounds, reported per round.
+  rounds_per_invocation: int = 1
   empty_rounds: int = 0        # rounds with empty client data (fixed cost)
   memory_rounds: int = 0       # extra rounds of `memory_contender` for RSS
   memory_contender: str = 'per_fedavg_hf'
@@ -150,20 +157,27 @@ def build_contender(contender: str, task: benchmark_tasks.BenchmarkTask,
         contender, model, alpha=config.alpha, beta=config.beta,
         delta=config.delta, local_steps=config.local_steps,
         client_weighting='uniform')
+  worker_side = config.tff_client_data == 'worker'
   return TFFRunner(
-      process, worker_side=config.tff_client_data == 'worker',
+      process, worker_side=worker_side,
       element_spec=specs.unbatched_spec(task.element_spec),
       batch_size=config.batch_size,
-      num_batches=_batches_per_round(contender, config.local_steps))
+      num_batches=_batches_per_round(contender, config.local_steps),
+      rounds_per_invocation=(config.rounds_per_invocation if worker_side
+                             and contender != 'fedavg_reduce' else 1))
 
 
 class TFFRunner:
   """A `LearningProcess` driven round by round: with `worker_side`, composed
   with the worker-side batch pipeline (`worker_datasets.compose`, what the
-  training program runs; it takes `round_inputs`), else it takes datasets."""
+  training program runs; it takes `round_inputs`), else it takes datasets.
+  With `rounds_per_invocation` K > 1 (worker-side only), each `run_round`
+  runs K rounds in one invocation (`perfed_tff.runtime.multi_round`, the
+  training program's blocks) on a list of K rounds' inputs."""
 
   def __init__(self, process, *, worker_side: bool = False,
-               element_spec=None, batch_size: int = 0, num_batches: int = 0):
+               element_spec=None, batch_size: int = 0, num_batches: int = 0,
+               rounds_per_invocation: int = 1):
     self.worker_side = worker_side
     if worker_side:
       process = worker_datasets.compose(
@@ -171,9 +185,19 @@ class TFFRunner:
           num_batches=num_batches)
     self.process = process
     self.state = process.initialize()
+    self.rounds_per_call = rounds_per_invocation
+    self._block = None
+    if rounds_per_invocation > 1:
+      if not worker_side:
+        raise ValueError('rounds_per_invocation > 1 needs worker-side data')
+      self._block = multi_round.build_multi_round_next(
+          execution.current(), process.next, rounds_per_invocation)
 
   def run_round(self, datasets) -> None:
-    self.state = self.process.next(self.state, list(datasets)).state
+    if self._block is not None:
+      self.state, _ = self._block(self.state, list(datasets))
+    else:
+      self.state = self.process.next(self.state, list(datasets)).state
 
   def weights(self):
     return self.process.get_model_weights(self.state)
@@ -199,6 +223,10 @@ def round_data(runner, task: benchmark_tasks.BenchmarkTask,
   for the PyTorch peer (made before its round is timed, like every
   contender's input), batch streams otherwise."""
   if isinstance(runner, TFFRunner) and runner.worker_side:
+    k = runner.rounds_per_call
+    if k > 1:  # Rounds k*r+1 .. k*r+k, a block.
+      return [benchmark_tasks.round_inputs(task, config, k * round_num + i + 1,
+                                           empty=empty) for i in range(k)]
     return benchmark_tasks.round_inputs(task, config, round_num, empty=empty)
   datasets = round_datasets(task, config, contender, round_num)
   if empty:

@@ -52,11 +52,16 @@ def _task(config: BenchmarkConfig):
                    seed=config.seed)
 
 
+def _rounds_per_call(runner) -> int:
+  return getattr(runner, 'rounds_per_call', 1)
+
+
 def _timed_round(runner, datasets) -> float:
-  """Seconds one round of `runner` takes on `datasets`."""
+  """Seconds per round of one `run_round` of `runner` on `datasets` (a
+  block of rounds for a TFF runner with `rounds_per_invocation` > 1)."""
   t0 = time.perf_counter()
   runner.run_round(datasets)
-  return time.perf_counter() - t0
+  return (time.perf_counter() - t0) / _rounds_per_call(runner)
 
 
 def run_benchmark(config: BenchmarkConfig, log: Callable[[str], None] = print
@@ -113,10 +118,13 @@ def run_benchmark(config: BenchmarkConfig, log: Callable[[str], None] = print
   for c in contenders:
     measured = times[c][config.warmup_rounds:]
     median = statistics.median(measured) if measured else float('nan')
+    # The first invocation whole (a block: its K rounds, compilation once).
+    first = times[c][0] * _rounds_per_call(runners[c])
     results[c] = collections.OrderedDict(
         build_s=build_s[c],
-        first_round_s=times[c][0],
-        compile_s=times[c][0] - median,
+        first_round_s=first,
+        compile_s=first - median * _rounds_per_call(runners[c]),
+        rounds_per_invocation=_rounds_per_call(runners[c]),
         median_round_s=median,
         round_s=measured,
         gradient_evaluations_per_round=(

@@ -45,6 +45,11 @@ def markdown_table(report: dict) -> str:
       f"{cfg['warmup_rounds']} warm-up; ratios are medians of per-round "
       f"ratios (contenders interleaved in every round); TFF worker and floor "
       f"run {cfg['max_concurrent_computation_calls']} clients at a time; "
+      + (f"TFF contenders run {cfg['rounds_per_invocation']} rounds per "
+         "invocation (the training program's blocks; a measured round is "
+         "a block's time / K, its first round the first block whole); "
+         if cfg.get('rounds_per_invocation', 1) > 1 else
+         "TFF contenders run one round per invocation; ") +
       f"TFF graphs compiled with graph_optimization="
       f"'{cfg.get('graph_optimization', 'tff')}'"
       + (' (' + ', '.join(f"{c}: {r['graph_optimization']}"

@@ -60,6 +60,22 @@ def test_floor_and_tff_agree_after_one_round(contender):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize('contender', ['per_fedavg_maml', 'fedavg'])
+def test_a_block_of_rounds_equals_as_many_single_rounds(contender):
+  task = benchmark_tasks.make_task('digits_mlp', num_clients=6, seed=0)
+  config = _config('digits_mlp', rounds_per_invocation=3)
+  block = contenders.build_contender(contender, task, config)
+  assert block.rounds_per_call == 3
+  block.run_round(contenders.round_data(block, task, config, contender, 0))
+  single_config = _config('digits_mlp')
+  single = contenders.build_contender(contender, task, single_config)
+  for r in (1, 2, 3):
+    single.run_round(contenders.round_data(single, task, single_config,
+                                           contender, r))
+  for a, b in zip(block.weights().trainable, single.weights().trainable):
+    np.testing.assert_array_equal(a, b)
+
+
 def test_contenders_follow_the_library_rules_of_their_algorithm():
   assert contenders.algorithm_of('fedavg_reduce') == 'fedavg'
   for tff_contender, floor in contenders.FLOOR_OF.items():
@@ -83,9 +99,17 @@ def test_contenders_follow_the_library_rules_of_their_algorithm():
 def test_run_benchmark_small_configuration_reports_ratios():
   pytest.importorskip('torch')  # ./run.sh test installs the peer
   config = _config('digits_mlp', memory_rounds=3,
-                   memory_contender='per_fedavg_fo', empty_rounds=1)
+                   memory_contender='per_fedavg_fo', empty_rounds=1,
+                   rounds_per_invocation=2)
   report = benchmark_lib.run_benchmark(config, log=lambda _: None)
   assert set(report['results']) == set(contenders.CONTENDERS)
+  # The training program's blocks for the TFF contenders that take
+  # worker-side data; TFF's own DATASET_REDUCE loop takes datasets.
+  blocks = {c: r['rounds_per_invocation']
+            for c, r in report['results'].items()}
+  assert blocks['per_fedavg_fo'] == blocks['fedavg'] == 2
+  assert blocks['fedavg_reduce'] == blocks['floor_fo'] == 1
+  assert blocks['torch_fo'] == 1
   assert not report['skipped'] and report['environment']['torch']
   for alg, peer in contenders.PEER_OF.items():
     for c in (alg, contenders.FLOOR_OF[alg]):
