@@ -40,3 +40,21 @@ def exit_quietly_on_signals() -> None:
       signal.signal(signum, _exit_on_signal)
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   atexit.register(release_tff_context)
+
+
+def start_local_worker_early(argv) -> None:
+  """Starts the run's local TFF worker now, so that its start (about a
+  second) overlaps TensorFlow's import; the run's `ExecutionContext`
+  adopts it (`perfed_tff.runtime.local_worker.start_early`). Not when the
+  command names remote `--workers` or asks for help. Imports no
+  TensorFlow."""
+  args = list(argv[1:])
+  for i, arg in enumerate(args):
+    if arg.startswith(('-h', '--help')):
+      return
+    if arg == '--workers' and i + 1 < len(args) and args[i + 1]:
+      return
+    if arg.startswith('--workers=') and arg != '--workers=':
+      return
+  from perfed_tff.runtime import local_worker  # pylint: disable=g-import-not-at-top
+  local_worker.start_early(os.cpu_count() or -1)

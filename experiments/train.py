@@ -28,11 +28,13 @@ checkpoint, or a --root_output_dir in use by another run), 1 a failed run,
 """
 
 import math
+import sys
 
 
 if __name__ == '__main__':  # Not when imported (tests, notebooks).
   from experiments import startup  # pylint: disable=g-import-not-at-top
   startup.exit_quietly_on_signals()
+  startup.start_local_worker_early(sys.argv)
 
 from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags

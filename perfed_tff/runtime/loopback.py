@@ -29,7 +29,6 @@ import platform
 import shutil
 import signal
 import socket
-import stat
 import subprocess
 import sys
 import tempfile
@@ -38,6 +37,7 @@ import time
 from typing import Mapping, Optional, Sequence
 
 from perfed_tff import checks
+from perfed_tff.runtime import user_cache
 
 LISTEN_ENV = 'PERFED_TFF_WORKER_LISTEN'
 LISTEN_CHOICES = ('loopback', 'all')
@@ -120,18 +120,11 @@ def _safe_path(path: str) -> bool:
   the worker's rights), and usable in LD_PRELOAD (no space or colon)."""
   if any(c in path for c in ' \t\n:'):
     return False
-  try:
-    info = os.lstat(path)
-  except OSError:
-    return False
-  return (info.st_uid == os.geteuid() and not stat.S_ISLNK(info.st_mode)
-          and not info.st_mode & (stat.S_IWGRP | stat.S_IWOTH))
+  return user_cache.is_private(path)
 
 
 def _cache_dirs() -> list[str]:
-  base = os.environ.get('XDG_CACHE_HOME') or os.path.join(
-      os.path.expanduser('~'), '.cache')
-  return [os.path.join(base, 'perfed_tff')]
+  return [user_cache.base_dir()]
 
 
 def _private_dir() -> str:
@@ -141,11 +134,7 @@ def _private_dir() -> str:
 
 
 def _usable_dir(path: str) -> bool:
-  try:
-    os.makedirs(path, mode=0o700, exist_ok=True)
-  except OSError:
-    return False
-  return _safe_path(path) and os.access(path, os.W_OK | os.X_OK)
+  return user_cache.usable_dir(path) and _safe_path(path)
 
 
 def _self_test(path: str) -> Optional[str]:
