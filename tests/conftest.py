@@ -7,6 +7,11 @@ import psutil
 import pytest
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+# Every test traces and compiles its computations (tests that count
+# compilations or traces rely on it); tests/test_program_computation_cache.py
+# and the cache tests turn the caches across runs on, each in its own folder.
+# The binaries the tests start inherit this.
+os.environ['PERFED_TFF_COMPUTATION_CACHE'] = 'off'
 
 
 def pytest_configure(config):

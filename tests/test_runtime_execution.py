@@ -1,6 +1,7 @@
 """`perfed_tff.runtime.execution`: nested contexts, two-worker mergeable execution,
 and a bounded wait (clear error) when a worker dies."""
 
+import os
 import time
 
 import numpy as np
@@ -108,3 +109,43 @@ def test_failed_computation_is_a_typed_error_with_the_telling_line():
       'Received a label value of 12 which is outside the valid range of '
       '[0, 10).  Label values: 12 12')
   assert worker_errors.telling_line('') == 'the computation failed on the worker'
+
+
+def _worker_pids():
+  import psutil  # pylint: disable=g-import-not-at-top
+  return {p.pid for p in psutil.Process().children(recursive=True)
+          if 'worker_binary' in ' '.join(p.cmdline() or [])}
+
+
+def test_a_worker_started_early_is_adopted_by_the_next_context():
+  from perfed_tff.runtime import local_worker  # pylint: disable=g-import-not-at-top
+  before = _worker_pids()
+  local_worker.start_early(2)
+  (early,) = _worker_pids() - before
+  with execution.ExecutionContext(max_concurrent_computation_calls=2) as ctx:
+    assert ctx.local_workers[0].pid == early
+    assert _sum_doubles([1.0, 2.0]) == pytest.approx(6.0)
+  assert early not in _worker_pids()
+  # Started with other settings: stopped, and the context starts its own.
+  local_worker.start_early(2)
+  (early,) = _worker_pids() - before
+  with execution.ExecutionContext(max_concurrent_computation_calls=1) as ctx:
+    assert ctx.local_workers[0].pid != early
+    assert early not in _worker_pids()
+  assert local_worker.adopt_early(2) is None
+
+
+def test_binaries_start_no_early_worker_for_remote_workers_or_help():
+  from experiments import startup  # pylint: disable=g-import-not-at-top
+  from perfed_tff.runtime import local_worker  # pylint: disable=g-import-not-at-top
+  before = _worker_pids()
+  for argv in (['train', '--workers=localhost:1'],
+               ['train', '--workers', 'localhost:1'], ['train', '--helpfull'],
+               ['train', '-h']):
+    startup.start_local_worker_early(argv)
+    assert _worker_pids() == before, argv
+  startup.start_local_worker_early(['train', '--workers=', '--rounds=3'])
+  worker = local_worker.adopt_early(os.cpu_count() or -1)
+  assert worker is not None and worker.running()
+  worker.stop()
+  assert _worker_pids() == before

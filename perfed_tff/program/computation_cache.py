@@ -87,14 +87,17 @@ def _source_digest() -> str:
   return _SOURCE[0]
 
 
-def key(kind: str, config, task,
+def key(kind: str, config, task, settings: Optional[dict] = None,
         **extra) -> Optional[str]:
   """The cache key of `kind` for a run of `config` on `task`, or None when
-  `task` was not made by `config_lib.load_task(config)`."""
+  `task` was not made by `config.load_task(config)`. `settings`: the
+  config's settings that shape it (default: all that a checkpoint
+  records)."""
   if not loaded_for(task, config):
     return None
   settings = dict(
-      kind=kind, settings=config.resume_metadata(),
+      kind=kind,
+      settings=config.resume_metadata() if settings is None else settings,
       cache_dir=(None if config.cache_dir is None
                  else os.path.abspath(config.cache_dir)),
       element_spec=repr(task.element_spec),
@@ -191,7 +194,11 @@ def evaluation(config, task,
   """(evaluation computation, its worker-side version) of the run:
   `build()` or the stored ones. `settings`: the evaluation's own settings
   (part of the key)."""
-  cache_key = key('evaluation', config, task, **settings)
+  # The model (dataset, its options, seed) and alpha shape the evaluation;
+  # the algorithm and its other settings do not.
+  cache_key = key('evaluation', config, task, settings=dict(
+      dataset=config.dataset, dataset_options=dict(config.dataset_options),
+      seed=config.seed, alpha=config.alpha), **settings)
   stored = _load(cache_key)
   if stored is not None and set(stored) == {'evaluation', 'worker_side'}:
     return stored['evaluation'], stored['worker_side']
