@@ -195,6 +195,7 @@ def test_benchmark_script_runs(tmp_path):
        '--task=synthetic', '--clients_per_round=2', '--num_clients=4',
        '--local_steps=1', '--batch_size=8', '--rounds=1', '--warmup_rounds=1',
        '--contenders=fedavg,per_fedavg_fo,floor_fo', '--empty_rounds=1',
+       '--rounds_per_invocation=2',
        '--max_concurrent_computation_calls=1',
        f'--output_json={out}'],
       stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=600,

@@ -320,6 +320,7 @@ def test_set_hparams_changes_alpha_without_rebuild_or_retrace(
   process.next(state, data)                      # compiles `next`
   hparams = process.get_hparams(state)
   state = process.set_hparams(state, hparams)    # compiles set_hparams
+  h.trainable(process, state)                    # compiles get_model_weights
   after_build = traces['local_step']
   hparams['client_work']['alpha'] = np.float32(0.1)
   hparams['client_work']['client_optimizer']['learning_rate'] = np.float32(

@@ -29,7 +29,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from typing import Callable, Optional
 import weakref
 
@@ -116,21 +115,18 @@ def _path(cache_key: str) -> Optional[str]:
 def _load(cache_key: Optional[str]) -> Optional[dict]:
   """{name: computation} stored under `cache_key`, or None."""
   path = None if cache_key is None else _path(cache_key)
-  if path is None or not user_cache.is_private(path):
+  data = None if path is None else user_cache.read_entry(path)
+  if data is None:
     return None
   try:
-    with open(path, 'rb') as f:
-      names = json.loads(f.readline())
-      out = {}
-      for name, size in names:
-        out[name] = computation_store.loads(f.read(size))
-  except (OSError, ValueError) as e:
+    header, _, rest = data.partition(b'\n')
+    out, start = {}, 0
+    for name, size in json.loads(header):
+      out[name] = computation_store.loads(rest[start:start + size])
+      start += size
+  except (ValueError, TypeError) as e:  # Damaged: traced again, replaced.
     logging.info('traced computations at %s not used (%s)', path, e)
     return None
-  try:
-    os.utime(path)
-  except OSError:
-    pass
   return out
 
 
@@ -144,24 +140,8 @@ def _save(cache_key: Optional[str], comps: dict) -> None:
     logging.info('traced computations not stored (%s)', e)
     return
   header = json.dumps([[name, len(b)] for name, b in blobs]).encode() + b'\n'
-  try:
-    fd, tmp = tempfile.mkstemp(prefix='.tmp_', dir=os.path.dirname(path))
-    try:
-      with os.fdopen(fd, 'wb') as f:
-        f.write(header)
-        for _, blob in blobs:
-          f.write(blob)
-      os.replace(tmp, path)
-    except BaseException:
-      try:
-        os.remove(tmp)
-      except OSError:
-        pass
-      raise
-  except OSError as e:  # A full or read-only disk: trace every run.
-    logging.info('traced computations not stored (%s)', e)
-    return
-  user_cache.prune(os.path.dirname(path), suffix='.json')
+  user_cache.write_entry(path, [header] + [b for _, b in blobs],
+                         suffix='.json')
 
 
 def _learning_process(comps: dict, next_name: str = 'next'):

@@ -27,10 +27,8 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from typing import Callable, Optional
 
-from absl import logging
 import tensorflow as tf
 import tensorflow_federated as tff
 from tensorflow_federated.proto.v0 import computation_pb2
@@ -56,67 +54,50 @@ def _code_version() -> bytes:
 _CODE_VERSION: list = []
 
 
-def key(comp: computation_impl.ConcreteComputation, compiler: str) -> str:
-  """The cache key of compiling `comp` with the compiler named `compiler`."""
+def proto_digest(comp: computation_impl.ConcreteComputation) -> bytes:
+  """sha256 of `comp`'s serialized proto (deterministic)."""
+  proto = computation_impl.ConcreteComputation.get_proto(comp)
+  return hashlib.sha256(proto.SerializeToString(deterministic=True)).digest()
+
+
+def key(digest: bytes, compiler: str) -> str:
+  """The cache key of compiling the computation of `proto_digest` `digest`
+  with the compiler named `compiler`."""
   if not _CODE_VERSION:
     _CODE_VERSION.append(_code_version())
-  digest = hashlib.sha256(_CODE_VERSION[0])
-  digest.update(compiler.encode() + b'\0')
-  proto = computation_impl.ConcreteComputation.get_proto(comp)
-  digest.update(proto.SerializeToString(deterministic=True))
-  return digest.hexdigest()
+  return hashlib.sha256(_CODE_VERSION[0] + compiler.encode() + b'\0'
+                        + digest).hexdigest()
 
 
 def _read(path: str) -> Optional[computation_impl.ConcreteComputation]:
-  if not user_cache.is_private(path):
+  data = user_cache.read_entry(path)
+  if data is None:
     return None
   try:
-    with open(path, 'rb') as f:
-      proto = computation_pb2.Computation.FromString(f.read())
-  except (OSError, ValueError, Exception):  # pylint: disable=broad-except
-    return None
-  try:
-    os.utime(path)  # Recently used.
-  except OSError:
-    pass
+    proto = computation_pb2.Computation.FromString(data)
+  except Exception:  # pylint: disable=broad-except
+    return None  # Damaged: compiled again and replaced.
   return computation_impl.ConcreteComputation(
       computation_proto=proto, context_stack=context_stack_impl.context_stack)
 
 
-def _write(directory: str, path: str,
-           comp: computation_impl.ConcreteComputation) -> None:
-  data = computation_impl.ConcreteComputation.get_proto(
-      comp).SerializeToString()
-  try:
-    fd, tmp = tempfile.mkstemp(prefix='.tmp_', dir=directory)
-    try:
-      with os.fdopen(fd, 'wb') as f:
-        f.write(data)
-      os.replace(tmp, path)
-    except BaseException:
-      try:
-        os.remove(tmp)
-      except OSError:
-        pass
-      raise
-  except OSError as e:  # A full or read-only disk: compile every run.
-    logging.info('compiled computation not cached (%s)', e)
-    return
-  user_cache.prune(directory, suffix=_SUFFIX)
-
-
 def compile_cached(comp: computation_impl.ConcreteComputation,
-                   compiler_fn: Callable, compiler: str
+                   compiler_fn: Callable, compiler: str, *,
+                   digest: Optional[bytes] = None
                    ) -> computation_impl.ConcreteComputation:
   """`compiler_fn(comp)`, read from the cache when a run compiled the same
-  computation with the same compiler (`compiler` names it) before."""
+  computation with the same compiler (`compiler` names it) before.
+  `digest`: `comp`'s `proto_digest`, when known."""
   directory = user_cache.computations_dir('compiled')
   if directory is None:
     return compiler_fn(comp)
-  path = os.path.join(directory, key(comp, compiler) + _SUFFIX)
-  cached = _read(path) if os.path.exists(path) else None
+  digest = digest or proto_digest(comp)
+  path = os.path.join(directory, key(digest, compiler) + _SUFFIX)
+  cached = _read(path)
   if cached is not None:
     return cached
   compiled = compiler_fn(comp)
-  _write(directory, path, compiled)
+  user_cache.write_entry(
+      path, [computation_impl.ConcreteComputation.get_proto(
+          compiled).SerializeToString()], suffix=_SUFFIX)
   return compiled

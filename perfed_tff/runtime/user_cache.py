@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import os
 import stat
+import tempfile
 from typing import Optional
+
+from absl import logging
 
 
 def base_dir() -> str:
@@ -77,3 +80,45 @@ def prune(directory: str, *, suffix: str, max_bytes: int = MAX_BYTES) -> None:
       total -= size
     except OSError:
       pass
+
+
+def read_entry(path: str) -> Optional[bytes]:
+  """The bytes of the cache entry `path` (and marks it used), or None: no
+  such entry, or one that is not private."""
+  if not is_private(path):
+    return None
+  try:
+    with open(path, 'rb') as f:
+      data = f.read()
+  except OSError:
+    return None
+  try:
+    os.utime(path)  # Recently used: pruned last.
+  except OSError:
+    pass
+  return data
+
+
+def write_entry(path: str, chunks, *, suffix: str) -> bool:
+  """Writes `chunks` (bytes) as the cache entry `path`, atomically, then
+  prunes its folder (`prune`). False when the disk refused (full,
+  read-only): the caller simply goes without the entry."""
+  directory = os.path.dirname(path)
+  try:
+    fd, tmp = tempfile.mkstemp(prefix='.tmp_', dir=directory)
+    try:
+      with os.fdopen(fd, 'wb') as f:
+        for chunk in chunks:
+          f.write(chunk)
+      os.replace(tmp, path)
+    except BaseException:
+      try:
+        os.remove(tmp)
+      except OSError:
+        pass
+      raise
+  except OSError as e:
+    logging.info('cache entry %s not written (%s)', path, e)
+    return False
+  prune(directory, suffix=suffix)
+  return True
