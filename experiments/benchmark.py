@@ -50,7 +50,10 @@ _CONTENDERS = flags.DEFINE_list(
     'floor_fo,floor_hf,floor_maml,'
     'torch_fedavg,torch_fo,torch_hf,torch_maml',
     'What to time (the torch_* PyTorch peer is skipped, with a message, when '
-    'torch is not installed).')
+    'torch is not installed). A TFF contender named NAME@K runs K rounds per '
+    'invocation whatever --rounds_per_invocation says (e.g. '
+    'per_fedavg_fo@1 beside per_fedavg_fo: blocks against single rounds, '
+    'side by side).')
 _ALPHA = flags.DEFINE_float('alpha', 0.01, 'Per-FedAvg inner step.')
 _BETA = flags.DEFINE_float('beta', 0.05, 'Outer step (FedAvg client lr).')
 _DELTA = flags.DEFINE_float('delta', 1e-3, 'HF finite-difference radius.')

@@ -30,7 +30,7 @@ MAML 3 tau.
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from typing import Optional, Sequence
 
 import tensorflow as tf
 import tensorflow_federated as tff
@@ -65,9 +65,26 @@ _ALGORITHM_OF = {'fedavg_reduce': 'fedavg',
                  **{peer: alg for alg, peer in PEER_OF.items()}}
 
 
+def split_blocks(contender: str) -> tuple[str, Optional[int]]:
+  """(contender, K) of a TFF contender named `<name>@K`: the same contender
+  run with K rounds per invocation whatever the benchmark's setting (e.g.
+  `per_fedavg_fo@1` beside `per_fedavg_fo`, to time the blocks side by
+  side); (contender, None) for a plain name."""
+  name, at, k = contender.partition('@')
+  if not at:
+    return contender, None
+  if (name not in algorithms_lib.ALGORITHMS or not k.isdigit()
+      or int(k) < 1):
+    raise ValueError(f'unknown contender {contender!r}: <name>@K takes a '
+                     f'TFF contender of {algorithms_lib.ALGORITHMS} and K >= 1')
+  return name, int(k)
+
+
 def algorithm_of(contender: str) -> str:
   """The `perfed_tff.algorithms` name a contender runs (e.g. 'floor_hf' ->
-  'per_fedavg_hf', 'fedavg_reduce' -> 'fedavg')."""
+  'per_fedavg_hf', 'fedavg_reduce' -> 'fedavg', 'per_fedavg_fo@1' ->
+  'per_fedavg_fo')."""
+  contender, _ = split_blocks(contender)
   if contender in algorithms_lib.ALGORITHMS:
     return contender
   if contender not in _ALGORITHM_OF:
@@ -125,6 +142,9 @@ def build_contender(contender: str, task: benchmark_tasks.BenchmarkTask,
   """A runner of `contender` on `task`: a `TFFRunner`, a
   `benchmark_floor.PureTFFloor` or a `torch_peer.TorchPeer`, each with
   `run_round(data)` (data from `round_data`)."""
+  contender, blocks = split_blocks(contender)
+  if blocks is not None:
+    config = dataclasses.replace(config, rounds_per_invocation=blocks)
   variant = algorithms_lib.variant_of(algorithm_of(contender))
   if contender in PEERS:
     # The model's initial weights (the benchmark then sets every contender

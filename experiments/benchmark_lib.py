@@ -69,7 +69,7 @@ def run_benchmark(config: BenchmarkConfig, log: Callable[[str], None] = print
   """Runs the benchmark in the current TFF context; returns the results."""
   contenders = list(config.contenders)
   for c in contenders:
-    if c not in contenders_lib.CONTENDERS:
+    if contenders_lib.split_blocks(c)[0] not in contenders_lib.CONTENDERS:
       raise ValueError(f'unknown contender {c!r}; one of '
                        f'{contenders_lib.CONTENDERS}')
   skipped = collections.OrderedDict()
@@ -161,6 +161,17 @@ def run_benchmark(config: BenchmarkConfig, log: Callable[[str], None] = print
       r = round_ratio(contender, peer)
       if r is not None:
         ratios[f'{contender}/{peer}'] = r
+  # `alg@K` beside `alg`: the same contender with another number of rounds
+  # per invocation, against alg, its floor and its peer, round by round.
+  for c in results:
+    base, blocks = contenders_lib.split_blocks(c)
+    if blocks is None:
+      continue
+    for other in (base, contenders_lib.FLOOR_OF.get(base),
+                  contenders_lib.PEER_OF.get(base)):
+      r = round_ratio(c, other) if other else None
+      if r is not None:
+        ratios[f'{c}/{other}'] = r
   # Fixed cost of a round: the same rounds with every client's data empty
   # (no local step: what is left is broadcast, per-client set-up, transfer,
   # aggregation and the server update). Subtracting it from both sides gives
@@ -173,7 +184,10 @@ def run_benchmark(config: BenchmarkConfig, log: Callable[[str], None] = print
                        round_data(runners[c], task, config, c, r, empty=True))
           for r in range(config.empty_rounds + 1)]
       results[c]['empty_round_s'] = statistics.median(empty_times[1:])
-    for alg, floor in contenders_lib.FLOOR_OF.items():
+    pairs = list(contenders_lib.FLOOR_OF.items()) + [
+        (c, contenders_lib.FLOOR_OF.get(contenders_lib.split_blocks(c)[0]))
+        for c in results if '@' in c]
+    for alg, floor in pairs:
       if alg in results and floor in results:
         compute_ratios[f'{alg}/{floor}'] = (
             (results[alg]['median_round_s'] - results[alg]['empty_round_s']) /

@@ -66,6 +66,12 @@ def markdown_table(report: dict) -> str:
   peer_of = dict(contenders_lib.PEER_OF)
   peer_of.update((contenders_lib.FLOOR_OF[a], p)
                  for a, p in contenders_lib.PEER_OF.items())
+  floor_of = dict(contenders_lib.FLOOR_OF)
+  for c in results:  # `alg@K`: alg with K rounds per invocation.
+    base, blocks = contenders_lib.split_blocks(c)
+    if blocks is not None:
+      peer_of[c] = contenders_lib.PEER_OF.get(base)
+      floor_of[c] = contenders_lib.FLOOR_OF.get(base)
 
   def fmt(key, self_name):
     if key in ratios:
@@ -78,7 +84,7 @@ def markdown_table(report: dict) -> str:
           else '')
     if c in contenders_lib.FLOORS or c in contenders_lib.PEERS:
       vs = vi = ''
-    floor = contenders_lib.FLOOR_OF.get(c)
+    floor = floor_of.get(c)
     vf = (f"{ratios[f'{c}/{floor}']:.2f}" if floor and f'{c}/{floor}' in ratios
           else '')
     compute = report.get('compute_ratios', {})

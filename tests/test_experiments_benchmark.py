@@ -230,3 +230,21 @@ def test_shakespeare_lstm_task_has_next_character_labels():
   assert x.shape == (2, 80) and x.dtype == np.int32
   np.testing.assert_array_equal(y[:, :-1], x[:, 1:])
   assert x.min() >= 1   # no padding: every position is a real character
+
+
+def test_blocks_and_single_rounds_side_by_side():
+  config = _config('digits_mlp', rounds_per_invocation=2,
+                   contenders=('per_fedavg_fo', 'per_fedavg_fo@1',
+                               'floor_fo'))
+  report = benchmark_lib.run_benchmark(config, log=lambda _: None)
+  results = report['results']
+  assert results['per_fedavg_fo']['rounds_per_invocation'] == 2
+  assert results['per_fedavg_fo@1']['rounds_per_invocation'] == 1
+  for key in ('per_fedavg_fo@1/per_fedavg_fo', 'per_fedavg_fo@1/floor_fo',
+              'per_fedavg_fo/floor_fo'):
+    assert math.isfinite(report['ratios'][key]), key
+  assert '| per_fedavg_fo@1 |' in benchmark_report.markdown_table(report)
+  assert contenders.algorithm_of('per_fedavg_hf@3') == 'per_fedavg_hf'
+  for bad in ('floor_fo@1', 'per_fedavg_fo@0', 'per_fedavg_fo@x'):
+    with pytest.raises(ValueError, match='unknown contender'):
+      contenders.split_blocks(bad)
