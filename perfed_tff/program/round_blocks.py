@@ -24,6 +24,7 @@ from typing import Callable, Optional
 import tensorflow as tf
 import tensorflow_federated as tff
 
+from perfed_tff.runtime import execution
 from perfed_tff.runtime import multi_round
 
 # K under rounds_per_invocation=0: the gain per round levels off well before
@@ -138,3 +139,23 @@ class RoundBlocks:
 
   def _ahead_after(self, round_num: int) -> bool:
     return any(r > round_num for r in self._ahead)
+
+
+def for_run(config, process, on_worker, *,
+            round_inputs: Callable[[int], list]) -> Optional[RoundBlocks]:
+  """The `RoundBlocks` of a training run of `config` (a `TrainingConfig`),
+  or None: one round per invocation (`rounds_per_invocation=1`, a process
+  that takes datasets (`on_worker is process`), or a current context that
+  is not one single-worker `ExecutionContext`)."""
+  context = execution.current()
+  if (config.rounds_per_invocation == 1 or on_worker is process
+      or context is None or not context.is_current()
+      or not context.single_worker):
+    return None
+  max_rounds = config.rounds_per_invocation or AUTO_MAX_ROUNDS
+  return RoundBlocks(
+      on_worker, context, round_inputs=round_inputs,
+      last_round=lambda r: last_round_of_block(
+          r, total_rounds=config.rounds,
+          checkpoint_every=config.checkpoint_every,
+          eval_every=config.eval_every, max_rounds=max_rounds))

@@ -60,6 +60,7 @@ from perfed_tff.program import divergence
 from perfed_tff.program import metrics as metrics_lib
 from perfed_tff.program import population_eval
 from perfed_tff.program import round_blocks
+from perfed_tff.program import supervised_loop
 from perfed_tff.runtime import execution
 from perfed_tff.runtime import worker_errors
 from perfed_tff.runtime import supervision
@@ -187,92 +188,6 @@ def round_client_inputs(config: TrainingConfig, task: task_lib.FederatedTask,
   return worker_datasets.round_client_inputs(
       task, examples, clients_per_round=config.clients_per_round,
       seed=config.seed, round_num=round_num)
-
-
-class _SupervisedProcess:
-  """`process` as this program runs it in TFF's loop: `initialize()` returns
-  the state the program already computed (TFF's loop calls it again only for
-  the state's structure), and each `next` is a watched round whose metrics
-  pass the divergence check before TFF's loop releases or checkpoints them.
-  With `blocks` (`round_blocks.RoundBlocks`), `next` takes the round number
-  and a block of rounds is one watched phase."""
-
-  def __init__(self, process, initial_state, supervisor: supervision.Supervisor,
-               check: divergence.DivergenceCheck,
-               blocks: Optional[round_blocks.RoundBlocks] = None):
-    self._process = process
-    self._initial_state = initial_state
-    self._supervisor = supervisor
-    self._check = check
-    self._blocks = blocks
-    self.round_num = 0
-    self.last_metrics = None
-
-  def initialize(self):
-    return self._initial_state
-
-  def begin_round(self, round_num: int) -> None:
-    self._supervisor.check_stop()
-    self.round_num = round_num
-    if self._blocks is None:
-      self._supervisor.begin(f'round {round_num}', 'round')
-    elif not self._blocks.pending(round_num):
-      rounds = self._blocks.rounds_from(round_num)
-      self._supervisor.begin(
-          f'round {round_num}' if rounds == 1 else
-          f'rounds {round_num}-{round_num + rounds - 1}', 'round', rounds)
-
-  def next(self, state, data):
-    start = time.time()
-    if self._blocks is None:
-      output = self._process.next(state, data)
-      self._supervisor.end()
-    elif self._blocks.pending(self.round_num):
-      output = self._blocks.next(state, self.round_num)
-    else:
-      output = self._blocks.next(state, self.round_num)
-      self._supervisor.end()
-    self.last_metrics = output.metrics
-    try:
-      self._check.check(output.metrics, self.round_num)
-    except divergence.NonFiniteLossError:
-      output.metrics[metrics_lib.ROUND_SECONDS] = (
-          self.round_seconds(self.round_num) or time.time() - start)
-      raise
-    return output
-
-  def round_seconds(self, round_num: int) -> Optional[float]:
-    """A round's share of its block's time (None: the round was its own
-    invocation, timed by TFF's loop)."""
-    return None if self._blocks is None else self._blocks.seconds(round_num)
-
-
-class _Checkpoints(tff.program.ProgramStateManager):
-  """The run's `CheckpointManager`, each save a supervised phase that an
-  interrupt cannot cut short (a checkpoint is written whole). With
-  `preloaded` (state, version), TFF's loop is handed the state this program
-  already loaded and checked instead of loading it again."""
-
-  def __init__(self, manager: checkpointing.CheckpointManager,
-               supervisor: supervision.Supervisor, preloaded=None):
-    self._manager = manager
-    self._supervisor = supervisor
-    self._preloaded = preloaded
-
-  async def get_versions(self):
-    return await self._manager.get_versions()
-
-  async def load(self, version, structure):
-    return await self._manager.load(version, structure)
-
-  async def load_latest(self, structure):
-    if self._preloaded is not None:
-      return self._preloaded
-    return await self._manager.load_latest(structure)
-
-  async def save(self, program_state, version):
-    with self._supervisor.saving(f'checkpoint {version}'):
-      await self._manager.save(program_state, version)
 
 
 def run_training(config: TrainingConfig, *,
@@ -403,7 +318,7 @@ def _run_training(config, task, process, evaluate_fn, write,
       last_good_checkpoint=lambda: (
           lambda r: r is not None and checkpoints.path(r))(
               checkpoints.latest_round()))
-  managed = _Checkpoints(checkpoints, supervisor,
+  managed = supervised_loop.SupervisedCheckpoints(checkpoints, supervisor,
                          preloaded=(None if resumed_from is None
                                     else (state, start_round)))
 
@@ -415,8 +330,11 @@ def _run_training(config, task, process, evaluate_fn, write,
 
   # Client batches are built on the worker from each client's examples.
   examples = worker_datasets.client_examples(task.train)
-  blocks = _round_blocks(config, task, process, on_worker, examples)
-  supervised = _SupervisedProcess(on_worker, initial_state, supervisor, check,
+  blocks = round_blocks.for_run(
+      config, process, on_worker,
+      round_inputs=lambda r: round_client_inputs(config, task, r, examples)[1])
+  supervised = supervised_loop.SupervisedProcess(
+      on_worker, initial_state, supervisor, check,
                                   blocks)
   release.round_seconds = supervised.round_seconds
 
@@ -481,27 +399,6 @@ def _run_training(config, task, process, evaluate_fn, write,
       train_metrics=train_rows[-1] if train_rows else {},
       eval_metrics=eval_rows[-1] if eval_rows else None,
       paths=paths, seconds=time.monotonic() - start_time)
-
-
-def _round_blocks(config: TrainingConfig, task, process, on_worker, examples
-                  ) -> Optional[round_blocks.RoundBlocks]:
-  """Several rounds per TFF invocation (`round_blocks`), or None: one round
-  per invocation (`rounds_per_invocation=1`, a process that takes
-  datasets, or a context that is not one single-worker
-  `ExecutionContext`)."""
-  context = execution.current()
-  if (config.rounds_per_invocation == 1 or on_worker is process
-      or context is None or not context.is_current()
-      or not context.single_worker):
-    return None
-  max_rounds = config.rounds_per_invocation or round_blocks.AUTO_MAX_ROUNDS
-  return round_blocks.RoundBlocks(
-      on_worker, context,
-      round_inputs=lambda r: round_client_inputs(config, task, r, examples)[1],
-      last_round=lambda r: round_blocks.last_round_of_block(
-          r, total_rounds=config.rounds,
-          checkpoint_every=config.checkpoint_every,
-          eval_every=config.eval_every, max_rounds=max_rounds))
 
 
 def _step_sizes(config: TrainingConfig) -> dict:

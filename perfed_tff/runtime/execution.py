@@ -18,7 +18,6 @@ spreads every round's clients over them with
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import copy
 import os
@@ -29,7 +28,6 @@ import grpc
 import tensorflow_federated as tff
 from tensorflow_federated.python.core.impl.executor_stacks import python_executor_stacks
 from tensorflow_federated.python.core.impl.executors import executors_errors
-from tensorflow_federated.python.core.impl.executors import remote_executor
 from tensorflow_federated.python.core.impl.executors import remote_executor_grpc_stub
 from tensorflow_federated.python.core.impl.execution_contexts import async_execution_context
 from tensorflow_federated.python.core.impl.execution_contexts import sync_execution_context
@@ -40,7 +38,7 @@ from tensorflow_federated.python.core.impl.context_stack import context_stack_im
 from tensorflow_federated.python.core.impl.context_stack import runtime_error_context
 
 from perfed_tff.runtime import compilation
-from perfed_tff.runtime import compiled_cache
+from perfed_tff.runtime import computation_keeping
 from perfed_tff.runtime import local_worker
 from perfed_tff.runtime.local_worker import WorkerProcess
 from perfed_tff.runtime.local_worker import install_exit_handlers
@@ -231,89 +229,6 @@ class _BoundedRetryStub(remote_executor_grpc_stub.RemoteExecutorGrpcStub):
     raise self._dead from None
 
 
-class _IdentityCache:
-  """A bounded LRU map keyed by the identity of its key objects, which it
-  keeps alive (so that an id is never reused while it is in the map)."""
-
-  def __init__(self, size: int):
-    self._size = size
-    self._entries = collections.OrderedDict()  # id(key) -> (key, value)
-
-  def get(self, key):
-    entry = self._entries.get(id(key))
-    if entry is None or entry[0] is not key:
-      return None
-    self._entries.move_to_end(id(key))
-    return entry[1]
-
-  def put(self, key, value) -> None:
-    self._entries[id(key)] = (key, value)
-    self._entries.move_to_end(id(key))
-    while len(self._entries) > self._size:
-      self._entries.popitem(last=False)
-
-
-# Computations a run keeps compiled and on its worker: a training process
-# (next, plus a multi-round `next`), its evaluation and a few helpers.
-_CACHED_COMPUTATIONS = 32
-
-
-class _CompilerPipeline:
-  """TFF's `CompilerPipeline` without its cost per invocation: TFF's looks a
-  computation up by hashing its whole serialized proto (0.3-0.5 MB for a
-  Per-FedAvg round) on every call. Here a computation object is looked up
-  by identity; a new object by its proto's digest (once: equal computations
-  share their compiled form, as in TFF's), then in `compiled_cache` (across
-  runs). `add_compiled` registers a computation that is already in the
-  worker's form (it is run as it is)."""
-
-  def __init__(self, compiler_fn, compiler: str):
-    self._compiler_fn = compiler_fn
-    self._compiler = compiler
-    self._compiled = _IdentityCache(_CACHED_COMPUTATIONS)
-    self._by_digest = collections.OrderedDict()  # proto digest -> compiled
-
-  def compile(self, comp):
-    compiled = self._compiled.get(comp)
-    if compiled is None:
-      digest = compiled_cache.proto_digest(comp)
-      compiled = self._by_digest.pop(digest, None)
-      if compiled is None:
-        compiled = compiled_cache.compile_cached(
-            comp, self._compiler_fn, self._compiler, digest=digest)
-      self._by_digest[digest] = compiled
-      while len(self._by_digest) > _CACHED_COMPUTATIONS:
-        self._by_digest.popitem(last=False)
-      self._compiled.put(comp, compiled)
-    return compiled
-
-  def add_compiled(self, comp) -> None:
-    self._compiled.put(comp, comp)
-
-
-class _ComputationKeepingExecutor(remote_executor.RemoteExecutor):
-  """TFF's `RemoteExecutor` that creates each (compiled) computation on the
-  worker once and calls it there again on every later invocation, instead of
-  serializing and sending it with every call (TFF disposes of the
-  computation value after each call). Arguments are sent as before. The
-  values live as long as this executor (one per cardinality, see
-  `ResourceManagingExecutorFactory`), at most `_CACHED_COMPUTATIONS` of
-  them."""
-
-  def __init__(self, stub):
-    super().__init__(stub)
-    self._computations = _IdentityCache(_CACHED_COMPUTATIONS)
-
-  async def create_value(self, value, type_spec=None):
-    if not isinstance(value, computation_impl.ConcreteComputation):
-      return await super().create_value(value, type_spec)
-    remote = self._computations.get(value)
-    if remote is None:
-      remote = await super().create_value(value, type_spec)
-      self._computations.put(value, remote)
-    return remote
-
-
 def _executor_factory(address: str, default_num_clients: int,
                       ready_timeout: float, retry_timeout: float,
                       stubs: Optional[list] = None, wait: bool = True,
@@ -342,21 +257,11 @@ def _executor_factory(address: str, default_num_clients: int,
       ready.append(True)
     if cardinalities.get(placements.CLIENTS) is None:
       cardinalities[placements.CLIENTS] = default_num_clients
-    executor = _ComputationKeepingExecutor(stub)
+    executor = computation_keeping.ComputationKeepingExecutor(stub)
     executor.set_cardinalities(cardinalities)
     return executor
 
   return python_executor_stacks.ResourceManagingExecutorFactory(stack_fn)
-
-
-def _keep_compiled(context, compiler: str) -> _CompilerPipeline:
-  """Makes `context` (a TFF Sync or Async execution context) look compiled
-  computations up by identity, then in `compiled_cache`; returns its
-  `_CompilerPipeline`. `compiler` names its compiler function."""
-  inner = getattr(context, '_async_context', context)
-  pipeline = inner._compiler_pipeline  # pylint: disable=protected-access
-  inner._compiler_pipeline = _CompilerPipeline(pipeline._compiler_fn, compiler)  # pylint: disable=protected-access
-  return inner._compiler_pipeline  # pylint: disable=protected-access
 
 
 def _context_kwargs(graph_optimization: str, local_worker: bool):
@@ -415,7 +320,7 @@ class ExecutionContext:
     compilation.check_graph_optimization(graph_optimization)
     install_exit_handlers()
     self.context = None
-    self._pipeline: Optional[_CompilerPipeline] = None
+    self._pipeline: Optional[computation_keeping.CompilerPipeline] = None
     self.stubs: list[_BoundedRetryStub] = []
     self.aborted: Optional[WorkerUnavailableError] = None
     self.local_workers: list[WorkerProcess] = []
@@ -445,7 +350,8 @@ class ExecutionContext:
         self.context = sync_execution_context.SyncExecutionContext(
             factory, **context_kwargs
         )
-        self._pipeline = _keep_compiled(self.context, self.graph_optimization)
+        self._pipeline = computation_keeping.keep_compiled(
+            self.context, self.graph_optimization)
       else:
         async_contexts = [
             async_execution_context.AsyncExecutionContext(
@@ -456,7 +362,8 @@ class ExecutionContext:
             for a in self.addresses
         ]
         for async_context in async_contexts:
-          _keep_compiled(async_context, self.graph_optimization)
+          computation_keeping.keep_compiled(async_context,
+                                            self.graph_optimization)
         self.context = tff.backends.native.create_mergeable_comp_execution_context(
             async_contexts
         )
