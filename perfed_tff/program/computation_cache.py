@@ -26,6 +26,7 @@ again and replaced.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -41,7 +42,6 @@ from perfed_tff.runtime import user_cache
 
 _PROCESS_PARTS = ('initialize', 'next', 'get_model_weights',
                   'set_model_weights', 'get_hparams', 'set_hparams')
-_SOURCE: list = []
 # id(task) -> (weak reference to it, `_task_settings` of the config that
 # `config.load_task` made it for).
 _TASKS: dict = {}
@@ -67,23 +67,22 @@ def loaded_for(task, config) -> bool:
           and entry[1] == _task_settings(config))
 
 
+@functools.cache
 def _source_digest() -> str:
   """sha256 of every module of the `perfed_tff` package and the versions."""
-  if not _SOURCE:
-    import perfed_tff  # pylint: disable=g-import-not-at-top
-    root = os.path.dirname(os.path.abspath(perfed_tff.__file__))
-    digest = hashlib.sha256()
-    for folder, dirs, names in os.walk(root):
-      dirs.sort()
-      for name in sorted(names):
-        if name.endswith(('.py', '.c')):
-          path = os.path.join(folder, name)
-          digest.update(os.path.relpath(path, root).encode() + b'\0')
-          with open(path, 'rb') as f:
-            digest.update(f.read())
-    digest.update(f'{tf.__version__} {tff.__version__}'.encode())
-    _SOURCE.append(digest.hexdigest())
-  return _SOURCE[0]
+  import perfed_tff  # pylint: disable=g-import-not-at-top
+  root = os.path.dirname(os.path.abspath(perfed_tff.__file__))
+  digest = hashlib.sha256()
+  for folder, dirs, names in os.walk(root):
+    dirs.sort()
+    for name in sorted(names):
+      if name.endswith(('.py', '.c')):
+        path = os.path.join(folder, name)
+        digest.update(os.path.relpath(path, root).encode() + b'\0')
+        with open(path, 'rb') as f:
+          digest.update(f.read())
+  digest.update(f'{tf.__version__} {tff.__version__}'.encode())
+  return digest.hexdigest()
 
 
 def key(kind: str, config, task, settings: Optional[dict] = None,

@@ -199,10 +199,15 @@ class RunReleaseManager(tff.program.ReleaseManager):
     write: where log lines go.
     bar: a progress bar (tqdm) or None; with a bar, training rounds update it
       instead of writing a line.
+    round_seconds: `round_num -> seconds or None`, the time of a round that
+      ran in a block of rounds (its share of the block's,
+      `perfed_tff.program.round_blocks`), which replaces the time TFF's loop
+      measured for its call.
   """
 
   def __init__(self, label: str, *, train_csv: str, eval_csv: Optional[str],
-               tensorboard_dir: str, write: Callable[[str], None], bar=None):
+               tensorboard_dir: str, write: Callable[[str], None], bar=None,
+               round_seconds: Optional[Callable[[int], Optional[float]]] = None):
     self._label = label
     self._train_csv = tff.program.CSVFileReleaseManager(
         train_csv, save_mode=tff.program.CSVSaveMode.APPEND,
@@ -214,10 +219,7 @@ class RunReleaseManager(tff.program.ReleaseManager):
     self._tensorboard = tff.program.TensorBoardReleaseManager(tensorboard_dir)
     self._write = write
     self._bar = bar
-    # `round_num -> seconds or None`: the time of a round that ran in a
-    # block of rounds (its share of the block's), which replaces the time
-    # TFF's loop measured for its call.
-    self.round_seconds: Callable[[int], Optional[float]] = lambda r: None
+    self._round_seconds = round_seconds or (lambda r: None)
 
   def _say(self, line: str) -> None:
     if self._bar is not None:
@@ -248,7 +250,7 @@ class RunReleaseManager(tff.program.ReleaseManager):
         (k, v) for k, v in flat.items()
         if not k.startswith(EVAL_PREFIX) and k not in _DROPPED)
     if any(k.startswith('client_work/') for k in train):
-      seconds = self.round_seconds(key)
+      seconds = self._round_seconds(key)
       if seconds is not None and ROUND_SECONDS in train:
         train[ROUND_SECONDS] = seconds
       await self._train_csv.release(train, key)

@@ -110,9 +110,12 @@ class RoundBlocks:
 
   def next(self, state, round_num: int):
     if round_num in self._ahead:
-      return tff.learning.templates.LearningProcessOutput(
-          state=self._state if not self._ahead_after(round_num) else None,
-          metrics=self._ahead.pop(round_num))
+      metrics = self._ahead.pop(round_num)
+      # The block's state goes on with its last round (rounds come in order).
+      state, self._state = ((None, self._state) if self._ahead
+                            else (self._state, None))
+      return tff.learning.templates.LearningProcessOutput(state=state,
+                                                          metrics=metrics)
     self._ahead.clear()
     start = time.time()
     inputs = [self._round_inputs(round_num)]
@@ -136,9 +139,6 @@ class RoundBlocks:
     self._state = final_state
     return tff.learning.templates.LearningProcessOutput(
         state=None, metrics=metrics[0])
-
-  def _ahead_after(self, round_num: int) -> bool:
-    return any(r > round_num for r in self._ahead)
 
 
 def for_run(config, process, on_worker, *,

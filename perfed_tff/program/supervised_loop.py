@@ -68,14 +68,15 @@ class SupervisedProcess:
       self._check.check(output.metrics, self.round_num)
     except divergence.NonFiniteLossError:
       output.metrics[metrics_lib.ROUND_SECONDS] = (
-          self.round_seconds(self.round_num) or time.time() - start)
+          self._round_seconds() or time.time() - start)
       raise
     return output
 
-  def round_seconds(self, round_num: int) -> Optional[float]:
-    """A round's share of its block's time (None: the round was its own
-    invocation, timed by TFF's loop)."""
-    return None if self._blocks is None else self._blocks.seconds(round_num)
+  def _round_seconds(self) -> Optional[float]:
+    """The current round's share of its block's time (None: the round was
+    its own invocation)."""
+    return (None if self._blocks is None
+            else self._blocks.seconds(self.round_num))
 
 
 class SupervisedCheckpoints(tff.program.ProgramStateManager):

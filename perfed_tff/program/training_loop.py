@@ -306,10 +306,16 @@ def _run_training(config, task, process, evaluate_fn, write,
   bar = (metrics_lib.progress_bar(config.rounds, max(start_round, 0),
                                   config.algorithm)
          if config.progress else None)
+  # Client batches are built on the worker from each client's examples.
+  examples = worker_datasets.client_examples(task.train)
+  blocks = round_blocks.for_run(
+      config, process, on_worker,
+      round_inputs=lambda r: round_client_inputs(config, task, r, examples)[1])
   release = metrics_lib.RunReleaseManager(
       config.algorithm, train_csv=paths['train_csv'],
       eval_csv=paths['eval_csv'] if evaluate_fn else None,
-      tensorboard_dir=paths['tensorboard'], write=write, bar=bar)
+      tensorboard_dir=paths['tensorboard'], write=write, bar=bar,
+      round_seconds=None if blocks is None else blocks.seconds)
   check = divergence.DivergenceCheck(
       config.algorithm, clients_per_round=config.clients_per_round,
       reference_loss=(first_rows[0].get(metrics_lib.TRAIN_LOSS)
@@ -318,9 +324,9 @@ def _run_training(config, task, process, evaluate_fn, write,
       last_good_checkpoint=lambda: (
           lambda r: r is not None and checkpoints.path(r))(
               checkpoints.latest_round()))
-  managed = supervised_loop.SupervisedCheckpoints(checkpoints, supervisor,
-                         preloaded=(None if resumed_from is None
-                                    else (state, start_round)))
+  managed = supervised_loop.SupervisedCheckpoints(
+      checkpoints, supervisor,
+      preloaded=None if resumed_from is None else (state, start_round))
 
   def evaluation_fn(state, round_num):
     # evaluation_selection_fn hands TFF's loop the round as the "data".
@@ -328,15 +334,8 @@ def _run_training(config, task, process, evaluate_fn, write,
     supervisor.begin(f'evaluation at round {round_num}', 'evaluation')
     return evaluate_fn(process.get_model_weights(state))
 
-  # Client batches are built on the worker from each client's examples.
-  examples = worker_datasets.client_examples(task.train)
-  blocks = round_blocks.for_run(
-      config, process, on_worker,
-      round_inputs=lambda r: round_client_inputs(config, task, r, examples)[1])
   supervised = supervised_loop.SupervisedProcess(
-      on_worker, initial_state, supervisor, check,
-                                  blocks)
-  release.round_seconds = supervised.round_seconds
+      on_worker, initial_state, supervisor, check, blocks)
 
   def selection_fn(round_num):
     supervised.begin_round(round_num)

@@ -25,6 +25,7 @@ compiled again and replaced.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from typing import Callable, Optional
@@ -40,18 +41,17 @@ from perfed_tff.runtime import user_cache
 _SUFFIX = '.pb'
 
 
+@functools.cache
 def _code_version() -> bytes:
+  """sha256 of the compiling code (this module, `compilation`) and the
+  TensorFlow and TFF versions."""
   from perfed_tff.runtime import compilation  # pylint: disable=g-import-not-at-top
   digest = hashlib.sha256()
-  for module in (compilation, __import__(__name__, fromlist=['_'])):
-    with open(module.__file__, 'rb') as f:
+  for path in (compilation.__file__, __file__):
+    with open(path, 'rb') as f:
       digest.update(f.read())
-  digest.update(tf.__version__.encode())
-  digest.update(tff.__version__.encode())
+  digest.update(f'{tf.__version__} {tff.__version__}'.encode())
   return digest.digest()
-
-
-_CODE_VERSION: list = []
 
 
 def proto_digest(comp: computation_impl.ConcreteComputation) -> bytes:
@@ -63,9 +63,7 @@ def proto_digest(comp: computation_impl.ConcreteComputation) -> bytes:
 def key(digest: bytes, compiler: str) -> str:
   """The cache key of compiling the computation of `proto_digest` `digest`
   with the compiler named `compiler`."""
-  if not _CODE_VERSION:
-    _CODE_VERSION.append(_code_version())
-  return hashlib.sha256(_CODE_VERSION[0] + compiler.encode() + b'\0'
+  return hashlib.sha256(_code_version() + compiler.encode() + b'\0'
                         + digest).hexdigest()
 
 
