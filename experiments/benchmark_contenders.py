@@ -43,6 +43,7 @@ from perfed_tff.data import task as task_lib
 from perfed_tff.models import specs
 from perfed_tff.data import worker_datasets
 from perfed_tff.runtime import execution
+from perfed_tff.runtime import fused_round
 from perfed_tff.runtime import multi_round
 
 FLOORS = ('floor_fedavg', 'floor_fo', 'floor_hf', 'floor_maml')
@@ -184,7 +185,8 @@ def build_contender(contender: str, task: benchmark_tasks.BenchmarkTask,
       batch_size=config.batch_size,
       num_batches=_batches_per_round(contender, config.local_steps),
       rounds_per_invocation=(config.rounds_per_invocation if worker_side
-                             and contender != 'fedavg_reduce' else 1))
+                             and contender != 'fedavg_reduce' else 1),
+      clients_per_round=config.clients_per_round)
 
 
 class TFFRunner:
@@ -193,11 +195,13 @@ class TFFRunner:
   training program runs; it takes `round_inputs`), else it takes datasets.
   With `rounds_per_invocation` K > 1 (worker-side only), each `run_round`
   runs K rounds in one invocation (`perfed_tff.runtime.multi_round`, the
-  training program's blocks) on a list of K rounds' inputs."""
+  training program's blocks) on a list of K rounds' inputs, each round one
+  TensorFlow computation where it can be (`perfed_tff.runtime.fused_round`,
+  as the training program does)."""
 
   def __init__(self, process, *, worker_side: bool = False,
                element_spec=None, batch_size: int = 0, num_batches: int = 0,
-               rounds_per_invocation: int = 1):
+               rounds_per_invocation: int = 1, clients_per_round: int = 0):
     self.worker_side = worker_side
     if worker_side:
       process = worker_datasets.compose(
@@ -210,8 +214,11 @@ class TFFRunner:
     if rounds_per_invocation > 1:
       if not worker_side:
         raise ValueError('rounds_per_invocation > 1 needs worker-side data')
+      context = execution.current()
+      round_fn = fused_round.build_fused_next(
+          context, process.next, clients_per_round) or process.next
       self._block = multi_round.build_multi_round_next(
-          execution.current(), process.next, rounds_per_invocation)
+          context, round_fn, rounds_per_invocation)
 
   def run_round(self, datasets) -> None:
     if self._block is not None:

@@ -12,6 +12,7 @@ from perfed_tff.program import checkpointing
 from perfed_tff.program import metrics as metrics_lib
 from perfed_tff.program import round_blocks
 from perfed_tff.program import training_loop as tp
+from perfed_tff.runtime import fused_round
 from perfed_tff.runtime import multi_round
 from perfed_tff.runtime import supervision
 from tests import tff_helpers as h
@@ -111,3 +112,38 @@ def test_resume_inside_a_block_plan_is_exact(tmp_path, small_task):
     np.testing.assert_array_equal(a[name], b[name])
   assert _train_rows(full.paths['train_csv'])[0] == _train_rows(
       split.paths['train_csv'])[0]
+
+
+def test_fused_blocks_give_the_weights_and_metrics_of_single_rounds(
+    tmp_path, small_task, monkeypatch):
+  """With every round one TensorFlow computation (`fused_round`, forced on
+  with the computation cache off): the weights, metric rows and evaluations
+  of one federated round per invocation."""
+  fused = []
+  build = fused_round.build_fused_next
+
+  def spy(*args, **kwargs):
+    comp = build(*args, **kwargs)
+    fused.append(comp is not None)
+    return comp
+
+  monkeypatch.setattr(fused_round, 'build_fused_next', spy)
+  monkeypatch.setattr(round_blocks, 'FUSE_MIN_ROUNDS', 1)
+  kw = dict(rounds=6, eval_every=3, checkpoint_every=5, eval_clients=3,
+            algorithm='per_fedavg_hf')
+  single = tp.run_training(
+      h.training_config(tmp_path / 'k1', rounds_per_invocation=1, **kw),
+      task=small_task)
+  assert fused == []
+  blocks = tp.run_training(h.training_config(tmp_path / 'k0', **kw),
+                           task=small_task)
+  assert fused == [True]
+  a = metrics_lib.load_model_weights(single.paths['final_model'])
+  b = metrics_lib.load_model_weights(blocks.paths['final_model'])
+  assert sorted(a) == sorted(b)
+  for name in a:
+    np.testing.assert_array_equal(a[name], b[name])
+  assert _train_rows(blocks.paths['train_csv'])[0] == _train_rows(
+      single.paths['train_csv'])[0]
+  assert _eval_rows(blocks.paths['eval_csv']) == _eval_rows(
+      single.paths['eval_csv'])

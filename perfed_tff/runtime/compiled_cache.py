@@ -7,9 +7,9 @@ digits MLP, about a tenth of the 20-round README command
 (docs/performance.md). The result is a pure function of the computation's
 proto and the compiler, so it is kept on disk under a key that hashes both:
 
-  sha256(the computation's serialized proto, the compiler setting, this
-         module's and `compilation`'s source, TensorFlow's and TFF's
-         versions)
+  sha256(the computation's serialized proto, the compiler setting, the
+         source of this module, `compilation` and `fused_round`,
+         TensorFlow's and TFF's versions)
 
 A run with other settings traces another proto and gets another key; a run
 that traces the same one (the next run of a command, a resume) reads the
@@ -43,11 +43,11 @@ _SUFFIX = '.pb'
 
 @functools.cache
 def _code_version() -> bytes:
-  """sha256 of the compiling code (this module, `compilation`) and the
-  TensorFlow and TFF versions."""
-  from perfed_tff.runtime import compilation  # pylint: disable=g-import-not-at-top
+  """sha256 of the compiling code (this module, `compilation`,
+  `fused_round`) and the TensorFlow and TFF versions."""
+  from perfed_tff.runtime import compilation, fused_round  # pylint: disable=g-import-not-at-top
   digest = hashlib.sha256()
-  for path in (compilation.__file__, __file__):
+  for path in (compilation.__file__, fused_round.__file__, __file__):
     with open(path, 'rb') as f:
       digest.update(f.read())
   digest.update(f'{tf.__version__} {tff.__version__}'.encode())
@@ -81,18 +81,19 @@ def _read(path: str) -> Optional[computation_impl.ConcreteComputation]:
 
 def compile_cached(comp: computation_impl.ConcreteComputation,
                    compiler_fn: Callable, compiler: str, *,
-                   digest: Optional[bytes] = None
-                   ) -> computation_impl.ConcreteComputation:
+                   digest: Optional[bytes] = None, build: bool = True
+                   ) -> Optional[computation_impl.ConcreteComputation]:
   """`compiler_fn(comp)`, read from the cache when a run compiled the same
   computation with the same compiler (`compiler` names it) before.
-  `digest`: `comp`'s `proto_digest`, when known."""
+  `digest`: `comp`'s `proto_digest`, when known. With `build=False`, only a
+  cached one (None if there is none)."""
   directory = user_cache.computations_dir('compiled')
   if directory is None:
-    return compiler_fn(comp)
+    return compiler_fn(comp) if build else None
   digest = digest or proto_digest(comp)
   path = os.path.join(directory, key(digest, compiler) + _SUFFIX)
   cached = _read(path)
-  if cached is not None:
+  if cached is not None or not build:
     return cached
   compiled = compiler_fn(comp)
   user_cache.write_entry(
