@@ -83,15 +83,24 @@ def test_a_round_of_another_intrinsic_is_not_fused(tff_context):
         tff_context.compile(round_fn).to_building_block(), 3)
 
 
-def test_a_round_with_convolutions_is_not_fused(tff_context):
+def test_a_round_left_to_runtime_grappler_is_not_fused(tff_context):
+  """A convolution inside a `tf.function`: compiled for runtime Grappler
+  (`perfed_tff.runtime.compilation`), so its round runs federated."""
+
+  @tf.function
+  def convolve(image):
+    return tf.nn.conv2d(image, tf.ones([2, 2, 1, 1]), 1, 'VALID')
+
   @tff.tensorflow.computation(np.float32)
   def convolved(x):
-    image = tf.fill([1, 3, 3, 1], x)
-    return tf.reduce_sum(tf.nn.conv2d(image, tf.ones([2, 2, 1, 1]), 1,
-                                      'VALID'))
+    return tf.reduce_sum(convolve(tf.fill([1, 3, 3, 1], x)))
 
-  assert fused_round.build_fused_next(
-      tff_context, _client_sum(convolved), 2) is None
+  round_fn = _client_sum(convolved)
+  assert fused_round.build_fused_next(tff_context, round_fn, 2) is None
+  local = fused_round.unroll_clients(
+      tff_context.compile(round_fn).to_building_block(), 2)
+  with pytest.raises(fused_round.NotFusable, match='runtime Grappler'):
+    fused_round.to_one_graph(local)
 
 
 def test_a_plain_round_is_fused_with_clients_in_order(tff_context):

@@ -16,11 +16,11 @@ checkpoint or evaluation round, at most `AUTO_MAX_ROUNDS`, and at most
 `MAX_BLOCK_BYTES` of client inputs in one invocation.
 
 Each round of a block is one TensorFlow computation when it can be
-(`perfed_tff.runtime.fused_round`: same numbers, about half the worker's
-time per round on the digits MLP). Fusing costs about 0.15 s per client
-once; it is kept in the computation cache, so a run fuses when the cache is
-on or when it has at least `FUSE_MIN_ROUNDS` rounds, and otherwise uses a
-fused round only if an earlier run kept one.
+(`perfed_tff.runtime.fused_round`: the same numbers, about half the
+worker's time per round on the digits MLP). Fusing costs about 0.15 s per
+client, once, and saves 1-2 ms per client and round: a run of at least
+`FUSE_MIN_ROUNDS` rounds fuses; a shorter one uses a fused round that an
+earlier run kept in the computation cache, and runs federated otherwise.
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ import tensorflow_federated as tff
 from perfed_tff.runtime import execution
 from perfed_tff.runtime import fused_round
 from perfed_tff.runtime import multi_round
-from perfed_tff.runtime import user_cache
 
 # K under rounds_per_invocation=0: the gain per round levels off well before
 # (docs/performance.md), and a block's client inputs are held at once.
@@ -42,9 +41,9 @@ AUTO_MAX_ROUNDS = 10
 # Client inputs (examples and seeds) of one block, at most; a block always
 # runs at least one round.
 MAX_BLOCK_BYTES = 256 * 1024 * 1024
-# Without the computation cache, a run this long fuses its rounds (saving
-# about 15 ms a round of 10 clients against 1.5-2.5 s to fuse them).
-FUSE_MIN_ROUNDS = 200
+# A run this long fuses its rounds (digits MLP, 10 clients: 1.5-2.5 s to
+# fuse, about 15 ms saved a round).
+FUSE_MIN_ROUNDS = 100
 
 
 def _next_multiple(round_num: int, every: int) -> int:
@@ -86,8 +85,8 @@ class RoundBlocks:
     round_inputs: `round_num -> client inputs of that round`.
     last_round: `round_num -> last round of the block starting there`.
     max_bytes: client inputs of one block, at most.
-    fuse: whether to fuse rounds (`fused_round`); without, a fused round is
-      used only if one was kept.
+    fuse: whether to fuse rounds (`fused_round`); if not, a fused round is
+      used only if an earlier run kept one.
   """
 
   def __init__(self, process, context, *,
@@ -190,5 +189,4 @@ def for_run(config, process, on_worker, *,
           r, total_rounds=config.rounds,
           checkpoint_every=config.checkpoint_every,
           eval_every=config.eval_every, max_rounds=max_rounds),
-      fuse=(user_cache.computations_dir('compiled') is not None
-            or config.rounds >= FUSE_MIN_ROUNDS))
+      fuse=config.rounds >= FUSE_MIN_ROUNDS)

@@ -1,6 +1,7 @@
 """Everything that touches TFF's runtime internals: execution contexts that own
 their C++ workers (`execution`), how computations are compiled for the worker
-(`compilation`), the local worker processes (`local_worker`), kept on
+(`compilation`), rounds several per invocation (`multi_round`) and as one
+TensorFlow computation (`fused_round`), the local worker processes (`local_worker`), kept on
 loopback (`loopback`), their errors (`worker_errors`), interrupts
 (`interrupts`), run supervision (`supervision`) and the worker binary
 (`python -m perfed_tff.runtime.worker`).

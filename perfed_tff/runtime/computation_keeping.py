@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import collections
 
+from tensorflow_federated.proto.v0 import executor_pb2
 from tensorflow_federated.python.core.impl.computation import computation_impl
 from tensorflow_federated.python.core.impl.executors import remote_executor
 
 from perfed_tff.runtime import compiled_cache
+from perfed_tff.runtime import value_transfer
 
 
 class IdentityCache:
@@ -89,7 +91,8 @@ class ComputationKeepingExecutor(remote_executor.RemoteExecutor):
   """TFF's `RemoteExecutor` that creates each (compiled) computation on the
   worker once and calls it there again on every later invocation, instead of
   serializing and sending it with every call (TFF disposes of the
-  computation value after each call). Arguments are sent as before. The
+  computation value after each call). Arguments are serialized by
+  `value_transfer` (TFF's protos, without its cost per leaf). The
   values live as long as this executor (one per cardinality, see
   `ResourceManagingExecutorFactory`), at most `_CACHED_COMPUTATIONS` of
   them."""
@@ -100,7 +103,13 @@ class ComputationKeepingExecutor(remote_executor.RemoteExecutor):
 
   async def create_value(self, value, type_spec=None):
     if not isinstance(value, computation_impl.ConcreteComputation):
-      return await super().create_value(value, type_spec)
+      if self._stream_structs or type_spec is None:
+        return await super().create_value(value, type_spec)
+      self._check_has_executor_id()
+      value_proto, type_spec = value_transfer.serialize_value(value, type_spec)
+      response = self._stub.create_value(executor_pb2.CreateValueRequest(
+          executor=self._executor_id, value=value_proto))
+      return remote_executor.RemoteValue(response.value_ref, type_spec, self)
     remote = self._computations.get(value)
     if remote is None:
       remote = await super().create_value(value, type_spec)

@@ -19,8 +19,10 @@ and metrics are bit-identical; `tests/test_runtime_multi_round.py`).
 It is built from `next_fn` *as the context compiled it* (TFF's native form,
 once per run), bound once in a block and called K times, so neither the
 compilation nor the computation sent to the worker grows with K; the
-context runs the result as it is (`ExecutionContext.add_compiled`). A
-multi-worker context splits every round's clients across workers and merges
+context runs the result as it is (`ExecutionContext.add_compiled`).
+`next_fn` may also be a round fused into one TensorFlow computation
+(`perfed_tff.runtime.fused_round`), which the training program's blocks use
+where they can. A multi-worker context splits every round's clients across workers and merges
 their partial aggregates in this process, between rounds, so it runs one
 round per invocation.
 """
