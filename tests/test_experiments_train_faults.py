@@ -331,8 +331,10 @@ def test_signals_in_every_phase_then_resume_is_exact(tmp_path, baseline):
   assert re.match(r'train.py: error: interrupted during evaluation at round '
                   r'\d+; rerun the same command', line), line
   # Started with SIGINT ignored (a background job): Ctrl-C on its process
-  # group changes nothing, the worker keeps running; SIGHUP then stops it.
-  proc = h.start(*flags, log_path=log, start_new_session=True,
+  # group changes nothing, the worker keeps running; SIGHUP then stops it
+  # (with an evaluation every round, so that rounds are slow enough for the
+  # signals to arrive before the last one).
+  proc = h.start(*flags, *evals, log_path=log, start_new_session=True,
                  preexec_fn=lambda: signal.signal(signal.SIGINT,
                                                   signal.SIG_IGN))
   reached = h.wait_for_round(proc, csv_path, max(h.csv_rounds(csv_path)) + 1)

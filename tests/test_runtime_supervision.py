@@ -2,8 +2,10 @@
 to the end of a critical section (also during a checkpoint write), the
 watchdog's health checks and deadlines."""
 
+import gc
 import os
 import signal
+import threading
 import time
 
 import numpy as np
@@ -35,6 +37,41 @@ def test_interrupt_is_deferred_to_the_end_of_a_critical_section():
       time.sleep(1)
     assert e.value.exit_status == 129
   finally:
+    for s, handler in previous.items():
+      signal.signal(s, handler)
+    interrupts.clear_interrupt()
+
+
+def test_a_collection_in_another_thread_does_not_hold_off_interrupts():
+  """A garbage collection defers a signal only in the main thread (where
+  Python would swallow the exception); one that lasts in another thread (a
+  finalizer waiting on a lock) does not hold the signal off meanwhile."""
+  previous = {s: signal.getsignal(s) for s in interrupts.INTERRUPT_SIGNALS}
+  inside, release = threading.Event(), threading.Event()
+
+  class Waits:
+    def __del__(self):
+      inside.set()
+      release.wait(10)
+
+  def collect():
+    cycle = Waits()
+    cycle.self = cycle
+    del cycle
+    gc.collect()
+
+  collector = threading.Thread(target=collect, daemon=True)
+  try:
+    interrupts.install_interrupt_handlers()
+    collector.start()
+    assert inside.wait(10)
+    with pytest.raises(interrupts.Interrupted) as e:
+      os.kill(os.getpid(), signal.SIGHUP)
+      time.sleep(2)
+    assert e.value.exit_status == 129
+  finally:
+    release.set()
+    collector.join(10)
     for s, handler in previous.items():
       signal.signal(s, handler)
     interrupts.clear_interrupt()

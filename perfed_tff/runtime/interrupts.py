@@ -43,13 +43,16 @@ _in_gc = [False]
 
 def _gc_start(phase, info):
   del info
-  if phase == 'start':
+  # Handlers run in the main thread: only its collections matter (another
+  # thread's can last, e.g. a finalizer waiting on a lock, and would defer
+  # every signal while it does).
+  if phase == 'start' and threading.current_thread() is threading.main_thread():
     _in_gc[0] = True
 
 
 def _gc_stop(phase, info):
   del info
-  if phase == 'stop':
+  if phase == 'stop' and threading.current_thread() is threading.main_thread():
     _in_gc[0] = False
 
 
