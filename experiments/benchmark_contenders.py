@@ -215,8 +215,10 @@ class TFFRunner:
       if not worker_side:
         raise ValueError('rounds_per_invocation > 1 needs worker-side data')
       context = execution.current()
-      round_fn = fused_round.build_fused_next(
-          context, process.next, clients_per_round) or process.next
+      round_fn = process.next
+      if clients_per_round:
+        round_fn = fused_round.build_fused_next(
+            context, process.next, clients_per_round) or process.next
       self._block = multi_round.build_multi_round_next(
           context, round_fn, rounds_per_invocation)
 
