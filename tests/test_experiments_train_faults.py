@@ -283,6 +283,11 @@ def test_frozen_remote_worker_ends_run_naming_it(tmp_path, two_workers):
 
 # ------------------------------------------------------------------ signals
 
+def _sigint_ignored_sighup_default():  # Runs in the child before exec.
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
+  signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
+
 def _interrupt(proc, signum, log):
   proc.send_signal(signum)
   proc.wait(timeout=60)
@@ -332,11 +337,10 @@ def test_signals_in_every_phase_then_resume_is_exact(tmp_path, baseline):
                   r'\d+; rerun the same command', line), line
   # Started with SIGINT ignored (a background job): Ctrl-C on its process
   # group changes nothing, the worker keeps running; SIGHUP then stops it
-  # (with an evaluation every round, so that rounds are slow enough for the
-  # signals to arrive before the last one).
-  proc = h.start(*flags, *evals, log_path=log, start_new_session=True,
-                 preexec_fn=lambda: signal.signal(signal.SIGINT,
-                                                  signal.SIG_IGN))
+  # (its default disposition, whatever this process has: under nohup it
+  # would be ignored, and stay so).
+  proc = h.start(*flags, log_path=log, start_new_session=True,
+                 preexec_fn=_sigint_ignored_sighup_default)
   reached = h.wait_for_round(proc, csv_path, max(h.csv_rounds(csv_path)) + 1)
   workers = h.worker_descendants(proc.pid)
   os.killpg(proc.pid, signal.SIGINT)

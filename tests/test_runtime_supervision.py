@@ -20,33 +20,43 @@ from perfed_tff.runtime import worker_errors
 from tests import tff_helpers as h
 
 
-def test_interrupt_is_deferred_to_the_end_of_a_critical_section():
+@pytest.fixture
+def signals_not_ignored():
+  """The interrupt signals at their default disposition, as a terminal
+  gives them (a launcher such as nohup ignores SIGHUP, and an ignored
+  signal stays ignored); restored afterwards."""
   previous = {s: signal.getsignal(s) for s in interrupts.INTERRUPT_SIGNALS}
-  try:
-    interrupts.install_interrupt_handlers()
-    done = []
-    with pytest.raises(interrupts.Interrupted) as e:
-      with interrupts.critical_section():
-        os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(0.2)  # The handler has run: deferred.
-        done.append(True)
-    assert done == [True]
-    assert e.value.signum == signal.SIGTERM and e.value.exit_status == 143
-    with pytest.raises(interrupts.Interrupted) as e:
-      os.kill(os.getpid(), signal.SIGHUP)
-      time.sleep(1)
-    assert e.value.exit_status == 129
-  finally:
-    for s, handler in previous.items():
-      signal.signal(s, handler)
-    interrupts.clear_interrupt()
+  for s in interrupts.INTERRUPT_SIGNALS:
+    signal.signal(s, signal.SIG_DFL if s != signal.SIGINT
+                  else signal.default_int_handler)
+  yield
+  for s, handler in previous.items():
+    signal.signal(s, handler)
+  interrupts.clear_interrupt()
 
 
+@pytest.mark.usefixtures('signals_not_ignored')
+def test_interrupt_is_deferred_to_the_end_of_a_critical_section():
+  interrupts.install_interrupt_handlers()
+  done = []
+  with pytest.raises(interrupts.Interrupted) as e:
+    with interrupts.critical_section():
+      os.kill(os.getpid(), signal.SIGTERM)
+      time.sleep(0.2)  # The handler has run: deferred.
+      done.append(True)
+  assert done == [True]
+  assert e.value.signum == signal.SIGTERM and e.value.exit_status == 143
+  with pytest.raises(interrupts.Interrupted) as e:
+    os.kill(os.getpid(), signal.SIGHUP)
+    time.sleep(1)
+  assert e.value.exit_status == 129
+
+
+@pytest.mark.usefixtures('signals_not_ignored')
 def test_a_collection_in_another_thread_does_not_hold_off_interrupts():
   """A garbage collection defers a signal only in the main thread (where
   Python would swallow the exception); one that lasts in another thread (a
   finalizer waiting on a lock) does not hold the signal off meanwhile."""
-  previous = {s: signal.getsignal(s) for s in interrupts.INTERRUPT_SIGNALS}
   inside, release = threading.Event(), threading.Event()
 
   class Waits:
@@ -72,9 +82,6 @@ def test_a_collection_in_another_thread_does_not_hold_off_interrupts():
   finally:
     release.set()
     collector.join(10)
-    for s, handler in previous.items():
-      signal.signal(s, handler)
-    interrupts.clear_interrupt()
 
 
 def test_sigint_during_a_checkpoint_write_completes_it(tmp_path, small_task,
