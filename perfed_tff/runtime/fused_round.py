@@ -122,7 +122,7 @@ class _Unroller:
       fn = self._argument(call, 0, env)
       return self._bind(self._argument(call, 1, env), lambda values: bb.Struct(
           [bb.Call(fn, value) for value in self._clients(values)]))
-    if uri in ('federated_apply', ):
+    if uri == 'federated_apply':
       return bb.Call(self._argument(call, 0, env),
                      self._argument(call, 1, env))
     if uri == 'federated_eval_at_server':
@@ -339,9 +339,9 @@ def _fuse(compiled_next: computation_impl.ConcreteComputation,
   local = unroll_clients(compiled_next.to_building_block(), num_clients)
   try:
     fused = to_one_graph(local)
-  except NotFusable:
-    raise
   except (ValueError, TypeError, tf.errors.OpError) as e:
+    if isinstance(e, NotFusable):
+      raise
     raise NotFusable(f'TensorFlow could not join the round: {e}') from e
   if fused.proto.ByteSize() > MAX_FUSED_BYTES:
     raise NotFusable(f'{fused.proto.ByteSize()} bytes')
