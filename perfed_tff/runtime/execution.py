@@ -270,6 +270,7 @@ def _context_kwargs(graph_optimization: str, local_worker: bool):
                                           local_worker=local_worker),
       transform_args=tensorflow_computation.transform_args,
       transform_result=tensorflow_computation.transform_result,
+      cardinality_inference_fn=computation_keeping.infer_cardinalities,
   )
 
 

@@ -1,4 +1,4 @@
-"""Values sent to the worker, serialized without TFF's cost per leaf.
+"""Values sent to and from the worker, without TFF's cost per leaf.
 
 TFF's `value_serialization.serialize_value` walks a value leaf by leaf with
 type checks and tracing wrappers around each. A block of 10 rounds of 10
@@ -13,6 +13,12 @@ directly as TFF's `array.to_proto_content` would, and a numpy scalar of
 exactly the type's (numeric) dtype as TFF's `array.to_proto`. Every other
 leaf (Python numbers and lists, other dtypes, strings) goes through TFF's own
 serializer, which also raises TFF's errors for values that do not fit.
+
+`deserialize_value(proto, type_spec)` is TFF's `deserialize_value(proto,
+type_spec)[0]`, the same Python values (tests/test_runtime_value_transfer.py):
+structs as TFF's `Struct`s, numeric tensors read as TFF's `array` module
+reads them, every other leaf by TFF's own deserializer. A block's results
+(the state and ten rounds' metrics) took TFF's 7 ms.
 """
 
 from __future__ import annotations
@@ -73,6 +79,47 @@ def _serialize(value, type_spec) -> executor_pb2.Value:
           entry.name = name
       return executor_pb2.Value(struct=struct)
   return value_serialization.serialize_value(value, type_spec)[0]
+
+
+# Where `array.from_proto` reads a numeric scalar of each dtype.
+_SCALAR_FIELDS = {
+    np.bool_: 'bool_list', np.int8: 'int8_list', np.int16: 'int16_list',
+    np.int32: 'int32_list', np.int64: 'int64_list', np.uint8: 'uint8_list',
+    np.uint16: 'uint16_list', np.uint32: 'uint32_list',
+    np.uint64: 'uint64_list', np.float32: 'float32_list',
+    np.float64: 'float64_list',
+}
+
+
+def _deserialize(value_proto: executor_pb2.Value, type_spec):
+  which = value_proto.WhichOneof('value')
+  if which == 'struct' and isinstance(type_spec, computation_types.StructType):
+    elements = value_proto.struct.element
+    if len(elements) == len(type_spec):
+      return structure.Struct([
+          (element.name or None, _deserialize(element.value, element_type))
+          for element, element_type in zip(elements, type_spec)])
+  elif which == 'array' and isinstance(type_spec,
+                                       computation_types.TensorType):
+    proto = value_proto.array
+    dtype = dtype_utils.from_proto(proto.dtype)
+    shape = array_shape.from_proto(proto.shape)
+    if array_shape.is_shape_scalar(type_spec.shape):
+      field = _SCALAR_FIELDS.get(dtype)
+      values = getattr(proto, field).value if field else ()
+      if shape == () and len(values) == 1:
+        return dtype(values[0])
+    elif (type_spec.dtype.type is not np.str_ and dtype is not np.str_
+          and shape and None not in shape):
+      return np.frombuffer(proto.content, dtype).reshape(shape)
+  return value_serialization.deserialize_value(value_proto, type_spec)[0]
+
+
+def deserialize_value(value_proto: executor_pb2.Value,
+                      type_spec: computation_types.Type):
+  """`value_serialization.deserialize_value(value_proto, type_spec)[0]`,
+  faster for structs of numeric tensors (module docstring)."""
+  return _deserialize(value_proto, type_spec)
 
 
 def serialize_value(value, type_spec: computation_types.Type
