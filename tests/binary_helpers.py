@@ -20,11 +20,21 @@ BASE_FLAGS = ('--algorithm=per_fedavg_fo', '--dataset=synthetic',
               '--eval_every=0', '--checkpoint_every=2', '--worker_timeout=5')
 
 
+# The folder where the binaries the tests start keep their traced and
+# compiled computations, one for the test session (conftest sets it): a
+# binary run with the settings of an earlier one starts without tracing and
+# compiling them again, as on a user's machine. In-process tests keep the
+# caches off (conftest); the cache tests use folders of their own.
+COMPUTATION_CACHE = None
+
+
 def env(extra=None):
   e = dict(os.environ)
   e['PYTHONPATH'] = ROOT + os.pathsep + e.get('PYTHONPATH', '')
   e['TF_CPP_MIN_LOG_LEVEL'] = '2'
   e['CUDA_VISIBLE_DEVICES'] = ''
+  if COMPUTATION_CACHE:
+    e['PERFED_TFF_COMPUTATION_CACHE'] = COMPUTATION_CACHE
   e.update(extra or {})
   return e
 

@@ -7,10 +7,11 @@ import psutil
 import pytest
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-# Every test traces and compiles its computations (tests that count
-# compilations or traces rely on it); tests/test_program_computation_cache.py
-# and the cache tests turn the caches across runs on, each in its own folder.
-# The binaries the tests start inherit this.
+# Every in-process test traces and compiles its computations (tests that
+# count compilations or traces rely on it);
+# tests/test_program_computation_cache.py and the cache tests turn the caches
+# across runs on, each in its own folder. The binaries the tests start share
+# one folder for the session (`binaries_computation_cache`).
 os.environ['PERFED_TFF_COMPUTATION_CACHE'] = 'off'
 
 
@@ -22,6 +23,15 @@ def _worker_children():
   me = psutil.Process()
   return [p for p in me.children(recursive=True)
           if 'worker_binary' in ' '.join(p.cmdline() or [])]
+
+
+@pytest.fixture(scope='session', autouse=True)
+def binaries_computation_cache(tmp_path_factory):
+  from tests import binary_helpers  # pylint: disable=g-import-not-at-top
+  binary_helpers.COMPUTATION_CACHE = str(tmp_path_factory.mktemp(
+      'binaries_computations'))
+  yield binary_helpers.COMPUTATION_CACHE
+  binary_helpers.COMPUTATION_CACHE = None
 
 
 @pytest.fixture(scope='session', autouse=True)

@@ -18,6 +18,7 @@ from experiments import benchmark_report
 from experiments import benchmark_tasks
 from experiments import benchmark_lib
 from perfed_tff import algorithms
+from tests import binary_helpers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(clients_per_round=3, num_clients=6, examples_per_client=40,
@@ -139,7 +140,7 @@ def test_run_benchmark_small_configuration_reports_ratios():
 
 def _run_benchmark_script(tmp_path, contenders, *, without_torch=False):
   out = tmp_path / 'bench.json'
-  env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL='2')
+  env = binary_helpers.env()
   argv = ['benchmark', '--task=digits_mlp', '--clients_per_round=2',
           '--num_clients=4', '--local_steps=1', '--batch_size=8',
           '--rounds=1', '--warmup_rounds=1', f'--contenders={contenders}',
@@ -189,7 +190,7 @@ def test_benchmark_with_torch_times_the_peer(tmp_path):
 @pytest.mark.slow
 def test_benchmark_script_runs(tmp_path):
   out = tmp_path / 'bench.json'
-  env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL='2')
+  env = binary_helpers.env()
   proc = subprocess.run(
       [sys.executable, '-m', 'experiments.benchmark',
        '--task=synthetic', '--clients_per_round=2', '--num_clients=4',

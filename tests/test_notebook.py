@@ -17,6 +17,8 @@ import sys
 import numpy as np
 import pytest
 
+from tests import binary_helpers
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(ROOT, 'experiments', 'per_fedavg_colab.ipynb')
 
@@ -59,6 +61,8 @@ def _execute(tmp_path, monkeypatch, kernel_name='python3'):
   monkeypatch.setenv('PERFED_NB_SMALL', '1')
   monkeypatch.setenv('PERFED_NB_OUTPUT', str(tmp_path / 'out'))
   monkeypatch.setenv('TF_CPP_MIN_LOG_LEVEL', '2')
+  monkeypatch.setenv('PERFED_TFF_COMPUTATION_CACHE',
+                     binary_helpers.COMPUTATION_CACHE)
   nb = nbformat.read(NOTEBOOK, as_version=4)
   client = nbclient.NotebookClient(
       nb, timeout=900, kernel_name=kernel_name,

@@ -51,15 +51,20 @@ def test_hf_approaches_maml_quadratically_in_delta_at_nu_2():
   ds = h.dataset(x, y, 16)
   kwargs = dict(alpha=1.0, beta=1.0, local_steps=1, inner_steps=2)
 
-  def run(**extra):
-    process = perfed_tff.build_per_fedavg(h.MODEL_FN, **kwargs, **extra)
-    state = h.with_trainable(process, process.initialize(), w0)
+  def run(process, delta=None):
+    state = process.initialize()
+    if delta is not None:  # A hyperparameter in the state: no rebuild.
+      hparams = process.get_hparams(state)
+      hparams['client_work']['delta'] = np.float32(delta)
+      state = process.set_hparams(state, hparams)
+    state = h.with_trainable(process, state, w0)
     return h.trainable(process, process.next(state, [ds]).state)
 
-  maml = run(variant='maml')
+  maml = run(perfed_tff.build_per_fedavg(h.MODEL_FN, variant='maml', **kwargs))
+  hf_process = perfed_tff.build_per_fedavg(h.MODEL_FN, variant='hf', **kwargs)
   errors = []
   for delta in (0.8, 0.4, 0.2):
-    hf = run(variant='hf', delta=delta)
+    hf = run(hf_process, delta)
     errors.append(max(np.abs(f - m).max() for f, m in zip(hf, maml)))
   ratios = [errors[i] / errors[i + 1] for i in range(2)]
   for r in ratios:   # O(delta^2): halving delta divides the error by ~4

@@ -16,8 +16,12 @@ from tests import tff_helpers as h
 DIM, CLASSES = h.DIM, h.CLASSES
 
 
-def _run_one_round(process, w0, client_datasets):
+def _run_one_round(process, w0, client_datasets, delta=None):
   state = process.initialize()
+  if delta is not None:  # HF's radius, a hyperparameter in the state.
+    hparams = process.get_hparams(state)
+    hparams['client_work']['delta'] = np.float32(delta)
+    state = process.set_hparams(state, hparams)
   weights = process.get_model_weights(state)
   weights = tff.learning.models.ModelWeights(
       trainable=type(weights.trainable)(w0), non_trainable=weights.non_trainable)
@@ -100,11 +104,12 @@ def test_hf_approaches_maml_quadratically_in_delta():
   kwargs = dict(alpha=1.0, beta=1.0, local_steps=1)
   _, maml = _run_one_round(
       perfed_tff.build_per_fedavg(model_fn, variant='maml', **kwargs), w0, [ds])
+  # One HF process; delta is a hyperparameter in its state.
+  hf_process = perfed_tff.build_per_fedavg(model_fn, variant='hf', delta=0.8,
+                                           **kwargs)
   errors = []
   for delta in (0.8, 0.4, 0.2):
-    _, hf = _run_one_round(
-        perfed_tff.build_per_fedavg(model_fn, variant='hf', delta=delta,
-                                    **kwargs), w0, [ds])
+    _, hf = _run_one_round(hf_process, w0, [ds], delta=delta)
     errors.append(max(np.abs(f - m).max() for f, m in zip(hf, maml)))
   ratios = [errors[i] / errors[i + 1] for i in range(2)]
   assert errors[-1] < errors[0]

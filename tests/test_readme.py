@@ -16,6 +16,8 @@ from typing import NamedTuple, Optional
 
 import pytest
 
+from tests import binary_helpers
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(ROOT, 'README.md')
 # Seconds one block may take (they take 10-20 s on 2 shared cores).
@@ -101,8 +103,7 @@ def test_readme_block_runs(block, tmp_path):
   script.write_text(block.code)
   work_dir = tmp_path / 'cwd'
   work_dir.mkdir()
-  env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL='2',
-             CUDA_VISIBLE_DEVICES='')
+  env = binary_helpers.env()
   try:
     done = subprocess.run([sys.executable, str(script)], cwd=work_dir,
                           env=env, capture_output=True, text=True,
