@@ -1,12 +1,15 @@
 """`perfed_tff.runtime.fused_round`: a round of N clients as one TensorFlow
 computation gives the federated round's weights and metrics bit for bit, for
-the three Per-FedAvg variants and TFF's FedAvg, alone and in blocks; rounds
-it cannot fuse are refused, not run differently."""
+the three Per-FedAvg variants and TFF's FedAvg, alone and in blocks, and on
+a round compiled for runtime Grappler; rounds it cannot fuse are refused, not
+run differently."""
 
 import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_federated as tff
+
+from tensorflow_federated.python.tensorflow_libs import serialization_utils
 
 from perfed_tff.program import training_loop as tp
 from perfed_tff.runtime import fused_round
@@ -83,24 +86,35 @@ def test_a_round_of_another_intrinsic_is_not_fused(tff_context):
         tff_context.compile(round_fn).to_building_block(), 3)
 
 
-def test_a_round_left_to_runtime_grappler_is_not_fused(tff_context):
+def test_a_round_left_to_runtime_grappler_is_fused_and_computes_the_same(
+    tff_context):
   """A convolution inside a `tf.function`: compiled for runtime Grappler
-  (`perfed_tff.runtime.compilation`), so its round runs federated."""
+  (`perfed_tff.runtime.compilation`), its call keeps Grappler on in the
+  fused graph and gives the federated round's numbers."""
 
   @tf.function
   def convolve(image):
-    return tf.nn.conv2d(image, tf.ones([2, 2, 1, 1]), 1, 'VALID')
+    return tf.nn.conv2d(image, tf.reshape(tf.range(4.0), [2, 2, 1, 1]), 1,
+                        'VALID')
 
   @tff.tensorflow.computation(np.float32)
   def convolved(x):
-    return tf.reduce_sum(convolve(tf.fill([1, 3, 3, 1], x)))
+    return tf.reduce_sum(tf.math.sin(convolve(
+        tf.reshape(tf.range(9.0) * x, [1, 3, 3, 1]))))
 
   round_fn = _client_sum(convolved)
-  assert fused_round.build_fused_next(tff_context, round_fn, 2) is None
-  local = fused_round.unroll_clients(
-      tff_context.compile(round_fn).to_building_block(), 2)
-  with pytest.raises(fused_round.NotFusable, match='runtime Grappler'):
-    fused_round.to_one_graph(local)
+  fused = fused_round.build_fused_next(tff_context, round_fn, 2)
+  assert fused is not None
+  graph_def = serialization_utils.unpack_graph_def(
+      tff.framework.ConcreteComputation.get_proto(fused).tensorflow.graph_def)
+  calls = [node for node in graph_def.node
+           if node.op in ('PartitionedCall', 'StatefulPartitionedCall')]
+  assert calls and not any(
+      tf.compat.v1.ConfigProto.FromString(node.attr['config_proto'].s)
+      .graph_options.rewrite_options.disable_meta_optimizer
+      for node in calls)
+  data = [np.float32(0.3), np.float32(-1.7)]
+  assert fused(np.float32(1.0), data) == round_fn(np.float32(1.0), data)
 
 
 def test_a_plain_round_is_fused_with_clients_in_order(tff_context):

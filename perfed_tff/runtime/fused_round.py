@@ -30,16 +30,17 @@ the weights and metrics are bit-identical to the federated round
 (tests/test_runtime_fused_round.py). The worker runs the round as one
 session run, and its independent client pipelines in parallel.
 
-Only TFF's native form is fused (function calls with Grappler off). A round
-compiled for runtime Grappler (`perfed_tff.runtime.compilation` does that
-for convolutional models) runs federated: on the EMNIST CNN, fusing it
-measured no gain (0.87-0.99 s a round either way, blocks of 3; the round
-is arithmetic),
-and its dropout makes its rounds unrepeatable, so there is nothing to check
-it against bit for bit. A round that uses another intrinsic (secure sums,
-for instance), or that TensorFlow cannot join, is not fused either
-(`NotFusable`); `build_fused_next` then returns None and the caller runs
-the federated round.
+A round compiled for runtime Grappler (`perfed_tff.runtime.compilation`
+does that for convolutional models) is fused too: its function calls keep
+their configuration, so each is optimized when the worker instantiates it,
+as in the federated round (`tests/test_runtime_fused_round.py` checks the
+numbers on a deterministic convolution; the EMNIST CNN's dropout makes even
+two federated rounds from the same state differ). On the EMNIST CNN a fused
+round took 0.90-0.95 of the federated one (blocks of 3, FedAvg and FO,
+docs/performance.md). A round that uses another intrinsic (secure sums, for
+instance), or that TensorFlow cannot join, is not fused (`NotFusable`);
+`build_fused_next` then returns None and the caller runs the federated
+round.
 """
 
 from __future__ import annotations
@@ -71,7 +72,6 @@ from perfed_tff.runtime import compiled_cache
 # digits clients make 1.7-2.5 MB).
 MAX_FUSED_BYTES = 64 * 1024 * 1024
 _LOOP_ENTRIES = ('Enter', 'RefEnter')
-_CALL_OPS = ('PartitionedCall', 'StatefulPartitionedCall')
 
 
 class NotFusable(ValueError):
@@ -201,12 +201,6 @@ def unroll_clients(comp: bb.ComputationBuildingBlock,
   return _Unroller(num_clients).convert(comp, {})
 
 
-def _grappler_disabled(call_node) -> bool:
-  config = tf.compat.v1.ConfigProto.FromString(
-      call_node.attr['config_proto'].s)
-  return config.graph_options.rewrite_options.disable_meta_optimizer
-
-
 def _without_shapes(type_spec):
   if isinstance(type_spec, ct.TensorType):
     return ct.TensorType(type_spec.dtype, None)
@@ -247,9 +241,6 @@ class _GraphStamper:
     graph_def = serialization_utils.unpack_graph_def(
         proto.tensorflow.graph_def)
     has_loops = any(node.op in _LOOP_ENTRIES for node in graph_def.node)
-    if any(node.op in _CALL_OPS and not _grappler_disabled(node)
-           for node in graph_def.node):
-      raise NotFusable('function calls left to runtime Grappler')
 
     def call(*args):
       stamped = proto
