@@ -14,7 +14,7 @@ on the worker, calls it and disposes of it, on every call. Here:
   and sends and receives values with `value_transfer` (TFF's protos and
   Python values, without TFF's cost per leaf);
 * `infer_cardinalities` does not walk an argument that has no federated
-  type in it (TFF's walks every leaf: 6 ms for a block of ten fused
+  type in it (TFF's walks every leaf: 4-6 ms for a block of ten fused
   digits rounds, whose argument is all unplaced).
 
 docs/performance.md section 7 has the figures.
