@@ -8,6 +8,7 @@ import collections
 import numpy as np
 import pytest
 import tensorflow_federated as tff
+from tensorflow_federated.python.core.impl.executors import cardinalities_utils
 from tensorflow_federated.python.core.impl.executors import value_serialization
 
 from perfed_tff.runtime import computation_keeping
@@ -133,7 +134,6 @@ def test_the_values_received_are_tffs(value, type_spec, hint):
      tff.StructType([np.float32, tff.TensorType(np.float64, [4, 2])])),
 ])
 def test_cardinalities_are_tffs(value, type_spec):
-  from tensorflow_federated.python.core.impl.executors import cardinalities_utils  # pylint: disable=g-import-not-at-top
   assert computation_keeping.infer_cardinalities(value, type_spec) == (
       cardinalities_utils.infer_cardinalities(value, type_spec))
 
