@@ -53,10 +53,8 @@ def test_hf_approaches_maml_quadratically_in_delta_at_nu_2():
 
   def run(process, delta=None):
     state = process.initialize()
-    if delta is not None:  # A hyperparameter in the state: no rebuild.
-      hparams = process.get_hparams(state)
-      hparams['client_work']['delta'] = np.float32(delta)
-      state = process.set_hparams(state, hparams)
+    if delta is not None:
+      state = h.with_delta(process, state, delta)
     state = h.with_trainable(process, state, w0)
     return h.trainable(process, process.next(state, [ds]).state)
 

@@ -18,10 +18,8 @@ DIM, CLASSES = h.DIM, h.CLASSES
 
 def _run_one_round(process, w0, client_datasets, delta=None):
   state = process.initialize()
-  if delta is not None:  # HF's radius, a hyperparameter in the state.
-    hparams = process.get_hparams(state)
-    hparams['client_work']['delta'] = np.float32(delta)
-    state = process.set_hparams(state, hparams)
+  if delta is not None:
+    state = h.with_delta(process, state, delta)
   weights = process.get_model_weights(state)
   weights = tff.learning.models.ModelWeights(
       trainable=type(weights.trainable)(w0), non_trainable=weights.non_trainable)

@@ -63,6 +63,14 @@ def with_trainable(process, state, w):
       non_trainable=weights.non_trainable))
 
 
+def with_delta(process, state, delta):
+  """`state` with HF's radius `delta` (a hyperparameter in the state: the
+  process is not rebuilt)."""
+  hparams = process.get_hparams(state)
+  hparams['client_work']['delta'] = np.float32(delta)
+  return process.set_hparams(state, hparams)
+
+
 class CompileCounter:
   """Counts TFF compilations in the installed execution context."""
 
