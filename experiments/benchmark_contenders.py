@@ -2,10 +2,13 @@
 the data each consumes in a round.
 
 Contenders:
-* `fedavg`: the project's baseline, TFF's
-  `tff.learning.algorithms.build_weighted_fed_avg` with client SGD at beta for
-  tau steps (`perfed_tff.algorithms`; TFF's DATASET_ITERATOR client loop).
-* `fedavg_reduce`: the same with TFF's default DATASET_REDUCE client loop
+* `fedavg`: the project's baseline, TFF's weighted FedAvg with client SGD at
+  beta for tau steps (`perfed_tff.algorithms`; TFF's DATASET_ITERATOR client
+  loop), on the model the training program gives it
+  (`training_loop.fed_avg_model`: the FunctionalModel, `perfed_tff.fed_avg`;
+  the VariableModel for a convolutional model).
+* `fedavg_reduce`: TFF's `tff.learning.algorithms.build_weighted_fed_avg`
+  on the task's VariableModel with TFF's default DATASET_REDUCE client loop
   (slower on CPU; reported for reference).
 * `per_fedavg_{fo,hf,maml}`: `perfed_tff.build_per_fedavg`, same tau, batch,
   on the task's model as a FunctionalModel (as the training program runs it).
@@ -41,6 +44,7 @@ from experiments import torch_peer
 from perfed_tff import algorithms as algorithms_lib
 from perfed_tff.data import task as task_lib
 from perfed_tff.models import specs
+from perfed_tff.program import training_loop
 from perfed_tff.data import worker_datasets
 from perfed_tff.runtime import execution
 from perfed_tff.runtime import fused_round
@@ -50,8 +54,9 @@ FLOORS = ('floor_fedavg', 'floor_fo', 'floor_hf', 'floor_maml')
 # The PyTorch peer (`experiments.torch_peer`; skipped without torch).
 PEERS = ('torch_fedavg', 'torch_fo', 'torch_hf', 'torch_maml')
 # `fedavg` is the project's baseline (`algorithms.build_algorithm`: TFF's
-# build_weighted_fed_avg with the DATASET_ITERATOR client loop);
-# `fedavg_reduce` is the same with TFF's default DATASET_REDUCE loop.
+# weighted FedAvg with the DATASET_ITERATOR client loop);
+# `fedavg_reduce` is TFF's build_weighted_fed_avg on the VariableModel with
+# TFF's default DATASET_REDUCE loop.
 CONTENDERS = algorithms_lib.ALGORITHMS + ('fedavg_reduce',) + FLOORS + PEERS
 # The floor and the PyTorch peer of each TFF contender.
 FLOOR_OF = {'fedavg': 'floor_fedavg', 'fedavg_reduce': 'floor_fedavg',
@@ -171,9 +176,11 @@ def build_contender(contender: str, task: benchmark_tasks.BenchmarkTask,
         client_weighting=tff.learning.ClientWeighting.UNIFORM,
         loop_implementation=tff.learning.LoopImplementation.DATASET_REDUCE)
   else:
-    model = task.model_fn
-    if contender != 'fedavg' and task.functional_model is not None:
-      model = task.functional_model()   # as the training program does
+    model = task.model_fn   # as the training program does:
+    if contender == 'fedavg' and task.functional_model is not None:
+      model = training_loop.fed_avg_model(task.functional_model, model)
+    elif task.functional_model is not None:
+      model = task.functional_model()
     process = algorithms_lib.build_algorithm(
         contender, model, alpha=config.alpha, beta=config.beta,
         delta=config.delta, local_steps=config.local_steps,

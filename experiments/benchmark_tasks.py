@@ -33,9 +33,10 @@ class BenchmarkTask:
   clients: 'collections.OrderedDict[str, tuple[np.ndarray, np.ndarray]]'
   model_fn: Callable[[], tff.learning.models.VariableModel]
   element_spec: collections.OrderedDict   # spec of one batch
-  # The same model as a FunctionalModel (Per-FedAvg's, as in the program).
+  # The same model as a FunctionalModel, as the program trains it
+  # (`perfed_tff.data.task.functional_model`; `loss_metric=True` for FedAvg).
   functional_model: Optional[
-      Callable[[], tff.learning.models.FunctionalModel]] = None
+      Callable[..., tff.learning.models.FunctionalModel]] = None
 
 
 def _synthetic_emnist_clients(num_clients, examples_per_client, seed):
@@ -87,9 +88,9 @@ def make_task(name: str, *, num_clients: int = 20,
                                           seed),
         model_fn=model_fn,
         element_spec=emnist_models.element_spec(),
-        functional_model=lambda: task_lib.functional_model(
+        functional_model=lambda **kw: task_lib.functional_model(
             keras_model_fn, emnist_models.loss_fn,
-            emnist_models.element_spec(), task_lib.accuracy_metrics))
+            emnist_models.element_spec(), task_lib.accuracy_metrics, **kw))
   if name in ('digits_mlp', 'synthetic'):
     from perfed_tff.data import registry  # pylint: disable=g-import-not-at-top
     if name == 'digits_mlp':
@@ -124,14 +125,15 @@ def make_task(name: str, *, num_clients: int = 20,
         model_fn=shakespeare_models.char_lstm_model_fn(
             shakespeare_data.VOCAB_SIZE, length, seed=seed),
         element_spec=shakespeare_models.element_spec(length),
-        functional_model=lambda: task_lib.functional_model(
+        functional_model=lambda **kw: task_lib.functional_model(
             lambda: shakespeare_models.create_char_lstm(
                 shakespeare_data.VOCAB_SIZE, length, seed=seed),
             lambda: shakespeare_models.loss_fn(shakespeare_models.PAD_ID),
             shakespeare_models.element_spec(length),
             lambda: [shakespeare_models.MaskedSparseCategoricalAccuracy(
                 shakespeare_models.PAD_ID),
-                     shakespeare_models.NumTokens(shakespeare_models.PAD_ID)]))
+                     shakespeare_models.NumTokens(shakespeare_models.PAD_ID)],
+            **kw))
   raise ValueError(f'unknown task {name!r}; one of {TASKS}')
 
 

@@ -41,7 +41,8 @@ def algorithm_help() -> str:
   """Help of --algorithm: every name of the algorithm registry
   (`perfed_tff.algorithms.ALGORITHMS`), read when called."""
   return (f'One of {_names(algorithms.ALGORITHMS)} (perfed_tff.algorithms: '
-          "'fedavg' is TFF's build_weighted_fed_avg, 'per_fedavg_<variant>' "
+          "'fedavg' is TFF's weighted FedAvg (perfed_tff.fed_avg), "
+          "'per_fedavg_<variant>' "
           "Per-FedAvg's FO, HF or MAML variant).")
 
 

@@ -360,6 +360,23 @@ def initial_hparams(*, alpha: float, delta: float,
       client_optimizer=optimizer.get_hparams(whimsy))
 
 
+def hparams_computations(state_type) -> tuple[tff.Computation, tff.Computation]:
+  """(get_hparams, set_hparams) of a client work whose state is its
+  hyperparameters, as TFF's model-delta client work: the state itself, and
+  the new hyperparameters as the new state."""
+
+  @tff.tensorflow.computation(state_type)
+  def get_hparams(state):
+    return state
+
+  @tff.tensorflow.computation(state_type, state_type)
+  def set_hparams(state, hparams):
+    del state
+    return hparams
+
+  return get_hparams, set_hparams
+
+
 def build_per_fedavg_client_work(
     model_fn: ModelFn,
     model_weights_type: tff.types.Type,
@@ -445,14 +462,7 @@ def build_per_fedavg_client_work(
   metrics_aggregation = metrics_aggregator(
       build_metrics_finalizer(model_finalizer), unfinalized_type)
 
-  @tff.tensorflow.computation(state_type)
-  def get_hparams_fn(state):
-    return state
-
-  @tff.tensorflow.computation(state_type, state_type)
-  def set_hparams_fn(state, new_hparams):
-    del state
-    return new_hparams
+  get_hparams_fn, set_hparams_fn = hparams_computations(state_type)
 
   @tff.federated_computation(
       init_fn.type_signature.result,

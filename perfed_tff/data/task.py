@@ -54,28 +54,51 @@ class FederatedTask:
   def client_ids(self) -> Sequence[str]:
     return self.train.client_ids
 
-  def functional_model(self) -> tff.learning.models.FunctionalModel:
+  def functional_model(self, *, loss_metric: bool = False
+                       ) -> tff.learning.models.FunctionalModel:
     """`model_fn`'s model as a `tff.learning.models.FunctionalModel` (see
     `functional_model`)."""
     return functional_model(self.keras_model_fn, self.loss_fn,
-                            self.element_spec, self.metrics_fn)
+                            self.element_spec, self.metrics_fn,
+                            loss_metric=loss_metric)
+
+
+class WeightedMeanLoss(tf.keras.metrics.Mean):
+  """The `loss` metric `tff.learning.models.from_keras_model` adds: the loss
+  of each batch (`loss_fn` on its labels and predictions), averaged with the
+  batch sizes as weights."""
+
+  def __init__(self, loss_fn: tf.keras.losses.Loss, name: str = 'loss',
+               dtype=tf.float32):
+    super().__init__(name, dtype)
+    self._loss_fn = loss_fn
+
+  def update_state(self, y_true, y_pred, sample_weight=None):  # pylint: disable=arguments-renamed
+    del sample_weight  # As from_keras_model's: the batch size is the weight.
+    batch_size = tf.shape(tf.nest.flatten(y_pred)[0])[0]
+    return super().update_state(self._loss_fn(y_true, y_pred), batch_size)
 
 
 def functional_model(keras_model_fn: Callable[[], tf.keras.Model],
                      loss_fn: Callable[[], tf.keras.losses.Loss],
-                     element_spec, metrics_fn: Callable[[], list]
+                     element_spec, metrics_fn: Callable[[], list], *,
+                     loss_metric: bool = False
                      ) -> tff.learning.models.FunctionalModel:
   """The model `tff.learning.models.from_keras_model` makes of these parts,
   as a FunctionalModel: `functional_model_from_keras` on `keras_model_fn`
   (initialized in a graph, as TFF initializes a VariableModel: the same
   initial weights) and `loss_fn()`, with `metrics_fn()`'s metrics plus the
-  example and batch counts that `from_keras_model` adds (the same names)."""
+  example and batch counts that `from_keras_model` adds (the same names).
+  With `loss_metric`, also its `loss` metric (`WeightedMeanLoss`), so that
+  FedAvg's metrics are those of the VariableModel (`perfed_tff.fed_avg`);
+  Per-FedAvg reports its own `loss` and leaves it out."""
 
   def metrics():
+    added = [WeightedMeanLoss(loss_fn())] if loss_metric else []
     counters = [tff.learning.metrics.NumExamplesCounter(),
                 tff.learning.metrics.NumBatchesCounter()]
     return collections.OrderedDict(
-        (m.name, m) for m in list(metrics_fn()) + counters)
+        (m.name, m) for m in list(metrics_fn()) + added + counters)
 
   return tff.learning.models.functional_model_from_keras(
       keras_model_fn, loss_fn(), input_spec=element_spec,

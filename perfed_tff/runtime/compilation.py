@@ -31,11 +31,13 @@ otherwise.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 import itertools
 from typing import Callable
 
 from absl import logging
 import tensorflow as tf
+import tensorflow_federated as tff
 from tensorflow_federated.python.core.backends.native import compiler as native_compiler
 from tensorflow_federated.python.core.environments.tensorflow_backend import compiled_computation_transformations
 from tensorflow_federated.python.core.environments.tensorflow_backend import tensorflow_tree_transformations
@@ -78,6 +80,27 @@ def compile_with_runtime_grappler(
       context_stack=context_stack_impl.context_stack)
 
 
+def graph_has_convolutions(graph_def) -> bool:
+  """Whether `graph_def` (functions included) has a convolution op."""
+  nodes = itertools.chain(graph_def.node,
+                          *[f.node_def for f in graph_def.library.function])
+  return any(node.op in CONVOLUTION_OPS for node in nodes)
+
+
+def model_has_convolutions(model: tff.learning.models.FunctionalModel
+                           ) -> bool:
+  """Whether `model`'s prediction has a convolution op (traced in a graph
+  of its own)."""
+  placeholder = lambda t: tf.compat.v1.placeholder(t.dtype, t.shape)
+  x_spec = (model.input_spec['x'] if isinstance(model.input_spec, Mapping)
+            else model.input_spec[0])
+  with tf.Graph().as_default() as graph:
+    model.predict_on_batch(
+        tf.nest.map_structure(placeholder, model.initial_weights),
+        tf.nest.map_structure(placeholder, x_spec), False)
+  return graph_has_convolutions(graph.as_graph_def())
+
+
 def has_convolutions(comp: computation_impl.ConcreteComputation) -> bool:
   """Whether any TensorFlow graph of `comp` (functions included) has a
   convolution op."""
@@ -85,13 +108,10 @@ def has_convolutions(comp: computation_impl.ConcreteComputation) -> bool:
 
   def visit(block):
     if (not found and isinstance(block, building_blocks.CompiledComputation)
-        and block.proto.WhichOneof('computation') == 'tensorflow'):
-      graph = serialization_utils.unpack_graph_def(
-          block.proto.tensorflow.graph_def)
-      nodes = itertools.chain(graph.node,
-                              *[f.node_def for f in graph.library.function])
-      if any(node.op in CONVOLUTION_OPS for node in nodes):
-        found.append(True)
+        and block.proto.WhichOneof('computation') == 'tensorflow'
+        and graph_has_convolutions(serialization_utils.unpack_graph_def(
+            block.proto.tensorflow.graph_def))):
+      found.append(True)
     return block, False
 
   transformation_utils.transform_postorder(comp.to_building_block(), visit)

@@ -1,0 +1,154 @@
+"""`build_fed_avg`: FedAvg on a `FunctionalModel`, hyperparameters in state.
+
+Federated Averaging: McMahan, Moore, Ramage, Hampson & Aguera y Arcas,
+"Communication-Efficient Learning of Deep Networks from Decentralized Data",
+AISTATS 2017, https://arxiv.org/abs/1602.05629.
+
+The round is TFF's weighted FedAvg: broadcast the global model w, each client
+takes tau steps of its optimizer from w on its batches and sends
+Delta_i = w - w_i, the server applies the weighted mean of the Delta_i with
+its optimizer (SGD at 1.0: the new model is sum_i p_i w_i).
+
+`tff.learning.algorithms.build_weighted_fed_avg` takes a `VariableModel` or
+a `FunctionalModel`, but not the same process for both: on a FunctionalModel
+its client work (`build_functional_model_delta_client_work`) has no state,
+so the client optimizer's hyperparameters are fixed when the process is
+built (no `get_hparams`/`set_hparams` for them) and the process state is not
+the VariableModel process's. `build_fed_avg` composes the same templates as
+`build_weighted_fed_avg` (broadcast, client work, weighted aggregation,
+apply-optimizer finalizer) with `build_fed_avg_client_work`: the state,
+hyperparameters and broadcast of TFF's VariableModel client work
+(`tff.learning.templates.build_model_delta_client_work`: the state is the
+client optimizer's hyperparameters) around TFF's own functional client
+update (`model_delta_client_work.build_functional_model_delta_update`), whose
+optimizer starts from those hyperparameters. For a Keras model, the process
+on `functional_model_from_keras` of it has the state type, hyperparameters,
+weights and metrics of `build_weighted_fed_avg` on `from_keras_model` of it
+(tests compare them bit for bit; the functional model needs the `loss`
+metric `from_keras_model` adds, `perfed_tff.data.task.functional_model`),
+without creating and initializing the model's variables for every client in
+every round (docs/performance.md, section 7, direction 4).
+"""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_federated as tff
+from tensorflow_federated.python.learning.templates import model_delta_client_work
+
+from perfed_tff import per_fedavg_client_work as client_work_lib
+
+
+class _StartingFrom(tff.learning.optimizers.Optimizer):
+  """`optimizer` whose `initialize` returns a state with `hparams` set: how
+  TFF's VariableModel client update starts its optimizer
+  (`initialize`, then `set_hparams`)."""
+
+  def __init__(self, optimizer: tff.learning.optimizers.Optimizer, hparams):
+    self._optimizer = optimizer
+    self._hparams = hparams
+
+  def initialize(self, specs):
+    return self._optimizer.set_hparams(self._optimizer.initialize(specs),
+                                       self._hparams)
+
+  def next(self, state, weights, gradients):
+    return self._optimizer.next(state, weights, gradients)
+
+  def get_hparams(self, state):
+    return self._optimizer.get_hparams(state)
+
+  def set_hparams(self, state, hparams):
+    return self._optimizer.set_hparams(state, hparams)
+
+
+def build_fed_avg_client_work(
+    model: tff.learning.models.FunctionalModel,
+    weights_type: tff.types.Type,
+    *,
+    optimizer: tff.learning.optimizers.Optimizer,
+    client_weighting: tff.learning.ClientWeighting,
+    metrics_aggregator=None,
+) -> tff.learning.templates.ClientWorkProcess:
+  """FedAvg's client work on `model`, its state the client optimizer's
+  hyperparameters (as `build_model_delta_client_work`'s): each round the
+  state is broadcast and every client runs TFF's functional update from it,
+  with TFF's DATASET_ITERATOR loop (the project's FedAvg loop,
+  `perfed_tff.algorithms`; TFF's functional update fails under
+  DATASET_REDUCE in TFF 0.87). `weights_type` is the `ModelWeights` type the
+  distributor sends."""
+  if metrics_aggregator is None:
+    metrics_aggregator = tff.learning.metrics.sum_then_finalize
+  # The hyperparameters of a state for a whimsy spec, as TFF's client work.
+  initial_hparams = optimizer.get_hparams(
+      optimizer.initialize(tf.TensorSpec(shape=(), dtype=tf.float32)))
+
+  @tff.federated_computation
+  def init_fn():
+    return tff.federated_value(initial_hparams, tff.SERVER)
+
+  state_type = init_fn.type_signature.result.member
+  data_type = tff.SequenceType(tff.types.tensorflow_to_type(model.input_spec))
+
+  get_hparams_fn, set_hparams_fn = client_work_lib.hparams_computations(
+      state_type)
+
+  @tff.tensorflow.computation(state_type, weights_type, data_type)
+  def client_update(hparams, initial_weights, dataset):
+    update = model_delta_client_work.build_functional_model_delta_update(
+        model=model, weighting=client_weighting,
+        loop_implementation=tff.learning.LoopImplementation.DATASET_ITERATOR)
+    return update(_StartingFrom(optimizer, hparams),
+                  (initial_weights.trainable, initial_weights.non_trainable),
+                  dataset)
+
+  @tff.federated_computation(init_fn.type_signature.result,
+                             tff.FederatedType(weights_type, tff.CLIENTS),
+                             tff.FederatedType(data_type, tff.CLIENTS))
+  def next_fn(state, weights, client_data):
+    results, unfinalized_metrics = tff.federated_map(
+        client_update, (tff.federated_broadcast(state), weights, client_data))
+    train_metrics = metrics_aggregator(model.finalize_metrics)(
+        unfinalized_metrics)
+    return tff.templates.MeasuredProcessOutput(
+        state, results, tff.federated_zip(
+            collections.OrderedDict(train=train_metrics)))
+
+  return tff.learning.templates.ClientWorkProcess(
+      init_fn, next_fn, get_hparams_fn=get_hparams_fn,
+      set_hparams_fn=set_hparams_fn)
+
+
+def build_fed_avg(
+    model: tff.learning.models.FunctionalModel,
+    *,
+    initial_weights_fn: tff.Computation,
+    client_optimizer: tff.learning.optimizers.Optimizer,
+    server_optimizer: tff.learning.optimizers.Optimizer,
+    client_weighting: tff.learning.ClientWeighting,
+    model_distributor=None,
+    model_aggregator=None,
+    metrics_aggregator=None,
+) -> tff.learning.templates.LearningProcess:
+  """Weighted FedAvg on `model`, composed as `build_weighted_fed_avg` with
+  `build_fed_avg_client_work`. Arguments are those of
+  `build_weighted_fed_avg`, already checked (`perfed_tff.algorithms.
+  build_algorithm` checks them): optimizers as `Optimizer`s,
+  `model_aggregator` a `WeightedAggregationFactory` (default the weighted
+  mean), `initial_weights_fn` the model's initial `ModelWeights`."""
+  weights_type = initial_weights_fn.type_signature.result
+  distributor = (model_distributor or
+                 tff.learning.templates.build_broadcast_process(weights_type))
+  aggregator = (model_aggregator or tff.aggregators.MeanFactory()).create(
+      weights_type.trainable, tff.TensorType(np.float32))
+  client_work = build_fed_avg_client_work(
+      model, weights_type, optimizer=client_optimizer,
+      client_weighting=client_weighting,
+      metrics_aggregator=metrics_aggregator)
+  finalizer = tff.learning.templates.build_apply_optimizer_finalizer(
+      server_optimizer, weights_type)
+  return tff.learning.templates.compose_learning_process(
+      initial_weights_fn, distributor, client_work, aggregator, finalizer)

@@ -1,0 +1,134 @@
+"""FedAvg on a FunctionalModel (`perfed_tff.fed_avg`, what
+`algorithms.build_algorithm('fedavg', ...)` builds for one) is TFF's
+`build_weighted_fed_avg` on the VariableModel of the same Keras model: the
+same state type and hyperparameters, bit for bit the same weights and
+metrics, and a state of either process runs in the other (checkpoints
+written before FedAvg moved to the FunctionalModel resume)."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import tensorflow_federated as tff
+
+from perfed_tff import algorithms
+from perfed_tff.data import task as task_lib
+from perfed_tff.models import mlp
+from perfed_tff.program import checkpointing
+from perfed_tff.program import training_loop
+from tests import tff_helpers as h
+
+SHAPE, CLASSES, HIDDEN = (h.DIM,), h.CLASSES, (8,)
+
+
+def keras_model():
+  return mlp.create_mlp(SHAPE, CLASSES, hidden_units=HIDDEN, seed=4)
+
+
+def variable_model_fn():
+  return tff.learning.models.from_keras_model(
+      keras_model(), loss=mlp.loss_fn(), input_spec=mlp.element_spec(SHAPE),
+      metrics=task_lib.accuracy_metrics())
+
+
+def build_pair(client_weighting, optimizer):
+  """(TFF's FedAvg on the VariableModel, FedAvg on the FunctionalModel)."""
+  kwargs = dict(alpha=0.1, local_steps=3, client_weighting=client_weighting)
+  if optimizer == 'sgd':
+    kwargs['beta'] = 0.3
+  else:
+    kwargs['client_optimizer_fn'] = tff.learning.optimizers.build_adam(0.05)
+  functional = task_lib.functional_model(
+      keras_model, mlp.loss_fn, mlp.element_spec(SHAPE),
+      task_lib.accuracy_metrics, loss_metric=True)
+  return (algorithms.build_algorithm('fedavg', variable_model_fn, **kwargs),
+          algorithms.build_algorithm('fedavg', functional, **kwargs))
+
+
+def clients(seed, *, non_finite=False):
+  data = [h.dataset(*h.random_client(seed + i, n), 4)
+          for i, n in enumerate((10, 7, 13))]
+  if non_finite:   # a client whose update is NaN: weight 0, metrics reset
+    x, y = h.random_client(seed, 8)
+    x[0, 0] = np.nan
+    data.append(h.dataset(x, y, 4))
+  return data
+
+
+def assert_same_round(pair, states, data):
+  outputs = [p.next(s, data) for p, s in zip(pair, states)]
+  metrics = [tf.nest.map_structure(np.asarray, dict(o.metrics['client_work']))
+             for o in outputs]
+  assert sorted(metrics[0]['train']) == sorted(metrics[1]['train'])
+  for name, value in metrics[0]['train'].items():
+    np.testing.assert_array_equal(value, metrics[1]['train'][name], name)
+  for a, b in zip(*(h.trainable(p, o.state) for p, o in zip(pair, outputs))):
+    np.testing.assert_array_equal(a, b)
+  return [o.state for o in outputs]
+
+
+@pytest.mark.parametrize('client_weighting,optimizer,non_finite', [
+    ('uniform', 'sgd', False), ('num_examples', 'adam', False),
+    ('num_examples', 'sgd', True)])
+def test_functional_fed_avg_is_tffs_fed_avg_bit_for_bit(
+    client_weighting, optimizer, non_finite):
+  pair = build_pair(client_weighting, optimizer)
+  states = [p.initialize() for p in pair]
+  assert (checkpointing.leaf_specs(states[0])
+          == checkpointing.leaf_specs(states[1]))
+  assert pair[0].get_hparams(states[0]) == pair[1].get_hparams(states[1])
+  for r in range(2):
+    states = assert_same_round(pair, states, clients(10 * r,
+                                                     non_finite=non_finite))
+  # The client learning rate is in the state of both, and used.
+  hparams = [p.get_hparams(s) for p, s in zip(pair, states)]
+  for hp in hparams:
+    hp['client_work']['learning_rate'] = np.float32(0.01)
+  states = [p.set_hparams(s, hp) for p, s, hp in zip(pair, states, hparams)]
+  assert_same_round(pair, states, clients(30))
+
+
+def test_a_variable_model_fed_avg_state_runs_in_the_functional_process():
+  """The old process's state (a checkpoint of a FedAvg run before it moved
+  to the FunctionalModel) continues in the new one as in the old."""
+  variable, functional = build_pair('uniform', 'sgd')
+  state = variable.next(variable.initialize(), clients(0)).state
+  assert_same_round((variable, functional), (state, state), clients(5))
+
+
+def test_functional_fed_avg_creates_no_model_variables():
+  """What it is for: a round makes no variables for each client (TFF's
+  VariableModel client update creates and initializes the model's)."""
+  variable, functional = build_pair('uniform', 'sgd')
+  assert _creates_variables(variable)
+  assert not _creates_variables(functional)
+
+
+def _creates_variables(process) -> bool:
+  return b'VarHandleOp' in process.next._computation_proto.SerializeToString()
+
+
+def test_the_training_program_trains_fed_avg_on_the_functional_model(
+    tmp_path, small_task):
+  """... with the task's `loss` metric; a convolutional model and a task
+  without a Keras model (a TFF baseline task whose model is not
+  from_keras_model's) keep TFF's FedAvg on the task's `model_fn`."""
+  config = h.training_config(tmp_path, algorithm='fedavg')
+  process = training_loop.build_process(config, small_task)
+  assert not _creates_variables(process)
+  metrics = process.next.type_signature.result[1].member['client_work']
+  assert 'loss' in tff.structure.name_list(metrics['train'])
+
+  def no_keras_model():
+    raise TypeError('no Keras model')
+  no_keras = dataclasses.replace(small_task, keras_model_fn=no_keras_model)
+  assert _creates_variables(training_loop.build_process(config, no_keras))
+
+  def convolutional():
+    inputs = tf.keras.Input(small_task.element_spec['x'].shape[1:])
+    x = tf.keras.layers.Reshape((-1, 1))(inputs)
+    x = tf.keras.layers.Flatten()(tf.keras.layers.Conv1D(2, 3)(x))
+    return tf.keras.Model(inputs, tf.keras.layers.Dense(3)(x))
+  conv = dataclasses.replace(small_task, keras_model_fn=convolutional)
+  assert _creates_variables(training_loop.build_process(config, conv))
