@@ -5,11 +5,12 @@ Contenders:
 * `fedavg`: the project's baseline, TFF's weighted FedAvg with client SGD at
   beta for tau steps (`perfed_tff.algorithms`; TFF's DATASET_ITERATOR client
   loop), on the model the training program gives it
-  (`training_loop.fed_avg_model`: the FunctionalModel, `perfed_tff.fed_avg`;
+  (`model_choice.fed_avg_model`: the FunctionalModel, `perfed_tff.fed_avg`;
   the VariableModel for a convolutional model).
 * `fedavg_reduce`: TFF's `tff.learning.algorithms.build_weighted_fed_avg`
   on the task's VariableModel with TFF's default DATASET_REDUCE client loop
-  (slower on CPU; reported for reference).
+  (slower on CPU; reported for reference). Against `fedavg` it differs in
+  the loop only for a convolutional model; otherwise in the model kind too.
 * `per_fedavg_{fo,hf,maml}`: `perfed_tff.build_per_fedavg`, same tau, batch,
   on the task's model as a FunctionalModel (as the training program runs it).
 * TFF contenders get their clients' data the way the training program
@@ -44,7 +45,7 @@ from experiments import torch_peer
 from perfed_tff import algorithms as algorithms_lib
 from perfed_tff.data import task as task_lib
 from perfed_tff.models import specs
-from perfed_tff.program import training_loop
+from perfed_tff.program import model_choice
 from perfed_tff.data import worker_datasets
 from perfed_tff.runtime import execution
 from perfed_tff.runtime import fused_round
@@ -178,7 +179,7 @@ def build_contender(contender: str, task: benchmark_tasks.BenchmarkTask,
   else:
     model = task.model_fn   # as the training program does:
     if contender == 'fedavg' and task.functional_model is not None:
-      model = training_loop.fed_avg_model(task.functional_model, model)
+      model = model_choice.fed_avg_model(task.functional_model, model)
     elif task.functional_model is not None:
       model = task.functional_model()
     process = algorithms_lib.build_algorithm(

@@ -21,13 +21,17 @@ hyperparameters and broadcast of TFF's VariableModel client work
 (`tff.learning.templates.build_model_delta_client_work`: the state is the
 client optimizer's hyperparameters) around TFF's own functional client
 update (`model_delta_client_work.build_functional_model_delta_update`), whose
-optimizer starts from those hyperparameters. For a Keras model, the process
-on `functional_model_from_keras` of it has the state type, hyperparameters,
-weights and metrics of `build_weighted_fed_avg` on `from_keras_model` of it
-(tests compare them bit for bit; the functional model needs the `loss`
-metric `from_keras_model` adds, `perfed_tff.data.task.functional_model`),
-without creating and initializing the model's variables for every client in
-every round (docs/performance.md, section 7, direction 4).
+optimizer starts from those hyperparameters. For a Keras model that
+`functional_model_from_keras` carries whole (no regularization losses, no
+BatchNormalization: `perfed_tff.data.task.functional_model_carries`), the
+process on `perfed_tff.data.task.functional_model(..., loss_metric=True)`
+of it (its metrics plus the `loss` metric `from_keras_model` adds) has the
+state type, hyperparameters, weights and metrics of
+`build_weighted_fed_avg` on `from_keras_model` of it (tests/test_fed_avg.py
+compares them bit for bit on an MLP; a model with random layers such as
+dropout draws other numbers), without creating and initializing the
+model's variables for every client in every round (docs/performance.md,
+section 7, direction 4).
 """
 
 from __future__ import annotations

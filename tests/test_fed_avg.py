@@ -16,6 +16,7 @@ from perfed_tff import algorithms
 from perfed_tff.data import task as task_lib
 from perfed_tff.models import mlp
 from perfed_tff.program import checkpointing
+from perfed_tff.program import model_choice
 from perfed_tff.program import training_loop
 from tests import tff_helpers as h
 
@@ -32,9 +33,10 @@ def variable_model_fn():
       metrics=task_lib.accuracy_metrics())
 
 
-def build_pair(client_weighting, optimizer):
+def build_pair(client_weighting, optimizer, **extra):
   """(TFF's FedAvg on the VariableModel, FedAvg on the FunctionalModel)."""
-  kwargs = dict(alpha=0.1, local_steps=3, client_weighting=client_weighting)
+  kwargs = dict(alpha=0.1, local_steps=3, client_weighting=client_weighting,
+                **extra)
   if optimizer == 'sgd':
     kwargs['beta'] = 0.3
   else:
@@ -56,27 +58,46 @@ def clients(seed, *, non_finite=False):
   return data
 
 
+def flat_metrics(metrics, prefix=''):
+  """[(path, value)] of nested metric mappings, in their order."""
+  out = []
+  for name, value in metrics.items():
+    if hasattr(value, 'items'):
+      out += flat_metrics(value, f'{prefix}{name}/')
+    else:
+      out.append((prefix + name, np.asarray(value)))
+  return out
+
+
 def assert_same_round(pair, states, data):
+  """One round of both processes from `states`: every metric (names in the
+  same order) and the weights bit for bit the same."""
   outputs = [p.next(s, data) for p, s in zip(pair, states)]
-  metrics = [tf.nest.map_structure(np.asarray, dict(o.metrics['client_work']))
-             for o in outputs]
-  assert sorted(metrics[0]['train']) == sorted(metrics[1]['train'])
-  for name, value in metrics[0]['train'].items():
-    np.testing.assert_array_equal(value, metrics[1]['train'][name], name)
+  metrics = [flat_metrics(o.metrics) for o in outputs]
+  assert [n for n, _ in metrics[0]] == [n for n, _ in metrics[1]]
+  assert 'client_work/train/loss' in dict(metrics[0])
+  for (name, a), (_, b) in zip(*metrics):
+    np.testing.assert_array_equal(a, b, name)
   for a, b in zip(*(h.trainable(p, o.state) for p, o in zip(pair, outputs))):
     np.testing.assert_array_equal(a, b)
   return [o.state for o in outputs]
 
 
-@pytest.mark.parametrize('client_weighting,optimizer,non_finite', [
-    ('uniform', 'sgd', False), ('num_examples', 'adam', False),
-    ('num_examples', 'sgd', True)])
+@pytest.mark.parametrize('client_weighting,optimizer,non_finite,extra', [
+    ('uniform', 'sgd', False, {}), ('num_examples', 'adam', False, {}),
+    ('num_examples', 'sgd', True, {}),
+    # An aggregator with a state of its own (adaptive clipping, zeroing).
+    ('num_examples', 'sgd', False,
+     {'model_aggregator': tff.learning.robust_aggregator()})])
 def test_functional_fed_avg_is_tffs_fed_avg_bit_for_bit(
-    client_weighting, optimizer, non_finite):
-  pair = build_pair(client_weighting, optimizer)
+    client_weighting, optimizer, non_finite, extra):
+  pair = build_pair(client_weighting, optimizer, **extra)
   states = [p.initialize() for p in pair]
   assert (checkpointing.leaf_specs(states[0])
           == checkpointing.leaf_specs(states[1]))
+  for name in ('initialize', 'next'):   # names included (list vs tuple aside)
+    assert (str(getattr(pair[0], name).type_signature)
+            == str(getattr(pair[1], name).type_signature))
   assert pair[0].get_hparams(states[0]) == pair[1].get_hparams(states[1])
   for r in range(2):
     states = assert_same_round(pair, states, clients(10 * r,
@@ -89,12 +110,14 @@ def test_functional_fed_avg_is_tffs_fed_avg_bit_for_bit(
   assert_same_round(pair, states, clients(30))
 
 
-def test_a_variable_model_fed_avg_state_runs_in_the_functional_process():
-  """The old process's state (a checkpoint of a FedAvg run before it moved
-  to the FunctionalModel) continues in the new one as in the old."""
-  variable, functional = build_pair('uniform', 'sgd')
-  state = variable.next(variable.initialize(), clients(0)).state
-  assert_same_round((variable, functional), (state, state), clients(5))
+def test_a_state_of_either_process_runs_in_the_other():
+  """A checkpoint of a FedAvg run before it moved to the FunctionalModel
+  continues in the new process as in the old, and the other way round (the
+  program trains convolutional models on the VariableModel)."""
+  pair = build_pair('uniform', 'sgd')
+  for process in pair:
+    state = process.next(process.initialize(), clients(0)).state
+    assert_same_round(pair, (state, state), clients(5))
 
 
 def test_functional_fed_avg_creates_no_model_variables():
@@ -130,5 +153,30 @@ def test_the_training_program_trains_fed_avg_on_the_functional_model(
     x = tf.keras.layers.Reshape((-1, 1))(inputs)
     x = tf.keras.layers.Flatten()(tf.keras.layers.Conv1D(2, 3)(x))
     return tf.keras.Model(inputs, tf.keras.layers.Dense(3)(x))
+  # (Only the choice is checked: the task's model_fn stays its own.)
   conv = dataclasses.replace(small_task, keras_model_fn=convolutional)
   assert _creates_variables(training_loop.build_process(config, conv))
+
+
+@pytest.mark.parametrize('layer', [
+    lambda: tf.keras.layers.Dense(3, kernel_regularizer='l2'),
+    lambda: tf.keras.layers.BatchNormalization()])
+def test_fed_avg_stays_on_the_variable_model_where_the_functional_one_differs(
+    layer):
+  """TFF's functional_model_from_keras leaves out regularization losses and
+  cannot update BatchNormalization statistics: such a model keeps TFF's
+  FedAvg on its model_fn."""
+  def keras_model_fn():
+    inputs = tf.keras.Input(SHAPE)
+    return tf.keras.Model(inputs, tf.keras.layers.Dense(CLASSES)(
+        layer()(inputs)))
+  assert not task_lib.functional_model_carries(keras_model_fn)
+  assert task_lib.functional_model_carries(keras_model)
+
+  def functional_model_fn(**kwargs):
+    return task_lib.functional_model(
+        keras_model_fn, mlp.loss_fn, mlp.element_spec(SHAPE),
+        task_lib.accuracy_metrics, **kwargs)
+  assert model_choice.fed_avg_model(
+      functional_model_fn, variable_model_fn,
+      keras_model_fn) is variable_model_fn

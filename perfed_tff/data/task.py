@@ -30,6 +30,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
+from tensorflow_federated.python.learning.models import functional as tff_functional
 
 
 def accuracy_metrics() -> list:
@@ -77,6 +78,22 @@ class WeightedMeanLoss(tf.keras.metrics.Mean):
     del sample_weight  # As from_keras_model's: the batch size is the weight.
     batch_size = tf.shape(tf.nest.flatten(y_pred)[0])[0]
     return super().update_state(self._loss_fn(y_true, y_pred), batch_size)
+
+
+KerasFunctionalModelError = tff_functional.KerasFunctionalModelError
+
+
+def functional_model_carries(keras_model_fn: Callable[[], tf.keras.Model]
+                             ) -> bool:
+  """Whether `functional_model` of `keras_model_fn`'s model trains what
+  `from_keras_model` of it trains: TFF's `functional_model_from_keras`
+  leaves out regularization losses (TFF's TODO b/156629927) and cannot
+  update BatchNormalization statistics."""
+  with tf.Graph().as_default():
+    model = keras_model_fn()
+    return not model.losses and not any(
+        isinstance(m, tf.keras.layers.BatchNormalization)
+        for m in model.submodules)
 
 
 def functional_model(keras_model_fn: Callable[[], tf.keras.Model],

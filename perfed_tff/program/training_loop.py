@@ -58,10 +58,10 @@ from perfed_tff.program import computation_cache
 from perfed_tff.program import config as config_lib
 from perfed_tff.program import divergence
 from perfed_tff.program import metrics as metrics_lib
+from perfed_tff.program import model_choice
 from perfed_tff.program import population_eval
 from perfed_tff.program import round_blocks
 from perfed_tff.program import supervised_loop
-from perfed_tff.runtime import compilation
 from perfed_tff.runtime import execution
 from perfed_tff.runtime import worker_errors
 from perfed_tff.runtime import supervision
@@ -126,10 +126,11 @@ def build_process(config: TrainingConfig, task: task_lib.FederatedTask):
   (`task.functional_model()`: the same weights, math and metric names as
   `task.model_fn`, but no model variables to create and initialize per
   client and round; docs/performance.md); FedAvg's model is
-  `fed_avg_model`'s. The client and server optimizers are the config's
-  (`config.build_optimizer`)."""
+  `model_choice.fed_avg_model`'s. The client and server optimizers are the
+  config's (`config.build_optimizer`)."""
   if config.algorithm == 'fedavg':
-    model = fed_avg_model(task.functional_model, task.model_fn)
+    model = model_choice.fed_avg_model(task.functional_model, task.model_fn,
+                                       task.keras_model_fn)
   else:
     model = task.functional_model()
   # None: the algorithm's default (SGD at beta; SGD at 1.0), as before the
@@ -144,22 +145,6 @@ def build_process(config: TrainingConfig, task: task_lib.FederatedTask):
       client_weighting=config.client_weighting,
       client_optimizer_fn=client_optimizer,
       server_optimizer_fn=config_lib.build_optimizer(config, 'server'))
-
-
-def fed_avg_model(functional_model_fn: Callable[..., Any], model_fn):
-  """FedAvg's model in the training program: `functional_model_fn(
-  loss_metric=True)` (`perfed_tff.fed_avg`: TFF's FedAvg, bit for bit, in
-  0.91-0.96x the time on the digits MLP, 0.96x on the char LSTM), or
-  `model_fn` (TFF's `build_weighted_fed_avg`, the same state type) for a
-  convolutional model (`compilation.model_has_convolutions`: 1.08x on the
-  EMNIST CNN with oneDNN's kernels) or where the FunctionalModel cannot be
-  made (TypeError: a task with no Keras model,
-  `perfed_tff.data.baseline_tasks`). docs/performance.md, section 7."""
-  try:
-    model = functional_model_fn(loss_metric=True)
-  except TypeError:
-    return model_fn
-  return model_fn if compilation.model_has_convolutions(model) else model
 
 
 def _built_processes(config: TrainingConfig, task: task_lib.FederatedTask):
