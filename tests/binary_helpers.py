@@ -51,8 +51,18 @@ def run(*flags, timeout=240, extra_env=None, module='experiments.train'):
                         stdin=subprocess.DEVNULL, cwd=ROOT)
 
 
+def _signals_as_from_a_terminal():  # Runs in the child before exec.
+  signal.signal(signal.SIGINT, signal.SIG_DFL)
+  signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
+
 def start(*flags, log_path, extra_env=None, **popen_kwargs):
-  """Starts the binary in the background, output to `log_path`."""
+  """Starts the binary in the background, output to `log_path`, with
+  SIGINT and SIGHUP at their defaults as from a terminal, whatever this
+  test run inherited (a shell's background job ignores SIGINT, and the
+  binaries leave an ignored signal ignored), unless `preexec_fn` is
+  given."""
+  popen_kwargs.setdefault('preexec_fn', _signals_as_from_a_terminal)
   log = open(log_path, 'ab')
   return subprocess.Popen(command(*flags), env=env(extra_env), stdout=log,
                           stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
