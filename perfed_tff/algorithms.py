@@ -7,10 +7,12 @@ evaluations (`gradient_evaluations_per_round`); `build_algorithm` builds it.
 `fedavg` is TFF's weighted FedAvg with client SGD at learning rate beta for
 tau local steps and server SGD at 1.0 (the server takes the average of the
 client models), so every baseline is TFF's: on a VariableModel
-`tff.learning.algorithms.build_weighted_fed_avg` itself, on a FunctionalModel
+`tff.learning.algorithms.build_weighted_fed_avg` itself, its clients' models
+built without random initial values (`perfed_tff.fed_avg.
+build_variable_model_fed_avg`), on a FunctionalModel
 `perfed_tff.fed_avg.build_fed_avg` (the same templates and TFF's functional
 client update, with the client optimizer's hyperparameters in the state as
-on a VariableModel; tested bit for bit against the former).
+on a VariableModel); both tested bit for bit against TFF's.
 Its client loop is TFF's DATASET_ITERATOR: the same steps as TFF's default
 DATASET_REDUCE loop, and the faster of the two on CPU under either
 compilation (EMNIST CNN rounds: 0.68-0.71 s against 0.98-1.20 s,
@@ -207,7 +209,8 @@ def build_algorithm(
   unused in training (alpha is the step of the personalized evaluation),
   the client takes tau steps with its optimizer, and `inner_steps` must be
   1 (`check_inner_steps`); on a FunctionalModel it is
-  `perfed_tff.fed_avg.build_fed_avg`, else TFF's `build_weighted_fed_avg`.
+  `perfed_tff.fed_avg.build_fed_avg`, else TFF's `build_weighted_fed_avg`
+  (`perfed_tff.fed_avg.build_variable_model_fed_avg`).
   The model aggregator follows
   `perfed_tff.per_fedavg.check_model_aggregator` for every algorithm
   (unweighted means adapted, sums rejected).
@@ -250,7 +253,7 @@ def build_algorithm(
         model_distributor=model_distributor,
         model_aggregator=model_aggregator,
         metrics_aggregator=metrics_aggregator)
-  return tff.learning.algorithms.build_weighted_fed_avg(
+  return fed_avg.build_variable_model_fed_avg(
       model_fn,
       client_optimizer_fn=client_optimizer,
       server_optimizer_fn=server_optimizer,

@@ -3,7 +3,9 @@
 `build_weighted_fed_avg` on the VariableModel of the same Keras model: the
 same state type and hyperparameters, bit for bit the same weights and
 metrics, and a state of either process runs in the other (checkpoints
-written before FedAvg moved to the FunctionalModel resume)."""
+written before FedAvg moved to the FunctionalModel resume). So is FedAvg on
+a VariableModel whose clients skip the random initial values
+(`fed_avg.build_variable_model_fed_avg`)."""
 
 import dataclasses
 
@@ -13,6 +15,7 @@ import tensorflow as tf
 import tensorflow_federated as tff
 
 from perfed_tff import algorithms
+from perfed_tff import fed_avg
 from perfed_tff.data import task as task_lib
 from perfed_tff.models import mlp
 from perfed_tff.program import checkpointing
@@ -180,3 +183,66 @@ def test_fed_avg_stays_on_the_variable_model_where_the_functional_one_differs(
   assert model_choice.fed_avg_model(
       functional_model_fn, variable_model_fn,
       keras_model_fn) is variable_model_fn
+
+
+def conv_model_fn():
+  """A convolutional VariableModel with no random layer."""
+  def keras():
+    inputs = tf.keras.Input(SHAPE)
+    x = tf.keras.layers.Reshape((-1, 1))(inputs)
+    x = tf.keras.layers.Conv1D(3, 3, kernel_initializer=(
+        tf.keras.initializers.GlorotUniform(seed=2)))(x)
+    x = tf.keras.layers.Flatten()(x)
+    return tf.keras.Model(inputs, tf.keras.layers.Dense(
+        CLASSES, kernel_initializer=tf.keras.initializers.RandomNormal(
+            seed=3), bias_initializer='ones')(x))
+  return tff.learning.models.from_keras_model(
+      keras(), loss=mlp.loss_fn(), input_spec=mlp.element_spec(SHAPE),
+      metrics=task_lib.accuracy_metrics())
+
+
+def _draws_random_numbers(computation) -> bool:
+  return b'RandomUniform' in computation._computation_proto.SerializeToString()
+
+
+@pytest.mark.parametrize('model_fn', [variable_model_fn, conv_model_fn])
+def test_variable_model_fed_avg_is_tffs_fed_avg_bit_for_bit(model_fn):
+  """Its clients draw no initial values (what it is for), and nothing else
+  changes: the initial model, types, hyperparameters, every metric and the
+  weights over rounds, either state in the other process."""
+  kwargs = dict(client_optimizer_fn=tff.learning.optimizers.build_sgdm(0.3),
+                server_optimizer_fn=tff.learning.optimizers.build_sgdm(1.0),
+                client_weighting=tff.learning.ClientWeighting.NUM_EXAMPLES,
+                loop_implementation=(
+                    tff.learning.LoopImplementation.DATASET_ITERATOR))
+  pair = (tff.learning.algorithms.build_weighted_fed_avg(model_fn, **kwargs),
+          fed_avg.build_variable_model_fed_avg(model_fn, **kwargs))
+  assert _draws_random_numbers(pair[0].next)
+  assert not _draws_random_numbers(pair[1].next)
+  assert _draws_random_numbers(pair[1].initialize)
+  for name in ('initialize', 'next', 'get_model_weights'):
+    assert (str(getattr(pair[0], name).type_signature)
+            == str(getattr(pair[1], name).type_signature))
+  states = [p.initialize() for p in pair]
+  for a, b in zip(*(h.trainable(p, s) for p, s in zip(pair, states))):
+    np.testing.assert_array_equal(a, b)
+  assert pair[0].get_hparams(states[0]) == pair[1].get_hparams(states[1])
+  for r in range(2):
+    states = assert_same_round(pair, states, clients(10 * r))
+  states = [pair[1].next(states[0], clients(40)).state] * 2
+  assert_same_round(pair, states, clients(50))
+
+
+def test_a_model_with_a_trainable_variable_outside_its_weights_keeps_tffs():
+  """A trainable variable that the client update does not overwrite keeps
+  its initial value: such a model gets TFF's process unchanged."""
+  def with_extra_variable():
+    tf.Variable(tf.ones([2]), trainable=True, name='outside_the_weights')
+    return variable_model_fn()
+  assert fed_avg.trainables_are_weights(variable_model_fn)
+  assert fed_avg.trainables_are_weights(conv_model_fn)
+  assert not fed_avg.trainables_are_weights(with_extra_variable)
+  process = fed_avg.build_variable_model_fed_avg(
+      with_extra_variable,
+      client_optimizer_fn=tff.learning.optimizers.build_sgdm(0.1))
+  assert _draws_random_numbers(process.next)

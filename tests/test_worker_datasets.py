@@ -93,6 +93,56 @@ def test_worker_side_batches_equal_python_side_batches(n):
       np.testing.assert_array_equal(np.asarray(got[key]), expected)
 
 
+def _plain_client_batches(dataset, *, batch_size, num_batches, seed,
+                          shuffle_buffer):
+  """`task.client_batches` without its options (tf.data's defaults)."""
+  return (dataset.shuffle(shuffle_buffer, seed=seed,
+                          reshuffle_each_iteration=True)
+          .repeat().batch(batch_size).take(num_batches))
+
+
+def test_pipeline_options_change_no_element():
+  rng = np.random.default_rng(3)
+  examples = collections.OrderedDict(
+      x=rng.random((37, 5), dtype=np.float32),
+      y=rng.integers(0, 10, 37).astype(np.int32))
+  kwargs = dict(batch_size=10, num_batches=9, shuffle_buffer=1000)
+  for seed in (0, 7, 2**31 - 1):
+    ds = tf.data.Dataset.from_tensor_slices(examples)
+    got = list(task_lib.client_batches(ds, seed=seed, **kwargs))
+    want = list(_plain_client_batches(ds, seed=seed, **kwargs))
+    assert len(got) == len(want) == 9
+    for a, b in zip(got, want):
+      for key in ('x', 'y'):
+        np.testing.assert_array_equal(a[key].numpy(), b[key].numpy())
+
+
+def _threads() -> int:
+  with open('/proc/self/status') as f:
+    return next(int(line.split()[1]) for line in f
+                if line.startswith('Threads:'))
+
+
+@pytest.mark.skipif(not os.path.exists('/proc/self/status'),
+                    reason='counts threads in /proc/self/status (Linux)')
+def test_iterating_a_client_stream_starts_no_thread():
+  ds = tf.data.Dataset.from_tensor_slices(np.arange(30, dtype=np.int64))
+  kwargs = dict(batch_size=4, num_batches=3, seed=1, shuffle_buffer=100)
+
+  def threads_while_iterating(pipeline, count=5):
+    list(iter(pipeline))   # whatever TensorFlow starts once, it starts here
+    before = _threads()
+    iterators = [iter(pipeline) for _ in range(count)]
+    for it in iterators:
+      next(it)
+    return _threads() - before
+
+  # tf.data's default starts a private thread pool per iterator (the
+  # control: were it gone, this test would no longer show anything).
+  assert threads_while_iterating(_plain_client_batches(ds, **kwargs)) >= 5
+  assert threads_while_iterating(task_lib.client_batches(ds, **kwargs)) == 0
+
+
 def test_client_examples_are_read_once_and_memory_is_bounded():
   data = collections.OrderedDict(
       (f'c{k}', collections.OrderedDict(

@@ -129,16 +129,26 @@ def derive_seed(*parts) -> int:
 
 
 def without_pipeline_rewrites(dataset: tf.data.Dataset) -> tf.data.Dataset:
-  """`dataset` with tf.data's default graph rewrites and autotuning off.
+  """`dataset` with tf.data's default graph rewrites, autotuning and private
+  thread pool off.
 
   A client's stream is a few small batches, built once per round: rewriting
   and autotuning its pipeline cost more than they save (about 2 ms per client
   dataset in the TFF worker, half of a digits round's fixed cost; see
-  docs/performance.md). The elements and their order are unchanged (tested).
+  docs/performance.md). And unless `private_threadpool_size` is negative,
+  every iterator of the dataset starts a thread pool of its own as it is
+  made (TensorFlow 2.14's `RootDataset`: as many threads as cores, for an
+  option left unset), and joins it when it is done: two threads started and
+  joined per client per round here. With no private pool, the pipeline's
+  asynchronous work (none in `client_batches`; a `map` with parallel calls
+  in a user's `ClientData`) runs on the threads of the op that iterates it
+  (the session's inter-op threads). The elements and their order are
+  unchanged (tested).
   """
   options = tf.data.Options()
   options.experimental_optimization.apply_default_optimizations = False
   options.autotune.enabled = False
+  options.threading.private_threadpool_size = -1
   return dataset.with_options(options)
 
 
