@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import collections
 
+from absl import logging
 import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
@@ -173,10 +174,16 @@ def _zeros_for_trainable(next_creator, **kwargs):
   return next_creator(**kwargs)
 
 
+def _unwrapped(variable):
+  """The variable under a Keras mixed-precision `AutoCastVariable`."""
+  return getattr(variable, '_variable', variable)
+
+
 def trainables_are_weights(model_fn) -> bool:
-  """Whether every trainable variable `model_fn()` creates is one of the
-  model's trainable weights (so TFF's client update overwrites it with the
-  broadcast weights before using it); built in a graph of its own."""
+  """Whether every variable `model_fn()` creates as trainable is one of the
+  model's weights, trainable or not (a frozen layer's): the weights TFF's
+  client update overwrites with the broadcast model before using them.
+  Built in a graph of its own."""
   created = []
 
   def record(next_creator, **kwargs):
@@ -187,8 +194,9 @@ def trainables_are_weights(model_fn) -> bool:
 
   with tf.Graph().as_default(), tf.variable_creator_scope(record):
     model = model_fn()
-    weights = {id(v) for v in model.trainable_variables}
-  return bool(created) and all(id(v) in weights for v in created)
+    weights = {id(_unwrapped(v)) for v in (list(model.trainable_variables) +
+                                            list(model.non_trainable_variables))}
+  return bool(created) and all(id(_unwrapped(v)) in weights for v in created)
 
 
 def build_variable_model_fed_avg(model_fn, **kwargs
@@ -202,15 +210,23 @@ def build_variable_model_fed_avg(model_fn, **kwargs
   EMNIST CNN's 1.2 million weights), then overwrites the trainable and
   non-trainable weights with the broadcast model before using them. Here
   `next` is TFF's, built from `model_fn` under a variable creator that gives
-  each trainable variable zeros as its initial value;  `initialize`, the
-  weights and the hyperparameters are those of TFF's process on `model_fn`
-  itself, so the state type, the initial model, and the weights and metrics
-  of every round are TFF's (tests/test_fed_avg.py, bit for bit; a model
-  with random layers such as dropout draws other numbers in any case). A
-  model that creates a trainable variable that is not one of its trainable
-  weights (`trainables_are_weights`) gets TFF's process unchanged."""
+  each variable created as trainable zeros as its initial value;
+  `initialize`, the weights and the hyperparameters are those of TFF's
+  process on `model_fn` itself, so the state type, the initial model, and
+  the weights and metrics of every round are TFF's (tests/test_fed_avg.py,
+  bit for bit; a model with random layers such as dropout draws other
+  numbers in any case). A model that creates a trainable variable that is
+  not one of its weights (`trainables_are_weights`) gets TFF's process
+  unchanged. The model must not read a weight's initial value (a
+  regularizer toward the initial weights, a variable initialized from a
+  weight's value): such a model needs TFF's `build_weighted_fed_avg`.
+  `model_fn` is traced twice as often as by TFF's builder alone, and the
+  aggregator and distributor arguments serve both builds.
+  """
   process = tff.learning.algorithms.build_weighted_fed_avg(model_fn, **kwargs)
   if not trainables_are_weights(model_fn):
+    logging.info('FedAvg: TFF\'s client update as it is (the model creates a '
+                 'trainable variable that is not one of its weights)')
     return process
 
   def client_model_fn():

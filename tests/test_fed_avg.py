@@ -201,11 +201,35 @@ def conv_model_fn():
       metrics=task_lib.accuracy_metrics())
 
 
+def bn_regularized_model_fn():
+  """BatchNormalization and an L2 regularizer: what the training program
+  keeps on the VariableModel (`model_choice.fed_avg_model`)."""
+  def keras():
+    inputs = tf.keras.Input(SHAPE)
+    x = tf.keras.layers.Dense(4, kernel_regularizer='l2', kernel_initializer=(
+        tf.keras.initializers.HeNormal(seed=5)))(inputs)
+    x = tf.keras.layers.BatchNormalization()(x)
+    return tf.keras.Model(inputs, tf.keras.layers.Dense(
+        CLASSES, kernel_initializer=tf.keras.initializers.TruncatedNormal(
+            seed=6))(x))
+  return tff.learning.models.from_keras_model(
+      keras(), loss=mlp.loss_fn(), input_spec=mlp.element_spec(SHAPE),
+      metrics=task_lib.accuracy_metrics())
+
+
+# Ops of TensorFlow's random initializers (uniform, normal, truncated
+# normal, stateless forms).
+_RANDOM_OPS = (b'RandomUniform', b'RandomStandardNormal', b'TruncatedNormal',
+               b'StatelessRandom', b'StatelessTruncatedNormal')
+
+
 def _draws_random_numbers(computation) -> bool:
-  return b'RandomUniform' in computation._computation_proto.SerializeToString()
+  proto = computation._computation_proto.SerializeToString()
+  return any(op in proto for op in _RANDOM_OPS)
 
 
-@pytest.mark.parametrize('model_fn', [variable_model_fn, conv_model_fn])
+@pytest.mark.parametrize('model_fn', [variable_model_fn, conv_model_fn,
+                                      bn_regularized_model_fn])
 def test_variable_model_fed_avg_is_tffs_fed_avg_bit_for_bit(model_fn):
   """Its clients draw no initial values (what it is for), and nothing else
   changes: the initial model, types, hyperparameters, every metric and the
@@ -233,14 +257,28 @@ def test_variable_model_fed_avg_is_tffs_fed_avg_bit_for_bit(model_fn):
   assert_same_round(pair, states, clients(50))
 
 
+def test_build_algorithm_trains_fed_avg_on_a_variable_model_so():
+  process = algorithms.build_algorithm('fedavg', conv_model_fn, alpha=0.1,
+                                       beta=0.3, local_steps=2)
+  assert not _draws_random_numbers(process.next)
+
+
 def test_a_model_with_a_trainable_variable_outside_its_weights_keeps_tffs():
   """A trainable variable that the client update does not overwrite keeps
-  its initial value: such a model gets TFF's process unchanged."""
+  its initial value: such a model gets TFF's process unchanged. A frozen
+  layer's variables are weights (non-trainable ones), overwritten too."""
   def with_extra_variable():
     tf.Variable(tf.ones([2]), trainable=True, name='outside_the_weights')
     return variable_model_fn()
-  assert fed_avg.trainables_are_weights(variable_model_fn)
-  assert fed_avg.trainables_are_weights(conv_model_fn)
+
+  def frozen_first_layer():
+    keras = keras_model()
+    keras.layers[1].trainable = False
+    return tff.learning.models.from_keras_model(
+        keras, loss=mlp.loss_fn(), input_spec=mlp.element_spec(SHAPE))
+  for model_fn in (variable_model_fn, conv_model_fn, bn_regularized_model_fn,
+                   frozen_first_layer):
+    assert fed_avg.trainables_are_weights(model_fn), model_fn.__name__
   assert not fed_avg.trainables_are_weights(with_extra_variable)
   process = fed_avg.build_variable_model_fed_avg(
       with_extra_variable,

@@ -8,6 +8,7 @@ tf.data.Dataset built in Python and sent to the worker; see
 """
 
 import collections
+import gc
 import os
 import tempfile
 
@@ -93,12 +94,23 @@ def test_worker_side_batches_equal_python_side_batches(n):
       np.testing.assert_array_equal(np.asarray(got[key]), expected)
 
 
-def _plain_client_batches(dataset, *, batch_size, num_batches, seed,
-                          shuffle_buffer):
-  """`task.client_batches` without its options (tf.data's defaults)."""
-  return (dataset.shuffle(shuffle_buffer, seed=seed,
-                          reshuffle_each_iteration=True)
-          .repeat().batch(batch_size).take(num_batches))
+def _with_tf_data_defaults(dataset):
+  """`dataset` with the options `without_pipeline_rewrites` sets back at
+  tf.data's defaults (the last options set win)."""
+  options = tf.data.Options()
+  options.experimental_optimization.apply_default_optimizations = True
+  options.autotune.enabled = True
+  options.threading.private_threadpool_size = 0   # as many as cores
+  return dataset.with_options(options)
+
+
+def _assert_same_elements(got, want):
+  got, want = list(got), list(want)
+  assert len(got) == len(want)
+  for a, b in zip(got, want):
+    tf.nest.map_structure(
+        lambda s, t: np.testing.assert_array_equal(s.numpy(), t.numpy()),
+        a, b)
 
 
 def test_pipeline_options_change_no_element():
@@ -107,14 +119,29 @@ def test_pipeline_options_change_no_element():
       x=rng.random((37, 5), dtype=np.float32),
       y=rng.integers(0, 10, 37).astype(np.int32))
   kwargs = dict(batch_size=10, num_batches=9, shuffle_buffer=1000)
-  for seed in (0, 7, 2**31 - 1):
-    ds = tf.data.Dataset.from_tensor_slices(examples)
-    got = list(task_lib.client_batches(ds, seed=seed, **kwargs))
-    want = list(_plain_client_batches(ds, seed=seed, **kwargs))
-    assert len(got) == len(want) == 9
-    for a, b in zip(got, want):
-      for key in ('x', 'y'):
-        np.testing.assert_array_equal(a[key].numpy(), b[key].numpy())
+  plain = tf.data.Dataset.from_tensor_slices(examples)
+  # A user's pipeline with parallel calls, which ran on the private pool.
+  parallel = plain.map(
+      lambda e: collections.OrderedDict(x=tf.sqrt(e['x']), y=e['y'] + 1),
+      num_parallel_calls=4, deterministic=True)
+  for ds in (plain, parallel):
+    for seed in (0, 7, 2**31 - 1):
+      # A stream reshuffles for each iterator: each is built afresh, as in
+      # a round.
+      def stream():
+        return task_lib.client_batches(ds, seed=seed, **kwargs)
+      assert stream().options().threading.private_threadpool_size == -1
+      got = list(stream())
+      assert len(got) == 9
+      _assert_same_elements(got, _with_tf_data_defaults(stream()))
+
+
+def test_a_pool_size_the_dataset_sets_is_kept():
+  options = tf.data.Options()
+  options.threading.private_threadpool_size = 3
+  ds = tf.data.Dataset.range(5).with_options(options)
+  assert task_lib.without_pipeline_rewrites(
+      ds).options().threading.private_threadpool_size == 3
 
 
 def _threads() -> int:
@@ -127,10 +154,13 @@ def _threads() -> int:
                     reason='counts threads in /proc/self/status (Linux)')
 def test_iterating_a_client_stream_starts_no_thread():
   ds = tf.data.Dataset.from_tensor_slices(np.arange(30, dtype=np.int64))
-  kwargs = dict(batch_size=4, num_batches=3, seed=1, shuffle_buffer=100)
+  stream = task_lib.client_batches(ds, batch_size=4, num_batches=3, seed=1,
+                                   shuffle_buffer=100)
+  count = 6
 
-  def threads_while_iterating(pipeline, count=5):
+  def threads_while_iterating(pipeline):
     list(iter(pipeline))   # whatever TensorFlow starts once, it starts here
+    gc.collect()
     before = _threads()
     iterators = [iter(pipeline) for _ in range(count)]
     for it in iterators:
@@ -139,8 +169,8 @@ def test_iterating_a_client_stream_starts_no_thread():
 
   # tf.data's default starts a private thread pool per iterator (the
   # control: were it gone, this test would no longer show anything).
-  assert threads_while_iterating(_plain_client_batches(ds, **kwargs)) >= 5
-  assert threads_while_iterating(task_lib.client_batches(ds, **kwargs)) == 0
+  assert threads_while_iterating(_with_tf_data_defaults(stream)) >= count
+  assert threads_while_iterating(stream) < count
 
 
 def test_client_examples_are_read_once_and_memory_is_bounded():

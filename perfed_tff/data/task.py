@@ -135,20 +135,22 @@ def without_pipeline_rewrites(dataset: tf.data.Dataset) -> tf.data.Dataset:
   A client's stream is a few small batches, built once per round: rewriting
   and autotuning its pipeline cost more than they save (about 2 ms per client
   dataset in the TFF worker, half of a digits round's fixed cost; see
-  docs/performance.md). And unless `private_threadpool_size` is negative,
+  docs/performance.md). And unless `private_threadpool_size` is negative
+  (TensorFlow 2.14's `RootDataset`; tf.data documents sizes of 0 and more),
   every iterator of the dataset starts a thread pool of its own as it is
-  made (TensorFlow 2.14's `RootDataset`: as many threads as cores, for an
-  option left unset), and joins it when it is done: two threads started and
-  joined per client per round here. With no private pool, the pipeline's
-  asynchronous work (none in `client_batches`; a `map` with parallel calls
-  in a user's `ClientData`) runs on the threads of the op that iterates it
-  (the session's inter-op threads). The elements and their order are
-  unchanged (tested).
+  made, as many threads as cores for the option left unset, and joins it
+  when it is done: a pool per client per round. With no private pool, what
+  a pipeline runs asynchronously (nothing in `client_batches`; a `map`
+  with parallel calls in a user's `ClientData`) runs on the runner of the
+  op that iterates it, the inter-op threads. A pool size the dataset's own
+  options set is kept. The elements and their order are unchanged
+  (tested).
   """
   options = tf.data.Options()
   options.experimental_optimization.apply_default_optimizations = False
   options.autotune.enabled = False
-  options.threading.private_threadpool_size = -1
+  if dataset.options().threading.private_threadpool_size is None:
+    options.threading.private_threadpool_size = -1
   return dataset.with_options(options)
 
 

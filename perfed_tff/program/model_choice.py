@@ -18,7 +18,8 @@ def fed_avg_model(functional_model_fn: Callable[..., Any], model_fn,
   """FedAvg's model in the training program: `functional_model_fn(
   loss_metric=True)` (`perfed_tff.fed_avg`: TFF's FedAvg, bit for bit, in
   0.91-0.96x the time on the digits MLP, 0.96x on the char LSTM), or
-  `model_fn` (TFF's `build_weighted_fed_avg`, the same state type):
+  `model_fn` (TFF's `build_weighted_fed_avg`, through
+  `perfed_tff.fed_avg.build_variable_model_fed_avg`; the same state type):
   * for a convolutional model (`compilation.model_has_convolutions`: 1.08x
     on the EMNIST CNN with oneDNN's kernels);
   * for a Keras model (`keras_model_fn`, when given) that TFF's
