@@ -4,16 +4,19 @@ import setuptools
 
 setuptools.setup(
     name='perfed_tff',
-    version='0.2.0',
+    version='0.3.0',
     description=('Per-FedAvg (Fallah, Mokhtari & Ozdaglar, NeurIPS 2020) as a '
                  'TensorFlow Federated LearningProcess'),
     long_description=open('README.md', encoding='utf-8').read(),
     long_description_content_type='text/markdown',
+    license='Apache-2.0',
+    classifiers=['License :: OSI Approved :: Apache Software License'],
     # The library only; experiments/ (binaries, comparisons, plots, the
     # benchmark) runs from a checkout: `python -m experiments.train`.
     packages=setuptools.find_packages(include=['perfed_tff', 'perfed_tff.*']),
     # The worker's loopback shim, compiled on first use (BUILD_NOTES.md).
     package_data={'perfed_tff.runtime': ['loopback_shim.c']},
+    license_files=['LICENSE'],
     python_requires='>=3.9,<3.12',  # tensorflow-federated 0.87.0's own range
     install_requires=[
         # TFF 0.87.0 pins jax==0.4.14; where a registry lacks it, install

@@ -14,7 +14,7 @@ Prints a Markdown table and writes JSON with the per-contender timings and the
 ratios Per-FedAvg / FedAvg and TFF / pure-TF floor (see
 `experiments.benchmark_lib`; the contenders are in
 `experiments.benchmark_contenders`). All TFF computations run in an owned
-`perfed_tff.ExecutionContext`, whose worker is stopped on exit.
+`perfed_tff.accelerator.AcceleratedContext`, whose worker is stopped on exit.
 """
 
 import os
@@ -29,7 +29,7 @@ from experiments import benchmark_contenders
 from experiments import benchmark_report
 from experiments import benchmark_tasks
 from experiments import benchmark_lib
-from perfed_tff.runtime import execution
+from perfed_tff.accelerator.context import AcceleratedContext
 
 _TASK = flags.DEFINE_enum('task', 'emnist_cnn', list(benchmark_tasks.TASKS),
                           'Dataset/model.')
@@ -70,7 +70,7 @@ _INTER = flags.DEFINE_integer(
     'TF inter-op threads, this process and the TFF worker (0: TF default).')
 _GRAPH_OPTIMIZATION = flags.DEFINE_enum(
     'graph_optimization', 'auto', ['auto', 'runtime', 'tff'],
-    'Where Grappler optimizes the TFF graphs (perfed_tff.runtime.compilation): in '
+    'Where Grappler optimizes the TFF graphs (perfed_tff.accelerator.compilation): in '
     'the worker at run time, TFF\'s static pass, or auto.')
 _COMPILATION_AB = flags.DEFINE_bool(
     'compilation_ab', False,
@@ -130,9 +130,9 @@ def main(argv):
       memory_rounds=_MEMORY_ROUNDS.value,
       memory_contender=_MEMORY_CONTENDER.value)
   if _COMPILATION_AB.value:
-    with execution.ExecutionContext(
+    with AcceleratedContext(
         max_concurrent_computation_calls=_CONCURRENCY.value,
-        graph_optimization='runtime') as runtime, execution.ExecutionContext(
+        graph_optimization='runtime') as runtime, AcceleratedContext(
             max_concurrent_computation_calls=_CONCURRENCY.value,
             graph_optimization='tff') as static:
       report = benchmark_lib.run_compilation_ab(
@@ -146,7 +146,7 @@ def main(argv):
     if _OUTPUT_JSON.value:
       benchmark_report.write_json(report, _OUTPUT_JSON.value)
     return
-  with execution.ExecutionContext(
+  with AcceleratedContext(
       max_concurrent_computation_calls=_CONCURRENCY.value,
       graph_optimization=_GRAPH_OPTIMIZATION.value) as context:
     config.graph_optimization = context.graph_optimization

@@ -3,10 +3,10 @@ the data each consumes in a round.
 
 Contenders:
 * `fedavg`: the project's baseline, TFF's weighted FedAvg with client SGD at
-  beta for tau steps (`perfed_tff.algorithms`; TFF's DATASET_ITERATOR client
-  loop), on the model the training program gives it
-  (`model_choice.fed_avg_model`: the FunctionalModel, `perfed_tff.fed_avg`;
-  the VariableModel for a convolutional model).
+  beta for tau steps (TFF's DATASET_ITERATOR client loop), built as the
+  training program builds it under the accelerator
+  (`perfed_tff.accelerator.fed_avg`: on the FunctionalModel; the
+  VariableModel for a convolutional model).
 * `fedavg_reduce`: TFF's `tff.learning.algorithms.build_weighted_fed_avg`
   on the task's VariableModel with TFF's default DATASET_REDUCE client loop
   (slower on CPU; reported for reference). Against `fedavg` it differs in
@@ -43,13 +43,12 @@ from experiments import benchmark_floor
 from experiments import benchmark_tasks
 from experiments import torch_peer
 from perfed_tff import algorithms as algorithms_lib
-from perfed_tff.data import task as task_lib
-from perfed_tff.models import specs
-from perfed_tff.program import model_choice
+from perfed_tff.accelerator import context as context_lib
+from perfed_tff.accelerator import fed_avg as fast_fed_avg
+from perfed_tff.accelerator import fused_round
+from perfed_tff.accelerator import multi_round
 from perfed_tff.data import worker_datasets
-from perfed_tff.runtime import execution
-from perfed_tff.runtime import fused_round
-from perfed_tff.runtime import multi_round
+from perfed_tff.models import specs
 
 FLOORS = ('floor_fedavg', 'floor_fo', 'floor_hf', 'floor_maml')
 # The PyTorch peer (`experiments.torch_peer`; skipped without torch).
@@ -127,7 +126,7 @@ class BenchmarkConfig:
   max_concurrent_computation_calls: int = 2
   # Recorded with the results; like the concurrency, the caller's
   # ExecutionContext applies it ('auto', 'runtime' or 'tff' as resolved by
-  # `perfed_tff.runtime.compilation`; each TFF contender's is in its results).
+  # `perfed_tff.accelerator.compilation`; each TFF contender's is in its results).
   graph_optimization: str = 'auto'
   # How TFF contenders get their clients' data: 'worker' (the training
   # program's path: examples and seeds in, batches built on the worker by
@@ -136,7 +135,7 @@ class BenchmarkConfig:
   tff_client_data: str = 'worker'
   # TFF contenders (worker-side client data) run this many rounds per
   # invocation, as the training program does between checkpoints
-  # (`perfed_tff.program.round_blocks`); each measured "round" of theirs is
+  # (`perfed_tff.accelerator.round_blocks`); each measured "round" of theirs is
   # then a block of K rounds, reported per round.
   rounds_per_invocation: int = 1
   empty_rounds: int = 0        # rounds with empty client data (fixed cost)
@@ -176,11 +175,12 @@ def build_contender(contender: str, task: benchmark_tasks.BenchmarkTask,
             learning_rate=1.0),
         client_weighting=tff.learning.ClientWeighting.UNIFORM,
         loop_implementation=tff.learning.LoopImplementation.DATASET_REDUCE)
+  elif contender == 'fedavg':  # As the training program's accelerator does.
+    process = fast_fed_avg.build_fed_avg(task, beta=config.beta,
+                                         client_weighting='uniform')
   else:
     model = task.model_fn   # as the training program does:
-    if contender == 'fedavg' and task.functional_model is not None:
-      model = model_choice.fed_avg_model(task.functional_model, model)
-    elif task.functional_model is not None:
+    if task.functional_model is not None:
       model = task.functional_model()
     process = algorithms_lib.build_algorithm(
         contender, model, alpha=config.alpha, beta=config.beta,
@@ -202,9 +202,9 @@ class TFFRunner:
   with the worker-side batch pipeline (`worker_datasets.compose`, what the
   training program runs; it takes `round_inputs`), else it takes datasets.
   With `rounds_per_invocation` K > 1 (worker-side only), each `run_round`
-  runs K rounds in one invocation (`perfed_tff.runtime.multi_round`, the
+  runs K rounds in one invocation (`perfed_tff.accelerator.multi_round`, the
   training program's blocks) on a list of K rounds' inputs, each round one
-  TensorFlow computation where it can be (`perfed_tff.runtime.fused_round`,
+  TensorFlow computation where it can be (`perfed_tff.accelerator.fused_round`,
   as the training program does)."""
 
   def __init__(self, process, *, worker_side: bool = False,
@@ -222,7 +222,7 @@ class TFFRunner:
     if rounds_per_invocation > 1:
       if not worker_side:
         raise ValueError('rounds_per_invocation > 1 needs worker-side data')
-      context = execution.current()
+      context = context_lib.current()
       round_fn = process.next
       if clients_per_round:
         round_fn = fused_round.build_fused_next(

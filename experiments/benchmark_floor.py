@@ -18,6 +18,7 @@ import tensorflow as tf
 
 from perfed_tff import model_oracles
 from perfed_tff import per_fedavg_client_work as client_work_lib
+from perfed_tff import per_fedavg_step as step_lib
 
 
 class PureTFFloor:
@@ -35,7 +36,7 @@ class PureTFFloor:
   per client (`model_oracles.sgd_steps`).
   """
 
-  def __init__(self, model_fn, *, variant: Optional[client_work_lib.Variant],
+  def __init__(self, model_fn, *, variant: Optional[step_lib.Variant],
                alpha: float, beta: float, delta: float, local_steps: int,
                clients_per_round: int, parallel_clients: int = 2):
     self.variant = variant

@@ -42,7 +42,7 @@ from experiments.benchmark_contenders import build_contender
 from experiments.benchmark_contenders import round_data
 from experiments.benchmark_tasks import make_task
 from perfed_tff import algorithms as algorithms_lib
-from perfed_tff.runtime import compilation as compilation_lib
+from perfed_tff.accelerator import compilation as compilation_lib
 
 
 def _task(config: BenchmarkConfig):
@@ -212,7 +212,7 @@ def run_benchmark(config: BenchmarkConfig, log: Callable[[str], None] = print
 def run_compilation_ab(config: BenchmarkConfig, contexts: dict,
                        log: Callable[[str], None] = print) -> dict:
   """Same-process A/B of compilations: `contexts` maps a name (e.g.
-  'runtime', 'tff') to an open `execution.ExecutionContext`; every TFF
+  'runtime', 'tff') to an open `perfed_tff.accelerator.AcceleratedContext`; every TFF
   contender of `config.contenders` is built and run under each, alternating
   which goes first, on the same batches. Returns per contender the median
   round under each and the median of the per-round ratios (first name /

@@ -26,10 +26,10 @@ from absl import flags
 from perfed_tff import algorithms
 from perfed_tff import checks
 from perfed_tff.data import registry
-from perfed_tff.program import config as config_lib
+from perfed_tff.program import settings as settings_lib
 
 FLAGS = flags.FLAGS
-_D = config_lib.TrainingConfig()
+_D = settings_lib.TrainingConfig()
 _OPTIMIZER_NAMES = ', '.join(f"'{name}'" for name in algorithms.OPTIMIZERS)
 
 
@@ -55,7 +55,7 @@ def dataset_help() -> str:
 
 
 def _optimizer_help() -> dict:
-  """Help of the optimizer flags (`config_lib.optimizer_fields`)."""
+  """Help of the optimizer flags (`settings_lib.optimizer_fields`)."""
   out = {
       'client_optimizer': (
           f'Client optimizer, one of {_OPTIMIZER_NAMES} '
@@ -74,7 +74,7 @@ def _optimizer_help() -> dict:
           'Learning rate of the server optimizer, > 0 (SGD at 1.0: the new '
           'global model is the average of the client models).'),
   }
-  for side in config_lib.SIDES:
+  for side in settings_lib.SIDES:
     for name, (builder, hparams) in algorithms.OPTIMIZERS.items():
       for hparam in hparams:
         default = inspect.signature(builder).parameters[hparam].default
@@ -89,7 +89,9 @@ def _optimizer_help() -> dict:
   return out
 
 
-OPTIMIZER_FLAGS = config_lib.OPTIMIZER_FIELDS
+OPTIMIZER_FLAGS = settings_lib.OPTIMIZER_FIELDS
+# Where the binaries' defaults differ from the library's.
+BINARY_DEFAULTS = {'runtime': 'accelerated'}
 
 _HELP = {
     'algorithm': algorithm_help(),
@@ -127,6 +129,11 @@ _HELP = {
                       "on its test data, as the paper is quoted).",
     'adapt_batch_size': 'Batch of each adaptation step (default: '
                         '--batch_size).',
+    'runtime': "Where the computations run: 'accelerated' (the binaries' "
+               "default: the owned runtime with the accelerator), 'owned' "
+               "(perfed_tff.runtime: a worker this program starts, "
+               "supervises and stops) or 'tff' (TFF's own context: public "
+               'TFF only). The same weights and metrics in all three.',
     'workers': 'host:port,... of TFF workers (python -m '
                'perfed_tff.runtime.worker); empty: one local worker.',
     'worker_timeout': 'Seconds to wait for an unreachable worker, > 0.',
@@ -150,7 +157,7 @@ def define_training_flags(exclude=(), only=None) -> None:
   for name, help_text in _HELP.items():
     if name in exclude or (only is not None and name not in only):
       continue
-    default = getattr(_D, name)
+    default = BINARY_DEFAULTS.get(name, getattr(_D, name))
     if name == 'dataset_options':
       flags.DEFINE_string(name, '', help_text)
     elif name in ('workers',):
@@ -173,7 +180,7 @@ def define_training_flags(exclude=(), only=None) -> None:
       flags.DEFINE_string(name, default, help_text)
 
 
-def training_config(**overrides) -> config_lib.TrainingConfig:
+def training_config(**overrides) -> settings_lib.TrainingConfig:
   """The config of the defined flags (and `overrides`), validated.
 
   Raises:
@@ -194,7 +201,7 @@ def training_config(**overrides) -> config_lib.TrainingConfig:
     raise checks.ArgumentError(
         'client_learning_rate', f'and beta={FLAGS.beta!r} both set the '
         'client learning rate (beta is its default); give only one')
-  return config_lib.validate(config_lib.TrainingConfig(**values))
+  return settings_lib.validate(settings_lib.TrainingConfig(**values))
 
 
 def program_name() -> str:
@@ -215,19 +222,18 @@ def fail(message: str, status: int = checks.EXIT_USAGE, *,
 
 
 def exit_now(status: int = 0):
-  """Ends the process with `status` once its work is done: stops any worker
-  this process started, runs the atexit work (TF's generated-code files,
-  ...) and flushes the output, then leaves with `os._exit`, skipping
-  interpreter teardown: TensorFlow's module and thread teardown took 1.6 s
-  of the 20-round README command (docs/performance.md), and its threads can
-  abort the process there. Every output file is closed before this."""
-  local_worker = sys.modules.get('perfed_tff.runtime.local_worker')
-  if local_worker is not None:
-    local_worker.stop_all_workers()
+  """Ends the process with `status` once its work is done: stops the
+  workers this process started (the owned runtime's, and TFF's own
+  context's: `startup.release_tff_context`), runs the atexit work (TF's
+  generated-code files, ...) and flushes the output, then leaves with
+  `os._exit`, skipping interpreter teardown: TensorFlow's module and thread
+  teardown took 1.6 s of the 20-round README command (docs/performance.md),
+  and its threads can abort the process there. Every output file is closed
+  before this."""
+  from perfed_tff.program import launch  # pylint: disable=g-import-not-at-top
+  launch.stop_owned_workers()
   try:
     import atexit  # pylint: disable=g-import-not-at-top
-    from experiments import startup  # pylint: disable=g-import-not-at-top
-    atexit.unregister(startup.release_tff_context)  # No teardown follows.
     atexit._run_exitfuncs()  # pylint: disable=protected-access
   except Exception:  # pylint: disable=broad-except
     pass
@@ -258,7 +264,7 @@ def as_flags(message: str) -> str:
 
 def stopped(interrupt: KeyboardInterrupt) -> tuple[str, int]:
   """('interrupted' or 'stopped by SIGTERM', exit status 128 + signum) of an
-  interrupt (`perfed_tff.runtime.interrupts.Interrupted` carries its signal; a plain
+  interrupt (`perfed_tff.program.interrupts.Interrupted` carries its signal; a plain
   KeyboardInterrupt is SIGINT)."""
   signum = getattr(interrupt, 'signum', signal.SIGINT)
   if signum == signal.SIGINT:
@@ -269,8 +275,8 @@ def stopped(interrupt: KeyboardInterrupt) -> tuple[str, int]:
 def guard(work, resume_hint: str, traceback_dir=None):
   """Runs `work()` and returns its result; any failure ends the process with
   one line on stderr and its exit status (see the module docstring)."""
+  from perfed_tff.program import launch  # pylint: disable=g-import-not-at-top
   from perfed_tff.program import training_loop  # pylint: disable=g-import-not-at-top
-  from perfed_tff.runtime import worker_errors  # pylint: disable=g-import-not-at-top
   try:
     return work()
   except checks.ArgumentError as e:
@@ -279,7 +285,7 @@ def guard(work, resume_hint: str, traceback_dir=None):
     fail(as_flags(str(e)), checks.EXIT_USAGE, hard=True)
   except training_loop.NonFiniteLossError as e:
     fail(as_flags(str(e)), 1, hard=True)
-  except worker_errors.WorkerUnavailableError as e:
+  except launch.worker_error_types() as e:
     fail(f'{as_flags(str(e))} {resume_hint}', 1, hard=True)
   except KeyboardInterrupt as e:
     what, status = stopped(e)

@@ -34,8 +34,7 @@ import sys
 
 if __name__ == '__main__':  # Not when imported (tests, notebooks).
   from experiments import startup  # pylint: disable=g-import-not-at-top
-  startup.exit_quietly_on_signals()
-  startup.start_local_worker_early(sys.argv)
+  startup.begin()
 
 from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
@@ -115,7 +114,7 @@ def build_comparison():
   names = algorithms.parse_algorithms(FLAGS.algorithms)
   # The settings are checked as those of a Per-FedAvg run when one is
   # compared (FedAvg keeps its own inner steps in a comparison, see
-  # `training_loop.build_process`), else as FedAvg's.
+  # `processes.build_process`), else as FedAvg's.
   checked_as = next((a for a in names if a != 'fedavg'), 'fedavg')
   base = cli.training_config(algorithm=checked_as, seed=0)
   step_sizes = parse_step_sizes(FLAGS.step_sizes, names)
@@ -189,10 +188,10 @@ def run() -> dict:
   prefix = FLAGS.prefix or os.path.basename(run_dir)
   cli.log(f'run directory: {run_dir} (rerun the same command to resume)')
 
-  from perfed_tff.program import checkpointing  # pylint: disable=g-import-not-at-top
-  from perfed_tff.program import training_loop  # pylint: disable=g-import-not-at-top
-  with checkpointing.OutputDirLock(spec.base.root_output_dir), \
-      training_loop.execution_context(
+  from perfed_tff.program import launch  # pylint: disable=g-import-not-at-top
+  from perfed_tff.program import outputs  # pylint: disable=g-import-not-at-top
+  with outputs.OutputDirLock(spec.base.root_output_dir), \
+      launch.execution_context(
           spec.base, resumable=compare_lib.has_checkpoints(run_dir)):
     if grid:
       def on_cell(partial):
@@ -216,8 +215,8 @@ def run() -> dict:
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
-  from perfed_tff.runtime import interrupts  # pylint: disable=g-import-not-at-top
-  interrupts.install_interrupt_handlers()
+  from perfed_tff.program import interrupts  # pylint: disable=g-import-not-at-top
+  interrupts.start()
   paths = cli.guard(run, 'Rerun the same command to resume.')
   with open(paths['md']) as f:
     print(f.read())

@@ -29,12 +29,13 @@ import json
 import os
 from typing import Callable, Mapping, Optional, Sequence
 
-from perfed_tff.program import config as config_lib
+from perfed_tff.program import settings as settings_lib
 from perfed_tff.program import metrics as metrics_lib
 from perfed_tff.program import population_eval
+from perfed_tff.program import round_data
 from perfed_tff.program import training_loop
 
-_DEFAULT_CONFIG = config_lib.TrainingConfig()
+_DEFAULT_CONFIG = settings_lib.TrainingConfig()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,14 +43,14 @@ class Comparison:
   """The runs of one comparison: `base` for every `algorithms` x `seeds`
   (base.algorithm and base.seed are replaced); `step_sizes` optionally gives
   an algorithm its own {'alpha': .., 'beta': ..}."""
-  base: config_lib.TrainingConfig
+  base: settings_lib.TrainingConfig
   algorithms: Sequence[str]
   seeds: Sequence[int]
   step_sizes: Mapping[str, Mapping[str, float]] = dataclasses.field(
       default_factory=dict)
 
   def config_for(self, algorithm: str, seed: int,
-                 run_dir: str) -> config_lib.TrainingConfig:
+                 run_dir: str) -> settings_lib.TrainingConfig:
     # A comparison always evaluates the final model (eval_every=0: only at
     # round 0 and at the end). `run_dir` already holds the experiment name.
     return dataclasses.replace(
@@ -74,7 +75,7 @@ def default_name(comparison: Comparison, kind: str = 'compare') -> str:
   """A run-directory name that is a pure function of the settings (so a
   rerun of the same command resumes) and differs when they differ."""
   settings = comparison.to_json()
-  for k in config_lib.OPTIMIZER_FIELDS:
+  for k in settings_lib.OPTIMIZER_FIELDS:
     # At their defaults the optimizer settings leave the name as it was
     # before they existed: such comparisons still resume.
     if settings[k] == getattr(_DEFAULT_CONFIG, k):
@@ -84,7 +85,7 @@ def default_name(comparison: Comparison, kind: str = 'compare') -> str:
   return f'{kind}_{comparison.base.dataset}_{digest}'
 
 
-def evaluation_rounds(base: config_lib.TrainingConfig) -> list[int]:
+def evaluation_rounds(base: settings_lib.TrainingConfig) -> list[int]:
   """The rounds at which every run of a comparison with settings `base`
   evaluates (its curve points): round 0, every `eval_every` rounds and the
   last round (`eval_every=0`: round 0 and the last; see
@@ -177,7 +178,7 @@ def has_checkpoints(run_dir: str) -> bool:
   return False
 
 
-def run_record(config: config_lib.TrainingConfig,
+def run_record(config: settings_lib.TrainingConfig,
                result: training_loop.TrainingResult) -> dict:
   """One run's curve and final evaluation, read back from its eval CSV."""
   eval_rows = metrics_lib.read_csv(result.paths.get('eval_csv', ''))
@@ -199,17 +200,13 @@ def run_comparison(comparison: Comparison, run_dir: str,
   runs, task = [], None
   for seed in comparison.seeds:
     seed_config = dataclasses.replace(comparison.base, seed=seed)
-    task = config_lib.load_task(seed_config)
-    evaluate_fns = {}
+    task = round_data.load_task(seed_config)
+    evaluate_fn = None
     for algorithm in comparison.algorithms:
       config = comparison.config_for(algorithm, seed, run_dir)
-      evaluate_fn = None
-      if config.eval_every:
-        # One evaluation computation per alpha, shared by the algorithms.
-        if config.alpha not in evaluate_fns:
-          evaluate_fns[config.alpha] = population_eval.build_evaluate_fn(
-              config, task)
-        evaluate_fn = evaluate_fns[config.alpha]
+      if config.eval_every and evaluate_fn is None:
+        # One evaluation, shared by the algorithms (alpha is its argument).
+        evaluate_fn = training_loop.build_evaluate_fn(config, task)
       result = training_loop.run_training(config, task=task,
                                           evaluate_fn=evaluate_fn,
                                           write=write)

@@ -54,7 +54,7 @@ import time
 
 if __name__ == '__main__':  # Not when imported (tests, notebooks).
   from experiments import startup  # pylint: disable=g-import-not-at-top
-  startup.exit_quietly_on_signals()
+  startup.begin()
 
 from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
@@ -62,7 +62,7 @@ import numpy as np
 
 from experiments import cli
 from perfed_tff import checks
-from perfed_tff.runtime import interrupts
+from perfed_tff.program import interrupts
 
 FILENAME = 'emnist_all.sqlite'
 DEFAULT_NUM_CLIENTS = 3383  # TFF's EMNIST-10 writers.
@@ -243,7 +243,7 @@ def _remove(path: str) -> None:
 def main(argv):
   del argv
   # A signal raises (nothing half-written stays: see `make`).
-  interrupts.install_interrupt_handlers()
+  interrupts.start()
   try:
     line = make(FLAGS.mnist, FLAGS.cache_dir, num_clients=FLAGS.num_clients,
                 seed=FLAGS.seed, overwrite=FLAGS.overwrite,

@@ -16,14 +16,14 @@ written. An existing `shakespeare.sqlite` there is replaced as a whole.
 
 if __name__ == '__main__':  # Not when imported (tests, notebooks).
   from experiments import startup  # pylint: disable=g-import-not-at-top
-  startup.exit_quietly_on_signals()
+  startup.begin()
 
 from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
 
 from experiments import cli
 from perfed_tff.data import shakespeare_plays as plays
-from perfed_tff.runtime import interrupts
+from perfed_tff.program import interrupts
 
 FLAGS = flags.FLAGS
 
@@ -50,7 +50,7 @@ def main(argv):
   del argv
   # A signal raises: the write removes what it made (startup's handler
   # would exit at once and could leave a partial file).
-  interrupts.install_interrupt_handlers()
+  interrupts.start()
   try:
     text_path = FLAGS.text
     text = plays.read_text(text_path)

@@ -56,7 +56,7 @@ from perfed_tff import algorithms
 from perfed_tff.data import task as task_lib
 from perfed_tff.models import specs
 from perfed_tff.data import worker_datasets
-from perfed_tff.runtime import execution
+from perfed_tff.accelerator.context import AcceleratedContext
 
 _TASK = flags.DEFINE_enum('task', 'digits_mlp', list(benchmark_tasks.TASKS),
                           'Benchmark task (experiments.benchmark_tasks).')
@@ -200,7 +200,7 @@ def main(argv):
                                    num_clients=config.num_clients,
                                    seed=config.seed)
   phase('task')
-  with execution.ExecutionContext():
+  with AcceleratedContext():
     phase('worker start (not waited for)')
     runner = benchmark_contenders.build_contender(_ALGORITHM.value, task,
                                                   config)

@@ -25,10 +25,11 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from perfed_tff import personalization_data
 from perfed_tff.program import population_eval
 
 POPULATIONS = tuple(population_eval.population_name(p, protocol)
-                    for protocol in population_eval.PROTOCOLS
+                    for protocol in personalization_data.PROTOCOLS
                     for p in population_eval.POPULATIONS)
 step_key = population_eval.step_key
 # Display names of the algorithms in tables and plots.

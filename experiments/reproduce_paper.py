@@ -34,7 +34,7 @@ import sys
 
 if __name__ == '__main__':  # Not when imported (tests, notebooks).
   from experiments import startup  # pylint: disable=g-import-not-at-top
-  startup.exit_quietly_on_signals()
+  startup.begin()
 
 from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
@@ -139,15 +139,17 @@ def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   from experiments import reproduce_paper_lib  # pylint: disable=g-import-not-at-top
-  from perfed_tff.program import config as config_lib  # pylint: disable=g-import-not-at-top
-  from perfed_tff.program import training_loop  # pylint: disable=g-import-not-at-top
-  from perfed_tff.runtime import interrupts  # pylint: disable=g-import-not-at-top
-  interrupts.install_interrupt_handlers()
+  from perfed_tff.program import interrupts  # pylint: disable=g-import-not-at-top
+  from perfed_tff.program import launch  # pylint: disable=g-import-not-at-top
+  from perfed_tff.program import outputs  # pylint: disable=g-import-not-at-top
+  from perfed_tff.program import round_data  # pylint: disable=g-import-not-at-top
+  interrupts.start()
 
   def work():
     experiment, output_dir = build_experiment()
-    config_lib.load_task(experiment.base)  # A missing file fails here, once.
-    with training_loop.execution_context(experiment.base):
+    round_data.load_task(experiment.base)  # A missing file fails here, once.
+    with launch.execution_context(
+        experiment.base, resumable=outputs.has_checkpoint(experiment.base)):
       results = reproduce_paper_lib.run(experiment, output_dir, cli.log)
     results['command'] = ('python -m experiments.reproduce_paper '
                           + shlex.join(sys.argv[1:]))

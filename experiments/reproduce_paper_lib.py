@@ -39,10 +39,11 @@ from experiments import compare_lib
 from experiments import report
 from experiments.report import LABELS
 from perfed_tff import algorithms
-from perfed_tff.program import config as config_lib
+from perfed_tff import personalization_data
 from perfed_tff.program import population_eval
+from perfed_tff.program import settings as settings_lib
 
-PROTOCOLS = population_eval.PROTOCOLS
+PROTOCOLS = personalization_data.PROTOCOLS
 FRAMINGS = ('shared', 'tuned')
 PROTOCOL_TEXT = {
     'heldout': 'step on the user\'s train data, test on its held-out data',
@@ -52,7 +53,7 @@ PROTOCOL_TEXT = {
 
 @dataclasses.dataclass(frozen=True)
 class PaperExperiment:
-  base: config_lib.TrainingConfig        # dataset, budget (algorithm/seed unused)
+  base: settings_lib.TrainingConfig        # dataset, budget (algorithm/seed unused)
   algorithms: Sequence[str]
   seeds: Sequence[int]                    # reported
   tuning_seeds: Sequence[int]
@@ -214,7 +215,7 @@ def _optimizers_text(c) -> str:
   other than the defaults (SGD at beta on the clients, SGD at 1.0 on the
   server), else ''."""
   parts, default = [], True
-  for side in config_lib.SIDES:
+  for side in settings_lib.SIDES:
     name = c.get(f'{side}_optimizer', 'sgd')
     hparams = [f'{hp}={c[f"{side}_{name}_{hp}"]:g}'
                for hp in algorithms.optimizer_hparams(name)

@@ -1,60 +1,70 @@
 """What a binary does before importing TensorFlow (which takes seconds).
 
-`exit_quietly_on_signals()` makes SIGINT, SIGTERM and SIGHUP during start-up
-print one line and exit with 128 + the signal number, instead of a
-KeyboardInterrupt traceback from inside the import; the run's own handlers
-(`experiments.cli`) replace these once the program starts. Signals that were
-ignored when the process started (a background job) stay ignored. At exit,
-TFF's own default context (made when TFF is imported) is released while the
-interpreter is whole, so its finalizer prints nothing at teardown. Imports no
+`begin()` is the first thing every binary runs: it installs the run's
+signal handler (`perfed_tff.program.interrupts`, the one place signals are
+installed), so that a SIGINT, SIGTERM or SIGHUP during start-up prints one
+line and exits with 128 + the signal number instead of a KeyboardInterrupt
+traceback from inside an import (`main` then calls `interrupts.start()`);
+signals that were ignored when the process started (a background job) stay
+ignored. At exit, TFF's own default context (made when TFF is imported) is
+released while the interpreter is whole (`release_tff_context`), so its
+worker is stopped and its finalizer prints nothing at teardown. Imports no
 TensorFlow.
 """
 
 import atexit
+import gc
 import os
-import signal
 import sys
 
 
-def _exit_on_signal(signum, frame):
-  """Until main() installs the run's handlers: nothing was written yet."""
-  del frame
-  name = signal.Signals(signum).name
-  os.write(2, f'{os.path.basename(sys.argv[0])}: error: {name} during '
-              'start-up; nothing was written.\n'.encode())
-  os._exit(128 + signum)  # pylint: disable=protected-access
+def release_tff_context() -> None:
+  """Replaces TFF's current context by one that runs nothing and collects
+  the old one now: TFF's own default context holds a worker manager whose
+  finalizer stops its `worker_binary` (and fails, "Exception ignored in
+  ServiceManager.__del__", when it only runs at interpreter teardown). The
+  owned runtime's workers are stopped by their own exit hook. Nothing to
+  do (and no collection to pay for) while no `worker_binary` child of this
+  process runs."""
+  if 'tensorflow_federated' not in sys.modules or not _worker_children():
+    return
+  import tensorflow_federated as tff  # pylint: disable=g-import-not-at-top
+
+  class _Ended(tff.framework.SyncContext):
+
+    def invoke(self, comp, arg):
+      raise RuntimeError('the program has ended')
+
+  tff.framework.set_default_context(_Ended())
+  gc.collect()
 
 
-def release_tff_context():
-  """At exit, before interpreter teardown (registered by
-  `exit_quietly_on_signals`). Not needed when the process leaves with
-  `os._exit` (`experiments.cli.exit_now`): there is no teardown."""
-  if 'tensorflow_federated' in sys.modules:
-    from perfed_tff.runtime import execution  # pylint: disable=g-import-not-at-top
-    execution.release_tff_default_context()
+def _worker_children() -> list[int]:
+  """The pids of this process's `worker_binary` children (Linux /proc;
+  where it cannot be read, every process is taken to have some)."""
+  me, found = os.getpid(), []
+  try:
+    names = os.listdir('/proc')
+  except OSError:
+    return [-1]
+  for name in names:
+    if not name.isdigit():
+      continue
+    try:
+      with open(f'/proc/{name}/stat') as f:
+        stat = f.read()
+    except OSError:
+      continue
+    command, _, rest = stat.partition('(')[2].rpartition(')')
+    fields = rest.split()
+    if command == 'worker_binary' and fields[1:2] == [str(me)] and (
+        fields[0] != 'Z'):
+      found.append(int(name))
+  return found
 
 
-def exit_quietly_on_signals() -> None:
-  for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-    if signal.getsignal(signum) != signal.SIG_IGN:
-      signal.signal(signum, _exit_on_signal)
+def begin() -> None:
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  from perfed_tff.program import interrupts  # pylint: disable=g-import-not-at-top
+  interrupts.install_interrupt_handlers(starting=True)
   atexit.register(release_tff_context)
-
-
-def start_local_worker_early(argv) -> None:
-  """Starts the run's local TFF worker now, so that its start (about a
-  second) overlaps TensorFlow's import; the run's `ExecutionContext`
-  adopts it (`perfed_tff.runtime.local_worker.start_early`). Not when the
-  command names remote `--workers` or asks for help. Imports no
-  TensorFlow."""
-  args = list(argv[1:])
-  for i, arg in enumerate(args):
-    if arg.startswith(('-h', '--help')):
-      return
-    if arg == '--workers' and i + 1 < len(args) and args[i + 1]:
-      return
-    if arg.startswith('--workers=') and arg != '--workers=':
-      return
-  from perfed_tff.runtime import local_worker  # pylint: disable=g-import-not-at-top
-  local_worker.start_early(os.cpu_count() or -1)

@@ -214,7 +214,7 @@ class TorchPeer:
       input_shape: shape of one example (e.g. (28, 28, 1) or (64,)).
       num_classes: number of logits.
       variant: None for FedAvg, or 'fo' | 'hf' | 'maml' (a
-        `perfed_tff.per_fedavg_client_work.Variant` works too).
+        `perfed_tff.per_fedavg_step.Variant` works too).
       alpha: inner step size (Per-FedAvg).
       beta: outer (Per-FedAvg) or local SGD (FedAvg) step size.
       delta: HF's finite-difference radius.

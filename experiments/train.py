@@ -28,13 +28,11 @@ checkpoint, or a --root_output_dir in use by another run), 1 a failed run,
 """
 
 import math
-import sys
 
 
 if __name__ == '__main__':  # Not when imported (tests, notebooks).
   from experiments import startup  # pylint: disable=g-import-not-at-top
-  startup.exit_quietly_on_signals()
-  startup.start_local_worker_early(sys.argv)
+  startup.begin()
 
 from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
@@ -92,10 +90,10 @@ def main(argv):
   # Our own lines go through cli.log; TF/TFF's INFO chatter is hidden.
   logging.set_verbosity(logging.WARNING)
   from perfed_tff.program import training_loop  # pylint: disable=g-import-not-at-top
-  from perfed_tff.runtime import interrupts  # pylint: disable=g-import-not-at-top
-  # SIGINT/SIGTERM/SIGHUP now raise `interrupts.Interrupted`: the run stops
-  # its workers, keeps its last checkpoint and `cli.guard` prints one line.
-  interrupts.install_interrupt_handlers()
+  from perfed_tff.program import interrupts  # pylint: disable=g-import-not-at-top
+  # SIGINT/SIGTERM/SIGHUP now stop the run: it keeps its last checkpoint,
+  # its workers stop and `cli.guard` prints one line.
+  interrupts.start()
 
   def work():
     config = cli.training_config()

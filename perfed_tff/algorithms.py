@@ -2,29 +2,21 @@
 
 An algorithm name decides its Per-FedAvg variant (`variant_of`), the batches
 a client consumes per round (`batches_per_round`) and its gradient
-evaluations (`gradient_evaluations_per_round`); `build_algorithm` builds it.
+evaluations (`gradient_evaluations_per_round`); `build_algorithm` builds it
+by name.
 
-`fedavg` is TFF's weighted FedAvg with client SGD at learning rate beta for
-tau local steps and server SGD at 1.0 (the server takes the average of the
-client models), so every baseline is TFF's: on a VariableModel
-`tff.learning.algorithms.build_weighted_fed_avg` itself, its clients' models
-built without random initial values (`perfed_tff.fed_avg.
-build_variable_model_fed_avg`), on a FunctionalModel
-`perfed_tff.fed_avg.build_fed_avg` (the same templates and TFF's functional
-client update, with the client optimizer's hyperparameters in the state as
-on a VariableModel); both tested bit for bit against TFF's.
-Its client loop is TFF's DATASET_ITERATOR: the same steps as TFF's default
-DATASET_REDUCE loop, and the faster of the two on CPU under either
-compilation (EMNIST CNN rounds: 0.68-0.71 s against 0.98-1.20 s,
-`experiments/benchmark.py --compilation_ab`), so no ratio against FedAvg
-rests on a slow baseline.
+`fedavg` is TFF's weighted FedAvg (`perfed_tff.fed_avg.build_fed_avg`:
+`tff.learning.algorithms.build_weighted_fed_avg`) with client SGD at
+learning rate beta, one step per batch of the tau it is given, and server SGD
+at 1.0 (the server takes the average of the client models).
 `per_fedavg_{fo,hf,maml}` are `perfed_tff.build_per_fedavg` with the same
 alpha, beta, tau and weighting.
 
-Every algorithm takes its arguments by one rule (`build_algorithm` and
-`build_per_fedavg` accept and reject the same things): beta is the learning
-rate of the default client SGD, required without `client_optimizer_fn` and
-rejected with it (`per_fedavg.check_client_optimizer`); `inner_steps` is
+Every algorithm takes its arguments by one rule
+(`perfed_tff.process_arguments`: `build_algorithm` and `build_per_fedavg`
+accept and reject the same things): beta is the learning rate of the default
+client SGD, required without `client_optimizer_fn` and rejected with it;
+alpha and delta are step sizes (`checks.step_size`); `inner_steps` is
 Per-FedAvg's nu, so FedAvg takes only 1 (`check_inner_steps`).
 
 `OPTIMIZERS` names the `tff.learning.optimizers` builders a run can pick by
@@ -41,7 +33,7 @@ import tensorflow_federated as tff
 from perfed_tff import checks
 from perfed_tff import fed_avg
 from perfed_tff import per_fedavg as per_fedavg_lib
-from perfed_tff import per_fedavg_client_work as client_work_lib
+from perfed_tff import per_fedavg_step as step_lib
 
 ALGORITHMS = ('fedavg', 'per_fedavg_fo', 'per_fedavg_hf', 'per_fedavg_maml')
 
@@ -86,12 +78,12 @@ def parse_algorithms(value, name: str = 'algorithms') -> tuple[str, ...]:
   return tuple(items)
 
 
-def variant_of(algorithm: str) -> client_work_lib.Variant | None:
+def variant_of(algorithm: str) -> step_lib.Variant | None:
   """The Per-FedAvg variant of an algorithm name (None for fedavg)."""
   check_algorithm(algorithm)
   if algorithm == 'fedavg':
     return None
-  return client_work_lib.Variant(algorithm[len('per_fedavg_'):])
+  return step_lib.Variant(algorithm[len('per_fedavg_'):])
 
 
 def check_inner_steps(algorithm: str, inner_steps) -> int:
@@ -169,18 +161,18 @@ def batches_per_round(algorithm: str, local_steps: int, *,
   variant = variant_of(algorithm)
   if variant is None:
     return local_steps
-  return client_work_lib.batches_per_step(variant, inner_steps) * local_steps
+  return step_lib.batches_per_step(variant, inner_steps) * local_steps
 
 
 def gradient_evaluations_per_round(algorithm: str, local_steps: int, *,
                                    inner_steps: int = 1) -> int:
   """Batch gradient evaluations of one client in one round: tau for FedAvg;
   for Per-FedAvg tau (nu + 1) (FO), tau (3 nu + 1) (HF) or tau (2 nu + 1)
-  (MAML) (`per_fedavg_client_work.gradient_evaluations_per_step`)."""
+  (MAML) (`per_fedavg_step.gradient_evaluations_per_step`)."""
   variant = variant_of(algorithm)
   if variant is None:
     return local_steps
-  return (client_work_lib.gradient_evaluations_per_step(variant, inner_steps)
+  return (step_lib.gradient_evaluations_per_step(variant, inner_steps)
           * local_steps)
 
 
@@ -202,18 +194,12 @@ def build_algorithm(
 ) -> tff.learning.templates.LearningProcess:
   """Builds `algorithm` (one of ALGORITHMS) for `model_fn`.
 
-  Every algorithm takes its arguments by `build_per_fedavg`'s rules: the
-  client optimizer is SGD at `beta`, or `client_optimizer_fn` (then `beta`
-  must be None; `per_fedavg.check_client_optimizer`); the server optimizer
-  is SGD at 1.0, or `server_optimizer_fn`. For fedavg, alpha and delta are
-  unused in training (alpha is the step of the personalized evaluation),
-  the client takes tau steps with its optimizer, and `inner_steps` must be
-  1 (`check_inner_steps`); on a FunctionalModel it is
-  `perfed_tff.fed_avg.build_fed_avg`, else TFF's `build_weighted_fed_avg`
-  (`perfed_tff.fed_avg.build_variable_model_fed_avg`).
-  The model aggregator follows
-  `perfed_tff.per_fedavg.check_model_aggregator` for every algorithm
-  (unweighted means adapted, sums rejected).
+  Every algorithm takes its arguments by `build_per_fedavg`'s rules
+  (`perfed_tff.process_arguments`). For fedavg, alpha and delta are checked
+  but unused in training (alpha is the step of the personalized
+  evaluation), local_steps too (the client takes one step per batch it is
+  given: `batches_per_round`), and `inner_steps` must be 1
+  (`check_inner_steps`); it is `perfed_tff.fed_avg.build_fed_avg`.
 
   Raises:
     checks.ArgumentError: a bad argument, named (beta missing, or given with
@@ -232,33 +218,14 @@ def build_algorithm(
         model_aggregator=model_aggregator,
         metrics_aggregator=metrics_aggregator)
   # The same checks as Per-FedAvg, so a bad argument fails the same way.
-  checks.positive_float('alpha', alpha)
-  checks.positive_float('delta', delta)
+  checks.step_size('alpha', alpha)
+  checks.step_size('delta', delta)
   checks.integer('local_steps', local_steps, 1)
   check_inner_steps(algorithm, inner_steps)
-  client_weighting = per_fedavg_lib.check_weighting(client_weighting)
-  client_optimizer = per_fedavg_lib.check_client_optimizer(
-      beta, client_optimizer_fn)
-  server_optimizer = per_fedavg_lib.check_server_optimizer(
-      server_optimizer_fn)
-  if model_aggregator is not None:
-    model_aggregator = per_fedavg_lib.check_model_aggregator(model_aggregator)
-  if isinstance(model_fn, tff.learning.models.FunctionalModel):
-    return fed_avg.build_fed_avg(
-        model_fn,
-        initial_weights_fn=per_fedavg_lib.initial_model_weights_computation(
-            model_fn),
-        client_optimizer=client_optimizer, server_optimizer=server_optimizer,
-        client_weighting=client_weighting,
-        model_distributor=model_distributor,
-        model_aggregator=model_aggregator,
-        metrics_aggregator=metrics_aggregator)
-  return fed_avg.build_variable_model_fed_avg(
-      model_fn,
-      client_optimizer_fn=client_optimizer,
-      server_optimizer_fn=server_optimizer,
+  return fed_avg.build_fed_avg(
+      model_fn, beta=beta, client_optimizer_fn=client_optimizer_fn,
+      server_optimizer_fn=server_optimizer_fn,
       client_weighting=client_weighting,
       model_distributor=model_distributor,
       model_aggregator=model_aggregator,
-      metrics_aggregator=metrics_aggregator,
-      loop_implementation=tff.learning.LoopImplementation.DATASET_ITERATOR)
+      metrics_aggregator=metrics_aggregator)

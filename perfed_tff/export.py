@@ -31,6 +31,7 @@ import tensorflow_federated as tff
 
 from perfed_tff import checks
 from perfed_tff import model_oracles
+from perfed_tff import personalization_data
 
 KerasModelFn = Callable[[], tf.keras.Model]
 
@@ -128,13 +129,12 @@ def personalized_model_for_client(task, model_weights, client_id, *,
                                   ) -> tf.keras.Model:
   """`personalize` on user `client_id` of `task` (a
   `perfed_tff.data.task.FederatedTask`) with the very batches that
-  `population_eval.evaluate_population(..., adapt_batch_size=batch_size,
-  seed=seed, protocol=protocol)` adapts on (seeded by client id), so the
-  model's test accuracy equals that user's `num_steps`-step accuracy there.
+  `perfed_tff.program.population_eval.evaluate_population(...,
+  adapt_batch_size=batch_size, seed=seed, protocol=protocol)` adapts on
+  (seeded by client id), so the model's test accuracy equals that user's
+  `num_steps`-step accuracy there.
   """
-  from perfed_tff.program import population_eval  # pylint: disable=g-import-not-at-top
-  from perfed_tff.data import task as task_lib  # pylint: disable=g-import-not-at-top
-  population_eval.check_protocol(protocol)
+  personalization_data.check_protocol(protocol, 'protocol')
   train, test = task.train, task.test
   if client_id not in test.client_ids:
     if task.unseen is None or client_id not in task.unseen[1].client_ids:
@@ -142,10 +142,10 @@ def personalized_model_for_client(task, model_weights, client_id, *,
           'client_id', f'is not a user of the task, got {client_id!r}')
     train, test = task.unseen
   source = test if protocol == 'paper' else train
-  batches = population_eval.adaptation_batches(
+  batches = personalization_data.adaptation_batches(
       source.create_tf_dataset_for_client(client_id), num_steps=num_steps,
       batch_size=batch_size,
-      seed=task_lib.derive_seed(seed, 'personalization', client_id))
+      seed=personalization_data.adaptation_seed(seed, client_id))
   return personalize(model_weights, task.keras_model_fn, task.loss_fn,
                      batches, alpha=alpha, num_steps=num_steps)
 

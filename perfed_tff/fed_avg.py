@@ -1,241 +1,84 @@
-"""FedAvg as TFF builds it, with less fixed cost per client.
-
-`build_fed_avg`: FedAvg on a `FunctionalModel`, hyperparameters in state.
-`build_variable_model_fed_avg`: TFF's FedAvg on a `VariableModel`, its
-clients' models built without their random initial values.
+"""`build_fed_avg`: the FedAvg baseline, TFF's own weighted FedAvg.
 
 Federated Averaging: McMahan, Moore, Ramage, Hampson & Aguera y Arcas,
 "Communication-Efficient Learning of Deep Networks from Decentralized Data",
 AISTATS 2017, https://arxiv.org/abs/1602.05629.
 
-The round is TFF's weighted FedAvg: broadcast the global model w, each client
-takes tau steps of its optimizer from w on its batches and sends
-Delta_i = w - w_i, the server applies the weighted mean of the Delta_i with
-its optimizer (SGD at 1.0: the new model is sum_i p_i w_i).
-
-`tff.learning.algorithms.build_weighted_fed_avg` takes a `VariableModel` or
-a `FunctionalModel`, but not the same process for both: on a FunctionalModel
-its client work (`build_functional_model_delta_client_work`) has no state,
-so the client optimizer's hyperparameters are fixed when the process is
-built (no `get_hparams`/`set_hparams` for them) and the process state is not
-the VariableModel process's. `build_fed_avg` composes the same templates as
-`build_weighted_fed_avg` (broadcast, client work, weighted aggregation,
-apply-optimizer finalizer) with `build_fed_avg_client_work`: the state,
-hyperparameters and broadcast of TFF's VariableModel client work
-(`tff.learning.templates.build_model_delta_client_work`: the state is the
-client optimizer's hyperparameters) around TFF's own functional client
-update (`model_delta_client_work.build_functional_model_delta_update`), whose
-optimizer starts from those hyperparameters. For a Keras model that
-`functional_model_from_keras` carries whole (no regularization losses, no
-BatchNormalization: `perfed_tff.data.task.functional_model_carries`), the
-process on `perfed_tff.data.task.functional_model(..., loss_metric=True)`
-of it (its metrics plus the `loss` metric `from_keras_model` adds) has the
-state type, hyperparameters, weights and metrics of
-`build_weighted_fed_avg` on `from_keras_model` of it (tests/test_fed_avg.py
-compares them bit for bit on an MLP; a model with random layers such as
-dropout draws other numbers), without creating and initializing the
-model's variables for every client in every round (docs/performance.md,
-section 7, direction 4).
+The round is `tff.learning.algorithms.build_weighted_fed_avg`'s: broadcast the
+global model w, each client takes one step of its optimizer per batch of its
+data from w (the library's batches: tau of them, `perfed_tff.data.task`) and
+sends Delta_i = w - w_i, the server applies the weighted mean of the Delta_i
+with its optimizer (SGD at 1.0: the new model is sum_i p_i w_i). It takes
+its arguments by the rules of `build_per_fedavg`
+(`perfed_tff.process_arguments`), and its client loop is TFF's
+DATASET_ITERATOR: the same steps as TFF's default DATASET_REDUCE loop, which
+TFF 0.87 cannot run on a `FunctionalModel`.
 """
 
 from __future__ import annotations
 
-import collections
+from typing import Callable, Optional, Union
 
-from absl import logging
-import numpy as np
-import tensorflow as tf
 import tensorflow_federated as tff
-from tensorflow_federated.python.learning.templates import model_delta_client_work
 
-from perfed_tff import per_fedavg_client_work as client_work_lib
-
-
-class _StartingFrom(tff.learning.optimizers.Optimizer):
-  """`optimizer` whose `initialize` returns a state with `hparams` set: how
-  TFF's VariableModel client update starts its optimizer
-  (`initialize`, then `set_hparams`)."""
-
-  def __init__(self, optimizer: tff.learning.optimizers.Optimizer, hparams):
-    self._optimizer = optimizer
-    self._hparams = hparams
-
-  def initialize(self, specs):
-    return self._optimizer.set_hparams(self._optimizer.initialize(specs),
-                                       self._hparams)
-
-  def next(self, state, weights, gradients):
-    return self._optimizer.next(state, weights, gradients)
-
-  def get_hparams(self, state):
-    return self._optimizer.get_hparams(state)
-
-  def set_hparams(self, state, hparams):
-    return self._optimizer.set_hparams(state, hparams)
+from perfed_tff import process_arguments as args_lib
 
 
-def build_fed_avg_client_work(
-    model: tff.learning.models.FunctionalModel,
-    weights_type: tff.types.Type,
+def weighted_fed_avg_arguments(
     *,
-    optimizer: tff.learning.optimizers.Optimizer,
-    client_weighting: tff.learning.ClientWeighting,
-    metrics_aggregator=None,
-) -> tff.learning.templates.ClientWorkProcess:
-  """FedAvg's client work on `model`, its state the client optimizer's
-  hyperparameters (as `build_model_delta_client_work`'s): each round the
-  state is broadcast and every client runs TFF's functional update from it,
-  with TFF's DATASET_ITERATOR loop (the project's FedAvg loop,
-  `perfed_tff.algorithms`; TFF's functional update fails under
-  DATASET_REDUCE in TFF 0.87). `weights_type` is the `ModelWeights` type the
-  distributor sends."""
-  if metrics_aggregator is None:
-    metrics_aggregator = tff.learning.metrics.sum_then_finalize
-  # The hyperparameters of a state for a whimsy spec, as TFF's client work.
-  initial_hparams = optimizer.get_hparams(
-      optimizer.initialize(tf.TensorSpec(shape=(), dtype=tf.float32)))
-
-  @tff.federated_computation
-  def init_fn():
-    return tff.federated_value(initial_hparams, tff.SERVER)
-
-  state_type = init_fn.type_signature.result.member
-  data_type = tff.SequenceType(tff.types.tensorflow_to_type(model.input_spec))
-
-  get_hparams_fn, set_hparams_fn = client_work_lib.hparams_computations(
-      state_type)
-
-  @tff.tensorflow.computation(state_type, weights_type, data_type)
-  def client_update(hparams, initial_weights, dataset):
-    update = model_delta_client_work.build_functional_model_delta_update(
-        model=model, weighting=client_weighting,
-        loop_implementation=tff.learning.LoopImplementation.DATASET_ITERATOR)
-    return update(_StartingFrom(optimizer, hparams),
-                  (initial_weights.trainable, initial_weights.non_trainable),
-                  dataset)
-
-  @tff.federated_computation(init_fn.type_signature.result,
-                             tff.FederatedType(weights_type, tff.CLIENTS),
-                             tff.FederatedType(data_type, tff.CLIENTS))
-  def next_fn(state, weights, client_data):
-    results, unfinalized_metrics = tff.federated_map(
-        client_update, (tff.federated_broadcast(state), weights, client_data))
-    train_metrics = metrics_aggregator(model.finalize_metrics)(
-        unfinalized_metrics)
-    return tff.templates.MeasuredProcessOutput(
-        state, results, tff.federated_zip(
-            collections.OrderedDict(train=train_metrics)))
-
-  return tff.learning.templates.ClientWorkProcess(
-      init_fn, next_fn, get_hparams_fn=get_hparams_fn,
-      set_hparams_fn=set_hparams_fn)
-
-
-def build_fed_avg(
-    model: tff.learning.models.FunctionalModel,
-    *,
-    initial_weights_fn: tff.Computation,
-    client_optimizer: tff.learning.optimizers.Optimizer,
-    server_optimizer: tff.learning.optimizers.Optimizer,
-    client_weighting: tff.learning.ClientWeighting,
-    model_distributor=None,
-    model_aggregator=None,
-    metrics_aggregator=None,
-) -> tff.learning.templates.LearningProcess:
-  """Weighted FedAvg on `model`, composed as `build_weighted_fed_avg` with
-  `build_fed_avg_client_work`. Arguments are those of
-  `build_weighted_fed_avg`, already checked (`perfed_tff.algorithms.
-  build_algorithm` checks them): optimizers as `Optimizer`s,
-  `model_aggregator` a `WeightedAggregationFactory` (default the weighted
-  mean), `initial_weights_fn` the model's initial `ModelWeights`."""
-  weights_type = initial_weights_fn.type_signature.result
-  distributor = (model_distributor or
-                 tff.learning.templates.build_broadcast_process(weights_type))
-  aggregator = (model_aggregator or tff.aggregators.MeanFactory()).create(
-      weights_type.trainable, tff.TensorType(np.float32))
-  client_work = build_fed_avg_client_work(
-      model, weights_type, optimizer=client_optimizer,
+    beta: Optional[float] = None,
+    client_optimizer_fn: Optional[args_lib.OptimizerArg] = None,
+    server_optimizer_fn: Optional[args_lib.OptimizerArg] = None,
+    client_weighting: Union[str, tff.learning.ClientWeighting] = 'uniform',
+    model_distributor: Optional[
+        tff.learning.templates.DistributionProcess] = None,
+    model_aggregator: Optional[tff.aggregators.AggregationFactory] = None,
+    metrics_aggregator: Optional[Callable[..., tff.Computation]] = None,
+) -> dict:
+  """The keyword arguments of `tff.learning.algorithms.build_weighted_fed_avg`
+  for `build_fed_avg`'s (see there), checked by the library's rules."""
+  client_weighting = args_lib.check_weighting(client_weighting)
+  client_optimizer = args_lib.check_client_optimizer(beta, client_optimizer_fn)
+  server_optimizer = args_lib.check_server_optimizer(server_optimizer_fn)
+  args_lib.check_distributor(model_distributor)
+  args_lib.check_metrics_aggregator(metrics_aggregator)
+  if model_aggregator is not None:
+    model_aggregator = args_lib.check_model_aggregator(model_aggregator)
+  return dict(
+      client_optimizer_fn=client_optimizer,
+      server_optimizer_fn=server_optimizer,
       client_weighting=client_weighting,
-      metrics_aggregator=metrics_aggregator)
-  finalizer = tff.learning.templates.build_apply_optimizer_finalizer(
-      server_optimizer, weights_type)
-  return tff.learning.templates.compose_learning_process(
-      initial_weights_fn, distributor, client_work, aggregator, finalizer)
+      model_distributor=model_distributor,
+      model_aggregator=model_aggregator,
+      metrics_aggregator=metrics_aggregator,
+      loop_implementation=tff.learning.LoopImplementation.DATASET_ITERATOR)
 
 
-def _zeros_for_trainable(next_creator, **kwargs):
-  """Variable creator: a trainable variable of known shape and dtype whose
-  initial value would be computed (an initializer) starts at zeros."""
-  shape, dtype = kwargs.get('shape'), kwargs.get('dtype')
-  if (kwargs.get('trainable') is True and callable(kwargs.get('initial_value'))
-      and shape is not None and tf.TensorShape(shape).is_fully_defined()
-      and dtype is not None):
-    kwargs['initial_value'] = lambda: tf.zeros(shape, dtype)
-  return next_creator(**kwargs)
+def build_fed_avg(model_fn, **kwargs) -> tff.learning.templates.LearningProcess:
+  """TFF's weighted FedAvg, with client SGD at `beta` by default.
 
+  Args:
+    model_fn: what `build_weighted_fed_avg` takes: a no-arg callable
+      returning a `tff.learning.models.VariableModel` (the client
+      optimizer's hyperparameters are then in the process state,
+      `get_hparams`/`set_hparams`), or a `FunctionalModel` (TFF keeps them
+      out of the state).
+    **kwargs: `weighted_fed_avg_arguments`':
+      beta: the learning rate of the default client optimizer (SGD), > 0;
+        required unless `client_optimizer_fn` is given, and not allowed
+        with it (`process_arguments.check_client_optimizer`).
+      client_optimizer_fn, server_optimizer_fn: `tff.learning.optimizers`
+        optimizers (or no-arg callables returning one); the server's
+        default is SGD at 1.0 (the new global model is the average of the
+        client models).
+      client_weighting: 'uniform' (default), 'num_examples' or a
+        `tff.learning.ClientWeighting`.
+      model_distributor, model_aggregator, metrics_aggregator: as in
+        `build_weighted_fed_avg`; unweighted mean-like aggregators are
+        adapted and sums refused (`process_arguments.check_model_aggregator`).
 
-def _unwrapped(variable):
-  """The variable under a Keras mixed-precision `AutoCastVariable`."""
-  return getattr(variable, '_variable', variable)
-
-
-def trainables_are_weights(model_fn) -> bool:
-  """Whether every variable `model_fn()` creates as trainable is one of the
-  model's weights, trainable or not (a frozen layer's): the weights TFF's
-  client update overwrites with the broadcast model before using them.
-  Built in a graph of its own."""
-  created = []
-
-  def record(next_creator, **kwargs):
-    variable = next_creator(**kwargs)
-    if kwargs.get('trainable') is not False:
-      created.append(variable)
-    return variable
-
-  with tf.Graph().as_default(), tf.variable_creator_scope(record):
-    model = model_fn()
-    weights = {id(_unwrapped(v)) for v in (list(model.trainable_variables) +
-                                            list(model.non_trainable_variables))}
-  return bool(created) and all(id(_unwrapped(v)) in weights for v in created)
-
-
-def build_variable_model_fed_avg(model_fn, **kwargs
-                                 ) -> tff.learning.templates.LearningProcess:
-  """TFF's `build_weighted_fed_avg(model_fn, **kwargs)` on a `VariableModel`,
-  whose clients build their models without computing random initial values.
-
-  TFF's client update builds the model in the round's graph, so every
-  client of every round initializes the model's variables with their
-  initializers (Glorot's: Philox random numbers, scaled, for each of the
-  EMNIST CNN's 1.2 million weights), then overwrites the trainable and
-  non-trainable weights with the broadcast model before using them. Here
-  `next` is TFF's, built from `model_fn` under a variable creator that gives
-  each variable created as trainable zeros as its initial value;
-  `initialize`, the weights and the hyperparameters are those of TFF's
-  process on `model_fn` itself, so the state type, the initial model, and
-  the weights and metrics of every round are TFF's (tests/test_fed_avg.py,
-  bit for bit; a model with random layers such as dropout draws other
-  numbers in any case). A model that creates a trainable variable that is
-  not one of its weights (`trainables_are_weights`) gets TFF's process
-  unchanged. The model must not read a weight's initial value (a
-  regularizer toward the initial weights, a variable initialized from a
-  weight's value): such a model needs TFF's `build_weighted_fed_avg`.
-  `model_fn` is traced twice as often as by TFF's builder alone, and the
-  aggregator and distributor arguments serve both builds.
+  Returns:
+    `tff.learning.algorithms.build_weighted_fed_avg`'s `LearningProcess`.
   """
-  process = tff.learning.algorithms.build_weighted_fed_avg(model_fn, **kwargs)
-  if not trainables_are_weights(model_fn):
-    logging.info('FedAvg: TFF\'s client update as it is (the model creates a '
-                 'trainable variable that is not one of its weights)')
-    return process
-
-  def client_model_fn():
-    with tf.variable_creator_scope(_zeros_for_trainable):
-      return model_fn()
-
-  clients = tff.learning.algorithms.build_weighted_fed_avg(
-      client_model_fn, **kwargs)
-  return tff.learning.templates.LearningProcess(
-      process.initialize, clients.next, process.get_model_weights,
-      process.set_model_weights, get_hparams_fn=process.get_hparams,
-      set_hparams_fn=process.set_hparams)
+  return tff.learning.algorithms.build_weighted_fed_avg(
+      model_fn, **weighted_fed_avg_arguments(**kwargs))

@@ -203,11 +203,8 @@ class VariableOracle:
     return _dense(outer.gradient(grad_dot_v, self._vars), self._vars)
 
 
-Oracle = Union[FunctionalOracle, VariableOracle]
-
-
 def oracle_for(model, *, non_trainable=(),
-               metrics_keys: Sequence[str] = ()) -> Oracle:
+               metrics_keys: Sequence[str] = ()) -> FunctionalOracle | VariableOracle:
   """The oracle of `model`.
 
   Args:
@@ -241,14 +238,16 @@ def input_spec_of(model: ModelFn):
     return model().input_spec
 
 
-def sgd_step(oracle: Oracle, weights, batch, alpha):
+def sgd_step(oracle: FunctionalOracle | VariableOracle, weights, batch,
+             alpha):
   """One SGD step at `alpha`: (w - alpha * g_batch(w), examples in the batch),
   the gradient taken in training mode. `weights` is a tuple of tensors."""
   _, grads, num = oracle.loss_and_gradient(weights, batch)
   return axpy(-alpha, grads, weights), num
 
 
-def sgd_steps(oracle: Oracle, weights, batches, alpha, max_steps: int):
+def sgd_steps(oracle: FunctionalOracle | VariableOracle, weights, batches,
+              alpha, max_steps: int):
   """`sgd_step`s from `weights`, the k-th on the k-th batch of `batches` (a
   `tf.data.Dataset` or an iterator over one), at most `max_steps`, fewer when
   the batches run out.

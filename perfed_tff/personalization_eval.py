@@ -17,16 +17,22 @@ the driver's choice: `perfed_tff.program.population_eval` prepares the
 client inputs from `ClientData`, runs the computation on a population and
 summarizes it (client mean, example-weighted mean, percentiles).
 
-`build_personalized_evaluation` returns a federated computation
+`build_personalized_evaluation` returns a `PersonalizedEvaluation`: its
+federated computation
 
-  (ModelWeights@SERVER, {OrderedDict(train_data=B*, test_data=B*)}@CLIENTS)
+  (ModelWeights@SERVER, alpha@SERVER,
+   {OrderedDict(train_data=B*, test_data=B*)}@CLIENTS)
       -> {per-client metrics}@CLIENTS
 
-so the per-client numbers come back to Python, one entry per client. Every
-algorithm (FedAvg, Per-FedAvg FO/HF/MAML) is evaluated by the same code from
-its global `ModelWeights` (`process.get_model_weights(state)`). The step size
-alpha is an argument of the computation: the training program passes the
-run's `alpha` (`TrainingConfig.alpha`, `--alpha`), fixed for the run.
+and the settings it was built with (adaptation steps, input format, batch
+size), so the per-client numbers come back to Python, one entry per client.
+Every algorithm (FedAvg, Per-FedAvg FO/HF/MAML) is evaluated by the same code
+from its global `ModelWeights` (`process.get_model_weights(state)`). The step
+size alpha is an argument of the computation (a float32 at the server), so
+one traced evaluation serves every alpha: the training program passes the
+alpha in the process state (`process.get_hparams(state)`, which
+`set_hparams` changes), and the run's `alpha` for FedAvg, whose state has
+none.
 
 Inside the computation the client's test batches are read once and
 concatenated, so every measurement is one forward pass (iterating a dataset
@@ -54,6 +60,7 @@ on all the client's test examples at once.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import numbers
 from typing import Optional, Sequence
 
@@ -63,6 +70,7 @@ import tensorflow_federated as tff
 
 from perfed_tff import checks
 from perfed_tff import model_oracles
+from perfed_tff import process_arguments as args_lib
 from perfed_tff.models import specs
 
 def _check_steps(adaptation_steps) -> tuple[int, ...]:
@@ -141,12 +149,13 @@ _FULL_BATCH = 2**31 - 1
 
 
 def build_client_evaluation(model_fn, model_weights_type, data_type, *,
-                            alpha: float, adaptation_steps: Sequence[int],
+                            adaptation_steps: Sequence[int],
                             ignore_label: Optional[int] = None,
                             unbatched: bool = False,
                             batch_size: Optional[int] = None,
                             ) -> tff.Computation:
-  """The per-client `tff.tensorflow.computation(weights, data) -> metrics`.
+  """The per-client `tff.tensorflow.computation(weights, alpha, data) ->
+  metrics` (alpha: the adaptation steps' float32 step size).
 
   `data` is `OrderedDict(train_data=batches, test_data=batches)`, or with
   `unbatched=True` the same of single examples (batched here by
@@ -158,18 +167,17 @@ def build_client_evaluation(model_fn, model_weights_type, data_type, *,
   `model_fn` is a no-arg callable returning a VariableModel or a
   `tff.learning.models.FunctionalModel`.
   """
-  alpha = checks.positive_float('alpha', alpha)
   steps = _check_steps(adaptation_steps)
   max_steps = steps[-1]
   if isinstance(model_fn, tff.learning.models.FunctionalModel):
     return _build_functional_client_evaluation(
-        model_fn, model_weights_type, data_type, alpha=alpha, steps=steps,
+        model_fn, model_weights_type, data_type, steps=steps,
         ignore_label=ignore_label, unbatched=unbatched,
         batch_size=batch_size)
 
-  @tff.tensorflow.computation(model_weights_type, data_type)
+  @tff.tensorflow.computation(model_weights_type, np.float32, data_type)
   @tf.autograph.experimental.do_not_convert
-  def client_eval(weights, data):
+  def client_eval(weights, alpha, data):
     model = model_fn()
     oracle = model_oracles.VariableOracle(model)
     variables = tuple(model.trainable_variables)
@@ -284,15 +292,15 @@ def _collect(before, num_test, losses, accuracies, taken, used, steps):
 
 
 def _build_functional_client_evaluation(model, model_weights_type, data_type,
-                                        *, alpha, steps, ignore_label,
+                                        *, steps, ignore_label,
                                         unbatched, batch_size):
   """`build_client_evaluation` for a `tff.learning.models.FunctionalModel`:
   the same steps w_k = w_{k-1} - alpha g_{B_k}(w_{k-1}) on explicit weights."""
   max_steps = steps[-1]
 
-  @tff.tensorflow.computation(model_weights_type, data_type)
+  @tff.tensorflow.computation(model_weights_type, np.float32, data_type)
   @tf.autograph.experimental.do_not_convert
-  def client_eval(weights, data):
+  def client_eval(weights, alpha, data):
     non_trainable = tuple(weights.non_trainable)
     oracle = model_oracles.FunctionalOracle(model, non_trainable)
 
@@ -325,25 +333,64 @@ def _build_functional_client_evaluation(model, model_weights_type, data_type,
 INPUT_FORMATS = ('batched', 'unbatched')
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class PersonalizedEvaluation:
+  """A personalized evaluation: its TFF computation and its settings.
+
+  Attributes:
+    computation: `(ModelWeights@SERVER, float32 alpha@SERVER,
+      {OrderedDict(train_data=..., test_data=...)}@CLIENTS) -> {per-client
+      metrics}@CLIENTS` (see `build_personalized_evaluation`).
+    adaptation_steps: the k measured besides step 0, sorted.
+    input_format: 'batched' or 'unbatched' (see
+      `build_personalized_evaluation`).
+    batch_size: the adaptation batch of 'unbatched' input (None: full
+      batch); None for 'batched' input.
+    worker_side: the computations that take each client's examples instead
+      of datasets, by (adaptation batch size, evaluation batch size)
+      (`perfed_tff.personalization_data.worker_side_evaluation`).
+  """
+  computation: tff.Computation
+  adaptation_steps: tuple
+  input_format: str = 'batched'
+  batch_size: Optional[int] = None
+  worker_side: dict = dataclasses.field(default_factory=dict, repr=False)
+
+  def __post_init__(self):
+    object.__setattr__(self, 'adaptation_steps',
+                       _check_steps(self.adaptation_steps))
+    checks.choice('input_format', self.input_format, INPUT_FORMATS)
+
+  @property
+  def type_signature(self):
+    return self.computation.type_signature
+
+  def __call__(self, model_weights, alpha, client_data):
+    """The per-client metrics of `client_data` (a list, one entry per client)
+    after steps at `alpha` (`checks.step_size`) from `model_weights`."""
+    alpha = checks.step_size('alpha', alpha)
+    return self.computation(model_weights, np.float32(alpha), client_data)
+
+
 def build_personalized_evaluation(model_fn,
-                                  *, alpha: float,
+                                  *,
                                   adaptation_steps: Sequence[int] | int = (1,),
                                   ignore_label: Optional[int] = None,
                                   input_format: str = 'batched',
                                   batch_size: Optional[int] = None,
-                                  ) -> tff.Computation:
+                                  ) -> PersonalizedEvaluation:
   """Builds the personalized evaluation of Per-FedAvg (Fallah et al., 2020).
 
   From the global model w, per client: w_k = w_{k-1} - alpha g_{B_k}(w_{k-1})
   on the client's train batches B_1, B_2, ..., and the loss and accuracy of
-  w_0 = w and of every requested w_k on the client's test data.
+  w_0 = w and of every requested w_k on the client's test data. alpha is an
+  argument of every call (the paper: the same alpha as Per-FedAvg's inner
+  step; `process.get_hparams(state)['client_work']['alpha']`).
 
   Args:
     model_fn: no-arg callable returning a `tff.learning.models.VariableModel`,
       or a `tff.learning.models.FunctionalModel` (the same `model_fn` the
       algorithms were trained with).
-    alpha: step size of the personalization SGD steps (the paper: the same
-      alpha as Per-FedAvg's inner step), > 0.
     adaptation_steps: k values (ints >= 1) after which to measure; 1 is the
       paper's protocol. Step 0 (the global model) is always measured.
     ignore_label: label value left out of the accuracy (e.g. the padding id
@@ -357,15 +404,15 @@ def build_personalized_evaluation(model_fn,
       step is a full-batch step on all the client's train examples).
 
   Returns:
-    A `tff.Computation` with type signature
-    `(ModelWeights@SERVER, {OrderedDict(train_data=B*, test_data=B*)}@CLIENTS)
-    -> {OrderedDict(num_test_examples, num_adaptation_steps,
-    num_adaptation_examples, metrics=OrderedDict(step_k=OrderedDict(loss,
-    accuracy) for k in (0,) + adaptation_steps))}@CLIENTS`. Invoked, it returns
-    a list with one such structure per client.
+    A `PersonalizedEvaluation`; its computation has type signature
+    `(ModelWeights@SERVER, float32@SERVER, {OrderedDict(train_data=B*,
+    test_data=B*)}@CLIENTS) -> {OrderedDict(num_test_examples,
+    num_adaptation_steps, num_adaptation_examples,
+    metrics=OrderedDict(step_k=OrderedDict(loss, accuracy) for k in (0,) +
+    adaptation_steps))}@CLIENTS`. Called, with (weights, alpha, client
+    data), it returns a list with one such structure per client.
   """
   steps = _check_steps(adaptation_steps)
-  alpha = checks.positive_float('alpha', alpha)
   input_format = checks.choice('input_format', input_format, INPUT_FORMATS)
   if batch_size is not None:
     batch_size = checks.integer('batch_size', batch_size, 1)
@@ -382,39 +429,22 @@ def build_personalized_evaluation(model_fn,
        ('test_data', tff.SequenceType(element_type))],
       collections.OrderedDict)
 
-  from perfed_tff import per_fedavg  # pylint: disable=g-import-not-at-top
-  initial_weights = per_fedavg.initial_model_weights_computation(model_fn)
+  initial_weights = args_lib.initial_model_weights_computation(model_fn)
   model_weights_type = initial_weights.type_signature.result
   client_eval = build_client_evaluation(
-      model_fn, model_weights_type, data_type, alpha=alpha,
-      adaptation_steps=steps, ignore_label=ignore_label,
-      unbatched=input_format == 'unbatched', batch_size=batch_size)
+      model_fn, model_weights_type, data_type, adaptation_steps=steps,
+      ignore_label=ignore_label, unbatched=input_format == 'unbatched',
+      batch_size=batch_size)
 
   @tff.federated_computation(
       tff.FederatedType(model_weights_type, tff.SERVER),
+      tff.FederatedType(np.float32, tff.SERVER),
       tff.FederatedType(data_type, tff.CLIENTS))
-  def personalized_evaluation(weights, client_data):
+  def personalized_evaluation(weights, alpha, client_data):
     return tff.federated_map(
-        client_eval, (tff.federated_broadcast(weights), client_data))
+        client_eval, (tff.federated_broadcast(weights),
+                      tff.federated_broadcast(alpha), client_data))
 
-  return describe_evaluation(personalized_evaluation, steps, alpha=alpha,
-                             input_format=input_format,
-                             batch_size=batch_size)
-
-
-def describe_evaluation(computation: tff.Computation, steps: Sequence[int],
-                        *, alpha: Optional[float] = None,
-                        input_format: str = 'batched',
-                        batch_size: Optional[int] = None) -> tff.Computation:
-  """Marks `computation` (a personalized evaluation, also one read back from
-  a cache) with the settings the Python side reads: adaptation steps,
-  alpha, input format and batch size."""
-  computation.adaptation_steps = _check_steps(steps)
-  computation.alpha = alpha
-  computation.input_format = input_format
-  computation.batch_size = batch_size
-  return computation
-
-
-# --------------------------------------------------------------------------
-# Python side: client inputs, running a population, summaries.
+  return PersonalizedEvaluation(
+      personalized_evaluation, steps, input_format=input_format,
+      batch_size=batch_size if input_format == 'unbatched' else None)

@@ -1,15 +1,22 @@
-"""Test session setup: one owned TFF execution context for the whole session,
-and a check that no `worker_binary` outlives it."""
+"""Test session setup: shared fixtures, and a check that no `worker_binary`
+outlives the session.
+
+Each ring's tests run in its own TFF context (`tests/contexts.py`): the
+library (`tests/core`) and the training program (`tests/program`) under
+TFF's own stock context, the outer ring's runtime (`tests/runtime`) under
+the owned `ExecutionContext`, the accelerator (`tests/accelerator`) and the
+binaries' in-process tests (`tests/experiments`) under the
+`AcceleratedContext`; each folder's conftest opens it for its tests."""
 
 import os
+import sys
 
-import psutil
 import pytest
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 # Every in-process test traces and compiles its computations (tests that
 # count compilations or traces rely on it);
-# tests/test_program_computation_cache.py and the cache tests turn the caches
+# tests/accelerator/test_computation_cache.py and the cache tests turn the caches
 # across runs on, each in its own folder. The binaries the tests start share
 # one folder for the session (`binaries_computation_cache`).
 os.environ['PERFED_TFF_COMPUTATION_CACHE'] = 'off'
@@ -17,12 +24,6 @@ os.environ['PERFED_TFF_COMPUTATION_CACHE'] = 'off'
 
 def pytest_configure(config):
   config.addinivalue_line('markers', 'slow: end-to-end runs (still run in CI)')
-
-
-def _worker_children():
-  me = psutil.Process()
-  return [p for p in me.children(recursive=True)
-          if 'worker_binary' in ' '.join(p.cmdline() or [])]
 
 
 @pytest.fixture(scope='session', autouse=True)
@@ -34,26 +35,17 @@ def binaries_computation_cache(tmp_path_factory):
   binary_helpers.COMPUTATION_CACHE = None
 
 
-@pytest.fixture(scope='session', autouse=True)
-def tff_context():
-  from perfed_tff.runtime import execution  # Imports TF/TFF once, here.
-  with execution.ExecutionContext() as context:
-    yield context
-  execution.stop_all_workers()
-
-
 def pytest_sessionfinish(session, exitstatus):
-  try:
-    from perfed_tff.runtime import execution
-    execution.stop_all_workers()
-  except ImportError:
-    pass
-  left = [p for p in _worker_children() if p.is_running()]
+  from tests import contexts  # pylint: disable=g-import-not-at-top
+  local_worker = sys.modules.get('perfed_tff.runtime.local_worker')
+  if local_worker is not None:
+    local_worker.stop_all_workers()
+  contexts.stop_tff_service_managers()
+  left = [p for p in contexts.worker_children() if p.is_running()]
   if left:
     print(f'\nERROR: worker_binary processes left after the session: '
           f'{[p.pid for p in left]}')
-    for p in left:
-      p.kill()
+    contexts.stop_worker_children()
     session.exitstatus = 1
 
 
@@ -84,13 +76,14 @@ def small_task():
 @pytest.fixture(scope='module')
 def eval_1_2():
   """The personalized evaluation of tff_helpers' EVAL_DIM x EVAL_CLASSES
-  softmax regression at alpha 0.3, after 1 and 2 steps."""
+  softmax regression after 1 and 2 steps (called at alpha 0.3 by the
+  tests)."""
   from perfed_tff import personalization_eval  # pylint: disable=g-import-not-at-top
   from perfed_tff.models import linear  # pylint: disable=g-import-not-at-top
   from tests import tff_helpers as h  # pylint: disable=g-import-not-at-top
   return personalization_eval.build_personalized_evaluation(
       linear.softmax_regression_model_fn(h.EVAL_DIM, h.EVAL_CLASSES),
-      alpha=0.3, adaptation_steps=(2, 1))
+      adaptation_steps=(2, 1))
 
 
 @pytest.fixture
@@ -99,13 +92,13 @@ def local_step_traces(monkeypatch):
   traces of Per-FedAvg's local step (Python code runs only while TensorFlow
   traces)."""
   import collections  # pylint: disable=g-import-not-at-top
-  from perfed_tff import per_fedavg_client_work as client_work  # pylint: disable=g-import-not-at-top
+  from perfed_tff import per_fedavg_step as step_lib  # pylint: disable=g-import-not-at-top
   traces = collections.Counter()
-  step = client_work.per_fedavg_local_step
+  step = step_lib.per_fedavg_local_step
 
   def counting_step(*args, **kwargs):
     traces['local_step'] += 1
     return step(*args, **kwargs)
 
-  monkeypatch.setattr(client_work, 'per_fedavg_local_step', counting_step)
+  monkeypatch.setattr(step_lib, 'per_fedavg_local_step', counting_step)
   return traces

@@ -3,7 +3,10 @@ interpreter (its own temporary working directory, the repository on
 PYTHONPATH), so a README example cannot rot.
 
 Each block must import and build what it uses and finish at a tiny budget
-(a few rounds on offline data). A block that cannot run here is marked in
+(a few rounds on offline data). A block that runs in TFF's own context
+leaves TFF's `worker_binary` running after it exits, holding its output
+pipes open (TFF's behaviour, README says so); the test stops that worker at
+the block's exit, as the test fixtures do (`tests/contexts.py`). A block that cannot run here is marked in
 README.md by the line `<!-- readme-test: skip (reason) -->` right before it
 and is skipped with that reason.
 """
@@ -19,6 +22,18 @@ import pytest
 from tests import binary_helpers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Runs a block as a script, and at its exit stops the workers of TFF's own
+# context that it started.
+_RUN_BLOCK = """
+import atexit, runpy, sys
+def _stop_tff_workers():
+  from tests import contexts
+  contexts.stop_tff_service_managers()
+  contexts.stop_worker_children()
+atexit.register(_stop_tff_workers)
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name='__main__')
+"""
 README = os.path.join(ROOT, 'README.md')
 # Seconds one block may take (they take 10-20 s on 2 shared cores).
 BLOCK_TIMEOUT = 300
@@ -105,7 +120,8 @@ def test_readme_block_runs(block, tmp_path):
   work_dir.mkdir()
   env = binary_helpers.env()
   try:
-    done = subprocess.run([sys.executable, str(script)], cwd=work_dir,
+    done = subprocess.run([sys.executable, '-c', _RUN_BLOCK, str(script)],
+                          cwd=work_dir,
                           env=env, capture_output=True, text=True,
                           stdin=subprocess.DEVNULL, timeout=BLOCK_TIMEOUT)
   except subprocess.TimeoutExpired:

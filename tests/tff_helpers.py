@@ -72,10 +72,14 @@ def with_delta(process, state, delta):
 
 
 class CompileCounter:
-  """Counts TFF compilations in the installed execution context."""
+  """Counts TFF compilations in `context` (a TFF SyncExecutionContext or
+  the outer ring's `ExecutionContext`; default: the current one)."""
 
-  def __init__(self, context):
-    self._pipeline = context.context._async_context._compiler_pipeline  # pylint: disable=protected-access
+  def __init__(self, context=None):
+    if context is None:
+      context = tff.framework.get_context_stack().current
+    context = getattr(context, 'context', context)
+    self._pipeline = context._async_context._compiler_pipeline  # pylint: disable=protected-access
     self._inner = self._pipeline._compiler_fn  # pylint: disable=protected-access
     self.count = 0
 
@@ -173,16 +177,17 @@ def examples(spec, n, seed):
 
 def initial_weights(model_fn):
   """The initial model weights of `model_fn`, as Per-FedAvg starts."""
-  from perfed_tff import per_fedavg  # pylint: disable=g-import-not-at-top
-  return per_fedavg.initial_model_weights_computation(model_fn)()
+  from perfed_tff import process_arguments  # pylint: disable=g-import-not-at-top
+  return process_arguments.initial_model_weights_computation(model_fn)()
 
 
 # ---- Training program: a small synthetic run, a stub process ----
 
+# `runtime` is the ring's (each ring's conftest sets it for its tests).
 PROGRAM_CONFIG = dict(
     algorithm='per_fedavg_fo', dataset='synthetic', rounds=4,
     clients_per_round=3, local_steps=1, batch_size=8, seed=1,
-    checkpoint_every=2, eval_every=0, progress=False)
+    checkpoint_every=2, eval_every=0, progress=False, runtime='tff')
 
 
 # The fault tests' run, as overrides of PROGRAM_CONFIG: 2 local steps, a
@@ -192,8 +197,8 @@ FAULTS_RUN = dict(local_steps=2, checkpoint_every=1, seed=0)
 
 def training_config(root_output_dir, **overrides):
   """The validated TrainingConfig of PROGRAM_CONFIG with `overrides`."""
-  from perfed_tff.program import config as config_lib  # pylint: disable=g-import-not-at-top
-  return config_lib.validate(config_lib.TrainingConfig(**dict(
+  from perfed_tff.program import settings as settings_lib  # pylint: disable=g-import-not-at-top
+  return settings_lib.validate(settings_lib.TrainingConfig(**dict(
       PROGRAM_CONFIG, root_output_dir=str(root_output_dir), **overrides)))
 
 

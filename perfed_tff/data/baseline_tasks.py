@@ -37,18 +37,20 @@ Shakespeare). `num_epochs` > 1 in the *eval* spec would repeat every example:
 keep TFF's default eval spec (one epoch, no shuffle) or any one-epoch spec.
 
 `from_baseline_task` returns a `FederatedTask` (the splits so preprocessed,
-the task's `model_fn`, and for TFF's Keras-backed models the Keras model, loss
-and metrics behind it, so that the training program's functional Per-FedAvg
-and `perfed_tff.export` work), usable everywhere a registry task is:
+the task's `model_fn` and the metrics of its model), usable everywhere a
+registry task is:
 `task.round_client_data`, `worker_datasets`, `population_eval`,
-`training_loop.run_training(config, task=...)`. `client_data_splits` gives only
-the two preprocessed splits (what `population_eval.evaluate_population` uses
-when handed a `BaselineTask` or its `BaselineTaskDatasets`).
+`training_loop.run_training(config, task=...)`. TFF's public API gives no
+Keras model of a baseline task's `model_fn` (`from_keras_model` keeps it to
+itself), so such a task has no `keras_model_fn` or `FunctionalModel`: it
+trains and is evaluated as its `VariableModel`, and `perfed_tff.export`
+needs the Keras model from the task's author. `client_data_splits` gives
+only the two preprocessed splits (what `population_eval.evaluate_population`
+uses when handed a `BaselineTask` or its `BaselineTaskDatasets`).
 """
 
 from __future__ import annotations
 
-import copy
 from typing import Callable, Optional, Union
 import weakref
 
@@ -152,57 +154,32 @@ def client_data_splits(baseline_task: BaselineLike) -> tuple:
 
 def _model_parts(model_fn):
   """(input_spec, keras_model_fn, loss_fn, metrics_fn, masked tokens) of
-  `model_fn`'s model. For a model built by TFF's
-  `tff.learning.models.from_keras_model` (what every baseline task's
-  `model_fn` returns): its Keras model, loss and metrics (without the loss
-  and counters `from_keras_model` adds), rebuilt fresh from their configs on
-  each call (new, randomly initialized Keras models). Another
-  `VariableModel` gives functions that raise a one-line TypeError.
-
-  TFF 0.87's wrapper keeps the Keras model and loss as `_keras_model` and
-  `_loss_fns` (no public accessor); `get_metrics()` is public.
-  """
+  `model_fn`'s model: its input spec; its metrics (without the loss and
+  counters `tff.learning.models.from_keras_model` adds), rebuilt from their
+  configs on each call, when the model lists them (`get_metrics()`); the
+  labels its masked metrics leave out. The Keras model and loss are not
+  available through TFF's public API: those two functions raise a one-line
+  TypeError."""
   with tf.Graph().as_default():
     model = model_fn()
     input_spec = model.input_spec
-    keras_model = getattr(model, '_keras_model', None)
-    losses = getattr(model, '_loss_fns', None)
     metrics = list(model.get_metrics()) if hasattr(model, 'get_metrics') else []
     configs = [(type(m), m.get_config()) for m in metrics
                if m.name not in _ADDED_METRICS]
   masked = set()
   for _, config in configs:
     masked.update(int(t) for t in config.get('masked_tokens') or ())
-  try:
-    model_config = keras_model.get_config()
-  except (AttributeError, NotImplementedError):  # Not Keras, or subclassed.
-    model_config = None
-  if (not isinstance(keras_model, tf.keras.Model) or model_config is None
-      or len(losses or ()) != 1):
-    def unavailable():
-      raise TypeError(
-          "the baseline task's model_fn does not build its model with "
-          'tff.learning.models.from_keras_model (one loss): no Keras model, '
-          'loss or FunctionalModel can be taken from it; pass its model_fn '
-          'to build_per_fedavg instead.')
-    return (input_spec, unavailable, unavailable, task_lib.accuracy_metrics,
-            masked)
-  loss = losses[0]
-  model_class = type(keras_model)
 
-  def keras_model_fn() -> tf.keras.Model:
-    # From the architecture's config: a fresh model and nothing else (no
-    # metric variables, which TFF's functional_model_from_keras would
-    # mistake for the model's).
-    return model_class.from_config(copy.deepcopy(model_config))
-
-  def loss_fn() -> tf.keras.losses.Loss:
-    return type(loss).from_config(loss.get_config())
+  def unavailable():
+    raise TypeError(
+        "a baseline task's Keras model is not available through TFF's "
+        'public API: the task trains and is evaluated as its VariableModel '
+        '(model_fn); export needs the Keras model from its author.')
 
   def metrics_fn() -> list:
     return [cls.from_config(dict(config)) for cls, config in configs]
 
-  return input_spec, keras_model_fn, loss_fn, metrics_fn, masked
+  return input_spec, unavailable, unavailable, metrics_fn, masked
 
 
 def _ignore_label(ignore_label, masked: set) -> Optional[int]:

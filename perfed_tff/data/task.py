@@ -30,7 +30,6 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import tensorflow as tf
 import tensorflow_federated as tff
-from tensorflow_federated.python.learning.models import functional as tff_functional
 
 
 def accuracy_metrics() -> list:
@@ -78,9 +77,6 @@ class WeightedMeanLoss(tf.keras.metrics.Mean):
     del sample_weight  # As from_keras_model's: the batch size is the weight.
     batch_size = tf.shape(tf.nest.flatten(y_pred)[0])[0]
     return super().update_state(self._loss_fn(y_true, y_pred), batch_size)
-
-
-KerasFunctionalModelError = tff_functional.KerasFunctionalModelError
 
 
 def functional_model_carries(keras_model_fn: Callable[[], tf.keras.Model]

@@ -8,8 +8,7 @@ part: X', 'truncated: X has N of M bytes', 'checksum mismatch: X', an empty
 folder, a damaged manifest, an I/O error of the medium); a checkpoint without
 one (older code, or a save killed before it) only needs the SavedModel's
 parts, TensorFlow's reading checks the rest. A file that cannot be opened
-(permissions) is no damage: `checkpointing.CheckpointError`, nothing to set
-aside. `set_aside` renames a damaged folder `<name>.damaged-<time>`
+(permissions) is no damage: `CheckpointError`, nothing to set aside. `set_aside` renames a damaged folder `<name>.damaged-<time>`
 (`DAMAGED_TAG`): no longer a version, never deleted.
 """
 
@@ -20,6 +19,10 @@ import json
 import os
 import time
 from typing import Any, Mapping, Optional
+
+class CheckpointError(RuntimeError):
+  """A checkpoint cannot be used for this run."""
+
 
 # Sizes and SHA-256 of a checkpoint's files, written after them (see
 # `write_manifest`); checkpoints written before it existed have none.
@@ -120,7 +123,7 @@ def check_files(path: str) -> Optional[str]:
   TensorFlow's reading checks the rest (its variables carry CRCs).
 
   Raises:
-    checkpointing.CheckpointError: a file or folder cannot be opened
+    CheckpointError: a file or folder cannot be opened
       (permissions): no damage, nothing to set aside.
   """
   if not os.path.isdir(path):
@@ -162,8 +165,7 @@ def check_files(path: str) -> Optional[str]:
     return None
   except PermissionError as e:
     # The manager's error, which imports this module: imported here.
-    from perfed_tff.program import checkpointing  # pylint: disable=g-import-not-at-top
-    raise checkpointing.CheckpointError(
+    raise CheckpointError(
         f'cannot read checkpoint {path} ({e.strerror}: {e.filename}); make '
         'it readable and rerun') from None
   except OSError as e:  # An I/O error of the medium: unreadable.

@@ -32,33 +32,24 @@ a long run is not restarted from round 0 on its own.
 
 from __future__ import annotations
 
-import errno
-import fcntl
+import asyncio
 import json
 import os
 import re
 import shutil
-import socket
-import stat
-import sys
-import time
 from typing import Any, Callable, Mapping, Optional
 
 from absl import logging
 import numpy as np
+import tensorflow as tf
 import tensorflow_federated as tff
-from tensorflow_federated.python.program import file_utils
 import tree
 
 from perfed_tff.program import checkpoint_files
-from perfed_tff.runtime import supervision
+from perfed_tff.program import event_loop
 
 PREFIX = 'program_state_'
-LOCK_NAME = '.perfed_tff.lock'
-
-
-class CheckpointError(RuntimeError):
-  """A checkpoint cannot be used for this run."""
+CheckpointError = checkpoint_files.CheckpointError
 
 
 class CheckpointDamagedError(CheckpointError):
@@ -91,8 +82,8 @@ class CheckpointManager(tff.program.FileProgramStateManager):
   On top of `tff.program.FileProgramStateManager` (which cannot save a raw
   LearningProcess state in TFF 0.87, so the state is flattened here; the
   program state of `tff.learning.programs.train_model`, with its data
-  iterator and timestamp, is stored as arrays by
-  `perfed_tff.runtime.program_context.flatten_train_model_state`), every
+  iterator and timestamp, is stored as arrays: `flatten_train_model_state`),
+  every
   checkpoint records `metadata` (the run's settings that must not change on
   resume) and the shapes/dtypes of the state tensors, and a manifest of its
   files' sizes and checksums (`checkpoint_files`); `load` checks all three and
@@ -128,16 +119,15 @@ class CheckpointManager(tff.program.FileProgramStateManager):
         shutil.rmtree(os.path.join(self.root_dir, name), ignore_errors=True)
 
   def latest_round(self) -> Optional[int]:
-    versions = supervision.run_sync(self.get_versions())
+    versions = event_loop.run_sync(self.get_versions())
     return max(versions) if versions else None
 
   def path(self, round_num: int) -> str:
     return os.path.join(self.root_dir, f'{PREFIX}{round_num}')
 
   async def save(self, program_state, version: int) -> None:
-    from perfed_tff.runtime import program_context  # pylint: disable=g-import-not-at-top
-    if program_context.is_train_model_state(program_state):
-      program_state = program_context.flatten_train_model_state(program_state)
+    if isinstance(program_state, tff.learning.programs.ProgramState):
+      program_state = flatten_train_model_state(program_state)
     metadata = dict(self.metadata, state_leaves=leaf_specs(program_state))
     # A list: TF 2.14's SavedModel cannot trace dict/tuple wrappers here.
     flat = [np.int64(version), json.dumps(metadata, sort_keys=True),
@@ -164,11 +154,9 @@ class CheckpointManager(tff.program.FileProgramStateManager):
       CheckpointError: the checkpoint belongs to a different run (other
         settings or model), or its files cannot be opened (permissions).
     """
-    from perfed_tff.runtime import program_context  # pylint: disable=g-import-not-at-top
-    if program_context.is_train_model_state(structure):
-      flat = await self.load(
-          version, program_context.flatten_train_model_state(structure))
-      return program_context.restore_train_model_state(flat, structure)
+    if isinstance(structure, tff.learning.programs.ProgramState):
+      flat = await self.load(version, flatten_train_model_state(structure))
+      return restore_train_model_state(flat, structure)
     path = self.path(version)
     if not os.path.lexists(path):
       raise tff.program.ProgramStateNotFoundError(version)
@@ -180,7 +168,8 @@ class CheckpointManager(tff.program.FileProgramStateManager):
     try:
       # The saved structure is needed up front by the parent's `load`; the
       # number of leaves is only checked below, with a clearer message.
-      saved_round, raw, saved_leaves = await file_utils.read_saved_model(path)
+      saved_round, raw, saved_leaves = await asyncio.to_thread(
+          _read_saved_model, path)
       raw = raw.numpy() if hasattr(raw, 'numpy') else raw
       saved_round = int(np.asarray(saved_round))
       saved_meta = json.loads(raw.decode() if isinstance(raw, bytes) else raw)
@@ -296,120 +285,41 @@ def _short(error: BaseException) -> str:
   return (line or type(error).__name__)[:200]
 
 
-class OutputDirLock:
-  """An exclusive lock on an output directory, held while a run writes there.
-
-  `<directory>/.perfed_tff.lock` is `flock`ed (the kernel drops the lock
-  when its process dies, even by SIGKILL) and holds the owner's pid, host,
-  command and start time; it is removed on release. A file left by a killed
-  run is taken over (`previous_owner` is its record). Re-entrant within a process (a comparison locks
-  the directory, then each of its runs does again).
-
-  Raises (on enter):
-    checks.ArgumentError (root_output_dir): another live process holds it.
-  """
-
-  _held: dict = {}  # path -> [fd, depth]
-
-  def __init__(self, directory: str, name: str = 'root_output_dir'):
-    self.directory = os.path.abspath(directory)
-    self.path = os.path.join(self.directory, LOCK_NAME)
-    self.name = name
-    self.previous_owner: Optional[dict] = None
-
-  def __enter__(self) -> 'OutputDirLock':
-    held = self._held.get(self.path)
-    if held is not None:
-      held[1] += 1
-      return self
-    from perfed_tff import checks  # pylint: disable=g-import-not-at-top
-    os.makedirs(self.directory, exist_ok=True)
-    while True:
-      fd = self._open()
-      try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-      except OSError:
-        owner = _read_owner(fd)
-        os.close(fd)
-        who = (f'pid {owner.get("pid")} on {owner.get("host")}, '
-               f'{owner.get("command", "?")}, since '
-               f'{owner.get("started", "?")}' if owner else 'another process')
-        raise checks.ArgumentError(
-            self.name, f'{self.directory} is in use by a running run ({who}); '
-            'wait for it to finish or choose another directory') from None
-      try:  # The file may have been removed by its last owner meanwhile.
-        if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
-          break
-      except FileNotFoundError:
-        pass
-      os.close(fd)
-    self.previous_owner = _read_owner(fd) or None  # A killed run's, if any.
-    record = dict(pid=os.getpid(), host=socket.gethostname(),
-                  command=' '.join([os.path.basename(sys.argv[0] or 'python')]
-                                   + sys.argv[1:])[:300],
-                  started=time.strftime('%Y-%m-%d %H:%M:%S'))
-    try:
-      os.ftruncate(fd, 0)
-      os.pwrite(fd, (json.dumps(record) + '\n').encode(), 0)
-    except OSError as e:  # E.g. a full disk: no empty lock file left behind.
-      try:
-        os.unlink(self.path)
-      except OSError:
-        pass
-      os.close(fd)
-      raise OSError(e.errno, e.strerror, self.path) from None
-    self._held[self.path] = [fd, 1]
-    return self
-
-  def _open(self) -> int:
-    """The lock file, opened (created when missing).
-
-    Raises:
-      checks.ArgumentError: something that is no lock file (a directory, a
-        FIFO, ...) or an unwritable file is in its place; rerunning cannot
-        help, so the message says what to remove.
-    """
-    from perfed_tff import checks  # pylint: disable=g-import-not-at-top
-    remove = ('it is not the lock file this program keeps there; move it '
-              'away or remove it, then rerun')
-    try:
-      fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-    except IsADirectoryError:
-      raise checks.ArgumentError(
-          self.name, f'{self.path} is a directory: {remove}') from None
-    except OSError as e:
-      if e.errno in (errno.EACCES, errno.EPERM):
-        raise checks.ArgumentError(
-            self.name, f'cannot open the lock file {self.path} '
-            f'({e.strerror}); make it writable or remove it') from None
-      if e.errno in (errno.ENXIO, errno.ELOOP, errno.ENODEV):
-        raise checks.ArgumentError(
-            self.name, f'{self.path} is not a regular file: {remove}'
-        ) from None
-      raise
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-      os.close(fd)
-      raise checks.ArgumentError(
-          self.name, f'{self.path} is not a regular file: {remove}')
-    return fd
-
-  def __exit__(self, *exc_info) -> None:
-    held = self._held.get(self.path)
-    if held is None:
-      return
-    held[1] -= 1
-    if held[1] == 0:
-      del self._held[self.path]
-      try:
-        os.unlink(self.path)  # Still locked: no one else holds this file.
-      except OSError:
-        pass
-      os.close(held[0])  # Releases the flock.
+def _read_saved_model(path: str):
+  """The values a `FileProgramStateManager` saved at `path` (a SavedModel
+  whose call returns them; variables read)."""
+  value = tf.saved_model.load(path)()
+  return tf.nest.map_structure(
+      lambda v: v.read_value() if isinstance(v, tf.Variable) else v, value)
 
 
-def _read_owner(fd: int) -> dict:
-  try:
-    text = os.pread(fd, 4096, 0).decode(errors='replace').strip()
-    return json.loads(text) if text else {}
-  except (OSError, ValueError):
-    return {}
+def flatten_train_model_state(program_state) -> list:
+  """`tff.learning.programs.train_model`'s `ProgramState(state,
+  round_number, next_evaluation_timestamp_seconds, data_iterator)` as
+  arrays: `[state, round_number, timestamp or -1, iterator bytes as uint8]`
+  (no iterator: no bytes)."""
+  state, round_number, timestamp, iterator = program_state
+  raw = b'' if iterator is None else iterator.to_bytes()
+  return [state, np.int64(round_number),
+          np.float64(-1.0 if timestamp is None else timestamp),
+          np.frombuffer(raw, np.uint8).copy()]
+
+
+def restore_train_model_state(flat, structure):
+  """The `ProgramState` shaped like `structure` of its
+  `flatten_train_model_state` arrays `flat`. The data iterator is rebuilt
+  by the iterator in `structure`: its `restored(buffer)` where it has one
+  (`round_data.RoundDataIterator`, whose source is not in its bytes), else
+  its class's `from_bytes`."""
+  state, round_number, timestamp, raw = flat
+  template = structure[3]
+  buffer = np.asarray(raw, np.uint8).tobytes()
+  if template is None:
+    iterator = None
+  elif hasattr(template, 'restored'):
+    iterator = template.restored(buffer)
+  else:
+    iterator = type(template).from_bytes(buffer)
+  timestamp = float(timestamp)
+  return type(structure)(state, int(round_number),
+                         None if timestamp < 0 else timestamp, iterator)

@@ -4,7 +4,8 @@
 releases to (TFF's `run_training_process` releases the round's training
 metrics and, under `evaluation/`, its evaluation metrics together). It flattens
 them and fans out to TFF's `CSVFileReleaseManager`s (`metrics/train.csv`,
-`metrics/eval.csv`, keyed by round), `TensorBoardReleaseManager` and one log
+`metrics/eval.csv`, keyed by round), TensorBoard (`TensorBoardWriter`: what
+TFF's `TensorBoardReleaseManager` writes, flushed at every round) and one log
 line (or a progress bar) per round. It only releases: whether a run has
 diverged is decided by the loop (`perfed_tff.program.divergence`).
 """
@@ -176,6 +177,32 @@ def prune_tensorboard(log_dir: str, max_step: int) -> int:
   return dropped
 
 
+class TensorBoardWriter:
+  """The summaries TFF's `tff.program.TensorBoardReleaseManager` writes
+  (a scalar per numeric scalar, a histogram per numeric array, named by
+  their '/'-joined keys, non-numeric values left out), flushed after every
+  write: TFF's writer flushes every 2 minutes, and a kill would lose those
+  rounds."""
+
+  def __init__(self, log_dir: str):
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    self._tf = tf
+    tf.io.gfile.makedirs(log_dir)
+    self._writer = tf.summary.create_file_writer(log_dir)
+
+  def write(self, prefix: str, values: Mapping[str, object], step: int
+            ) -> None:
+    tf = self._tf
+    with self._writer.as_default():
+      for name, value in values.items():
+        array = np.array(value)
+        if array.dtype.kind not in ('b', 'i', 'u', 'f'):
+          continue
+        summary = tf.summary.histogram if array.shape else tf.summary.scalar
+        summary(f'{prefix}/{name}', value, step=int(step))
+    self._writer.flush()
+
+
 def _fmt(v) -> str:
   return f'{v:.4f}' if isinstance(v, float) else str(v)
 
@@ -201,7 +228,7 @@ class RunReleaseManager(tff.program.ReleaseManager):
       instead of writing a line.
     round_seconds: `round_num -> seconds or None`, the time of a round that
       ran in a block of rounds (its share of the block's,
-      `perfed_tff.program.round_blocks`), which replaces the time TFF's loop
+      `perfed_tff.accelerator.round_blocks`), which replaces the time TFF's loop
       measured for its call.
   """
 
@@ -216,7 +243,7 @@ class RunReleaseManager(tff.program.ReleaseManager):
         tff.program.CSVFileReleaseManager(
             eval_csv, save_mode=tff.program.CSVSaveMode.APPEND,
             key_fieldname='round'))
-    self._tensorboard = tff.program.TensorBoardReleaseManager(tensorboard_dir)
+    self._tensorboard = TensorBoardWriter(tensorboard_dir)
     self._write = write
     self._bar = bar
     self._round_seconds = round_seconds or (lambda r: None)
@@ -235,12 +262,6 @@ class RunReleaseManager(tff.program.ReleaseManager):
         for k in (TRAIN_LOSS, NUM_NON_FINITE, NUM_WITHOUT_STEP)
         if k in train))
 
-  def _flush_tensorboard(self) -> None:
-    # TFF's writer flushes every 2 minutes; a kill would lose those rounds.
-    writer = getattr(self._tensorboard, '_summary_writer', None)
-    if writer is not None:
-      writer.flush()
-
   async def release(self, value, key) -> None:
     flat = flatten_metrics(value)
     evaluation = collections.OrderedDict(
@@ -254,8 +275,7 @@ class RunReleaseManager(tff.program.ReleaseManager):
       if seconds is not None and ROUND_SECONDS in train:
         train[ROUND_SECONDS] = seconds
       await self._train_csv.release(train, key)
-      await self._tensorboard.release({'train': train}, key)
-      self._flush_tensorboard()
+      self._tensorboard.write('train', train, key)
       loss = train.get(TRAIN_LOSS)
       if self._bar is not None:
         self._bar.set_postfix(
@@ -270,8 +290,7 @@ class RunReleaseManager(tff.program.ReleaseManager):
             if k in train))
     if evaluation and self._eval_csv is not None:
       await self._eval_csv.release(evaluation, key)
-      await self._tensorboard.release({'eval': evaluation}, key)
-      self._flush_tensorboard()
+      self._tensorboard.write('eval', evaluation, key)
       self._say(f'{self._label} eval round {key}: '
                 + eval_accuracies(evaluation))
 

@@ -7,142 +7,55 @@ task has them). Under the evaluation protocol 'paper' (the paper's own
 evaluation as it is quoted: the test-time step on a batch of the user's
 *test* data, then the test data) the same populations are named
 `population_name('seen', 'paper')` = 'seen_paper' and 'unseen_paper'; the
-default protocol 'heldout' adapts on the user's train data only, so the
-train split is the only data the adaptation reads.
+default protocol 'heldout' adapts on the user's train data only
+(`perfed_tff.personalization_data`).
 
 * `evaluate_population` prepares each client's input from `ClientData`
   (seeded adaptation batches, the full test set, built on the TFF worker),
-  runs the computation and returns per-client results; `summarize` gives the
-  client mean (each client once), the example-weighted mean and percentiles.
-  It also takes a TFF baseline task (`tff.simulation.baselines.BaselineTask`
-  or its `BaselineTaskDatasets`) in place of the two splits: its clients'
-  examples after the task's per-example preprocessing
-  (`perfed_tff.data.baseline_tasks`), batched here. Data whose examples do not
-  match the evaluation's model (e.g. a baseline task's raw `ClientData`) are
-  refused up front with a one-line error.
+  runs the evaluation at a step size alpha and returns per-client results;
+  `summarize` gives the client mean (each client once), the example-weighted
+  mean and percentiles. It also takes a TFF baseline task
+  (`tff.simulation.baselines.BaselineTask` or its `BaselineTaskDatasets`) in
+  place of the two splits: its clients' examples after the task's
+  per-example preprocessing (`perfed_tff.data.baseline_tasks`), batched
+  here. Data whose examples do not match the evaluation's model (e.g. a
+  baseline task's raw `ClientData`) are refused up front with a one-line
+  error.
 * `evaluate_task` does that for every population and protocol of a task
   (a `FederatedTask`, or a `BaselineTask`: its one population, 'seen').
-* `build_evaluate_fn` is the training program's evaluation: populations
-  capped at `config.eval_clients` clients by `sample_eval_clients` (a seeded
-  choice, the same for every algorithm and round of a run), at the run's
-  alpha and `eval_steps`.
+* `build_evaluate_fn` is the training program's evaluation:
+  `fn(model_weights, alpha)`, populations capped at a number of clients by
+  `sample_eval_clients` (a seeded choice, the same for every algorithm and
+  round of a run).
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
-from typing import Any, Callable, Mapping, Optional, Sequence, TYPE_CHECKING
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
-import tensorflow as tf
 import tensorflow_federated as tff
 
 from perfed_tff import checks
+from perfed_tff import personalization_data
 from perfed_tff import personalization_eval
 from perfed_tff.data import baseline_tasks
 from perfed_tff.data import task as task_lib
 from perfed_tff.data import worker_datasets
 from perfed_tff.models import specs
-from perfed_tff.program import computation_cache
 from perfed_tff.program import metrics as metrics_lib
 
-if TYPE_CHECKING:
-  from perfed_tff.program import config as config_lib
-
 PERCENTILES = (10, 50, 90)
-PROTOCOLS = ('heldout', 'paper')
 POPULATIONS = ('seen', 'unseen')
 step_key = personalization_eval.step_key
-
-
-def check_protocol(protocol: str) -> str:
-  return checks.choice('eval_protocols', protocol, PROTOCOLS)
+Evaluation = personalization_eval.PersonalizedEvaluation
 
 
 def population_name(population: str, protocol: str) -> str:
   """'seen', 'heldout' -> 'seen'; 'seen', 'paper' -> 'seen_paper'."""
   return population if protocol == 'heldout' else f'{population}_{protocol}'
-
-
-def num_examples(dataset: tf.data.Dataset) -> int:
-  return int(dataset.reduce(np.int64(0), lambda n, _: n + 1).numpy())
-
-
-def adaptation_batches(train_dataset: tf.data.Dataset, *, num_steps: int,
-                       batch_size: Optional[int], seed: int,
-                       shuffle_buffer: int = 1000) -> tf.data.Dataset:
-  """The batches of the k adaptation steps, from the client's *train* data.
-
-  batch_size=None: every step is a full-batch gradient step on all the
-  client's train examples; otherwise steps take seeded stochastic batches
-  (`task.client_batches`, the same stream the training clients see).
-  """
-  if batch_size is None:
-    n = num_examples(train_dataset)
-    return _full_batch_steps(train_dataset, max(n, 1), num_steps)
-  return task_lib.client_batches(train_dataset, batch_size=batch_size,
-                                 num_batches=num_steps, seed=seed,
-                                 shuffle_buffer=shuffle_buffer)
-
-
-def _full_batch_steps(train_dataset, size, num_steps):
-  """`num_steps` batches, each all `size` examples of `train_dataset`."""
-  return task_lib.without_pipeline_rewrites(
-      train_dataset.batch(size).repeat(num_steps).take(num_steps))
-
-
-def build_worker_side_evaluation(evaluation: tff.Computation, element_spec,
-                                 *, adapt_batch_size: Optional[int],
-                                 eval_batch_size: int = 256,
-                                 shuffle_buffer: int = 1000
-                                 ) -> tff.Computation:
-  """`evaluation` (batched input) taking each client's examples instead of
-  datasets: `(weights@SERVER, {<adapt=examples, test=examples,
-  seed=int64>}@CLIENTS)`, with `client_input`'s batches built on the worker
-  (`perfed_tff.data.worker_datasets`; the same batches)."""
-  steps = max(evaluation.adaptation_steps)
-  examples = worker_datasets.examples_type(element_spec)
-
-  @tff.tensorflow.computation(collections.OrderedDict(
-      adapt=examples, test=examples, seed=np.int64))
-  def client_datasets(inputs):
-    train = tf.data.Dataset.from_tensor_slices(inputs['adapt'])
-    if adapt_batch_size is None:
-      size = tf.shape(tf.nest.flatten(inputs['adapt'])[0],
-                      out_type=tf.int64)[0]
-      train_data = _full_batch_steps(train, tf.maximum(size, 1), steps)
-    else:
-      train_data = task_lib.client_batches(
-          train, batch_size=adapt_batch_size, num_batches=steps,
-          seed=inputs['seed'], shuffle_buffer=shuffle_buffer)
-    test = tf.data.Dataset.from_tensor_slices(inputs['test'])
-    return collections.OrderedDict(
-        train_data=train_data,
-        test_data=task_lib.without_pipeline_rewrites(
-            test.batch(eval_batch_size)))
-
-  weights_type = evaluation.type_signature.parameter[0]
-
-  @tff.federated_computation(weights_type, tff.FederatedType(
-      client_datasets.type_signature.parameter, tff.CLIENTS))
-  def worker_side_evaluation(weights, client_inputs):
-    return evaluation(weights, tff.federated_map(client_datasets,
-                                                 client_inputs))
-
-  return worker_side_evaluation
-
-
-def client_input(train_dataset: tf.data.Dataset, test_dataset: tf.data.Dataset,
-                 *, num_steps: int, adapt_batch_size: Optional[int],
-                 seed: int, eval_batch_size: int = 256
-                 ) -> collections.OrderedDict:
-  """`OrderedDict(train_data=adaptation batches, test_data=test batches)`."""
-  return collections.OrderedDict(
-      train_data=adaptation_batches(train_dataset, num_steps=num_steps,
-                                    batch_size=adapt_batch_size, seed=seed),
-      test_data=task_lib.without_pipeline_rewrites(
-          test_dataset.batch(eval_batch_size)))
 
 
 @dataclasses.dataclass
@@ -215,14 +128,13 @@ def summarize(result: PopulationResult) -> collections.OrderedDict:
   return out
 
 
-def _expected_example_type(evaluation) -> Optional[tff.Type]:
-  """The TFF type of one example `evaluation`'s clients hold (None when
-  `evaluation` carries no federated type signature)."""
+def _expected_example_type(evaluation: Evaluation) -> Optional[tff.Type]:
+  """The TFF type of one example `evaluation`'s clients hold."""
   try:
-    element = evaluation.type_signature.parameter[1].member[0].element
+    element = evaluation.type_signature.parameter[2].member[0].element
   except (AttributeError, IndexError, TypeError):
     return None
-  if getattr(evaluation, 'input_format', 'batched') == 'unbatched':
+  if evaluation.input_format == 'unbatched':
     return element
   return tff.types.tensorflow_to_type(specs.unbatched_spec(
       tff.types.type_to_tf_tensor_specs(element)))
@@ -261,20 +173,23 @@ def _baseline_splits(train_data, test_data) -> tuple:
   return train_data, test_data
 
 
-def evaluate_population(evaluation: tff.Computation, model_weights,
+def evaluate_population(evaluation: Evaluation, model_weights,
                         train_data,
                         test_data: Optional[
                             tff.simulation.datasets.ClientData] = None,
                         client_ids: Optional[Sequence[str]] = None, *,
+                        alpha: float,
                         adapt_batch_size: Optional[int] = 32, seed: int = 0,
-                        eval_batch_size: int = 256,
+                        eval_batch_size: int = (
+                            personalization_data.EVAL_BATCH_SIZE),
                         protocol: str = 'heldout') -> PopulationResult:
-  """Runs `evaluation` (from `build_personalized_evaluation`) on clients.
+  """Runs `evaluation` (from `build_personalized_evaluation`) on clients,
+  its adaptation steps at `alpha`.
 
   Adaptation batches come from `train_data` (protocol 'heldout') or from
-  `test_data` (protocol 'paper'), seeded by `derive_seed(seed,
-  'personalization', client_id)` (the same for every algorithm); metrics
-  from `test_data`. Returns per-client results.
+  `test_data` (protocol 'paper'), seeded by
+  `personalization_data.adaptation_seed(seed, client_id)` (the same for
+  every algorithm); metrics from `test_data`. Returns per-client results.
 
   `train_data` is a `ClientData` of unbatched examples (with `test_data`),
   or a `tff.simulation.baselines.BaselineTask` / `BaselineTaskDatasets`
@@ -284,11 +199,12 @@ def evaluate_population(evaluation: tff.Computation, model_weights,
   (`perfed_tff.data.baseline_tasks.client_data_splits`).
 
   Raises:
-    checks.ArgumentError: a bad protocol, `test_data` missing (or given with
-      a baseline task), or examples that the evaluation's model does not
-      take (e.g. a baseline task's raw `ClientData`).
+    checks.ArgumentError: a bad protocol or alpha, `test_data` missing (or
+      given with a baseline task), or examples that the evaluation's model
+      does not take (e.g. a baseline task's raw `ClientData`).
   """
-  check_protocol(protocol)
+  personalization_data.check_protocol(protocol, 'protocol')
+  alpha = checks.step_size('alpha', alpha)
   train_data, test_data = _baseline_splits(train_data, test_data)
   check_examples(evaluation, 'test_data', test_data)
   if protocol != 'paper':
@@ -298,52 +214,46 @@ def evaluate_population(evaluation: tff.Computation, model_weights,
     client_ids = list(test_data.client_ids)
   client_ids = list(client_ids)
   adapt_data = test_data if protocol == 'paper' else train_data
-  unbatched = getattr(evaluation, 'input_format', 'batched') == 'unbatched'
-  if unbatched:
-    # The computation batches by its own batch_size: the same batches.
-    adapt_batch_size = evaluation.batch_size
-  seeds = [task_lib.derive_seed(seed, 'personalization', cid)
+  seeds = [personalization_data.adaptation_seed(seed, cid)
            for cid in client_ids]
-  if not unbatched:
+  if evaluation.input_format == 'batched':
     # Batches built on the worker from the clients' examples.
-    key = (adapt_batch_size, eval_batch_size)
-    # Built once per evaluation computation and batch sizes.
-    if not hasattr(evaluation, 'worker_side_versions'):
-      evaluation.worker_side_versions = {}
-    cache = evaluation.worker_side_versions
-    if key not in cache:
-      cache[key] = build_worker_side_evaluation(
-          evaluation, test_data.element_type_structure,
-          adapt_batch_size=adapt_batch_size, eval_batch_size=eval_batch_size)
+    worker_side = personalization_data.worker_side_evaluation(
+        evaluation, test_data.element_type_structure,
+        adapt_batch_size=adapt_batch_size, eval_batch_size=eval_batch_size)
     adapt_examples = worker_datasets.client_examples(adapt_data)
     test_examples = worker_datasets.client_examples(test_data)
-    outputs = cache[key](model_weights, [
+    outputs = worker_side(model_weights, np.float32(alpha), [
         collections.OrderedDict(adapt=adapt_examples(cid),
                                 test=test_examples(cid), seed=np.int64(s))
         for cid, s in zip(client_ids, seeds)])
     return _to_population(client_ids, outputs, (0,) + tuple(steps))
+  # The computation batches by its own batch_size: the same batches.
+  adapt_batch_size = evaluation.batch_size
   inputs = [
-      client_input(adapt_data.create_tf_dataset_for_client(cid),
-                   test_data.create_tf_dataset_for_client(cid),
-                   num_steps=max(steps), adapt_batch_size=adapt_batch_size,
-                   seed=s, eval_batch_size=eval_batch_size)
+      personalization_data.client_input(
+          adapt_data.create_tf_dataset_for_client(cid),
+          test_data.create_tf_dataset_for_client(cid),
+          num_steps=max(steps), adapt_batch_size=adapt_batch_size,
+          seed=s, eval_batch_size=eval_batch_size)
       for cid, s in zip(client_ids, seeds)]
-  if unbatched:
-    inputs = [collections.OrderedDict(
-        train_data=(x['train_data'].take(1).unbatch()
-                    if adapt_batch_size is None
-                    else x['train_data'].unbatch()),
-        test_data=x['test_data'].unbatch()) for x in inputs]
-  outputs = evaluation(model_weights, inputs)
+  inputs = [collections.OrderedDict(
+      train_data=(x['train_data'].take(1).unbatch()
+                  if adapt_batch_size is None
+                  else x['train_data'].unbatch()),
+      test_data=x['test_data'].unbatch()) for x in inputs]
+  outputs = evaluation(model_weights, alpha, inputs)
   return _to_population(client_ids, outputs, (0,) + tuple(steps))
 
 
-def evaluate_task(evaluation: tff.Computation, model_weights,
+def evaluate_task(evaluation: Evaluation, model_weights,
                   task: task_lib.FederatedTask | baseline_tasks.BaselineLike,
-                  *, adapt_batch_size: Optional[int] = 32, seed: int = 0,
+                  *, alpha: float,
+                  adapt_batch_size: Optional[int] = 32, seed: int = 0,
                   seen_client_ids: Optional[Sequence[str]] = None,
                   unseen_client_ids: Optional[Sequence[str]] = None,
-                  eval_batch_size: int = 256,
+                  eval_batch_size: int = (
+                      personalization_data.EVAL_BATCH_SIZE),
                   protocols: Sequence[str] = ('heldout',)
                   ) -> collections.OrderedDict:
   """Both populations under each protocol: 'seen' (training clients'
@@ -363,7 +273,7 @@ def evaluate_task(evaluation: tff.Computation, model_weights,
       populations.append(('unseen', *unseen, unseen_client_ids))
     for name, train_data, test_data, ids in populations:
       out[population_name(name, protocol)] = evaluate_population(
-          evaluation, model_weights, train_data, test_data, ids,
+          evaluation, model_weights, train_data, test_data, ids, alpha=alpha,
           adapt_batch_size=adapt_batch_size, seed=seed,
           eval_batch_size=eval_batch_size, protocol=protocol)
   return out
@@ -381,55 +291,24 @@ def sample_eval_clients(client_ids: Sequence[str], max_clients: int,
   return sorted(rng.choice(ids, max_clients, replace=False).tolist())
 
 
-# Test examples per batch when the evaluation measures a model.
-EVAL_BATCH_SIZE = 256
-
-
-def _evaluation_computation(config: 'config_lib.TrainingConfig',
-                            task: task_lib.FederatedTask) -> tff.Computation:
-  """The run's personalized evaluation, with its worker-side version for
-  the run's batch sizes ready (`evaluate_population`), both kept across
-  runs by `computation_cache`."""
-  adapt_batch_size = config.effective_adapt_batch_size
-  steps = tuple(config.eval_steps)
-
-  def build():
-    computation = personalization_eval.build_personalized_evaluation(
-        task.model_fn, alpha=config.alpha, adaptation_steps=steps,
-        ignore_label=task.ignore_label)
-    return computation, build_worker_side_evaluation(
-        computation, task.test.element_type_structure,
-        adapt_batch_size=adapt_batch_size, eval_batch_size=EVAL_BATCH_SIZE)
-
-  computation, worker_side = computation_cache.evaluation(
-      config, task, build, eval_steps=steps,
-      adapt_batch_size=adapt_batch_size, eval_batch_size=EVAL_BATCH_SIZE,
-      test_spec=repr(task.test.element_type_structure))
-  personalization_eval.describe_evaluation(computation, steps,
-                                           alpha=config.alpha)
-  computation.worker_side_versions = {
-      (adapt_batch_size, EVAL_BATCH_SIZE): worker_side}
-  return computation
-
-
-def build_evaluate_fn(config: 'config_lib.TrainingConfig',
-                      task: task_lib.FederatedTask
-                      ) -> Callable[[Any], dict]:
-  """`fn(model_weights) -> nested metrics {'seen': {'step_k': {...}}, ...}`:
-  one personalized-evaluation computation (k steps at alpha on each client's
-  train data for k in `config.eval_steps`, metrics on its test data)."""
-  computation = _evaluation_computation(config, task)
-  seen = sample_eval_clients(task.test.client_ids, config.eval_clients,
-                             config.seed, 'seen')
+def build_evaluate_fn(evaluation: Evaluation, task: task_lib.FederatedTask,
+                      *, eval_clients: int, seed: int,
+                      adapt_batch_size: Optional[int],
+                      protocols: Sequence[str] = ('heldout',)
+                      ) -> Callable[[Any, float], dict]:
+  """`fn(model_weights, alpha) -> nested metrics {'seen': {'step_k': {...}},
+  ...}`: `evaluation` (k steps at alpha on each client's train data, metrics
+  on its test data) on the task's populations, each capped at
+  `eval_clients` clients (0: all) by `sample_eval_clients`."""
+  seen = sample_eval_clients(task.test.client_ids, eval_clients, seed, 'seen')
   unseen = (None if task.unseen is None else sample_eval_clients(
-      task.unseen[1].client_ids, config.eval_clients, config.seed, 'unseen'))
+      task.unseen[1].client_ids, eval_clients, seed, 'unseen'))
 
-  def evaluate(model_weights) -> dict:
+  def evaluate(model_weights, alpha: float) -> dict:
     results = evaluate_task(
-        computation, model_weights, task,
-        adapt_batch_size=config.effective_adapt_batch_size, seed=config.seed,
-        seen_client_ids=seen, unseen_client_ids=unseen,
-        protocols=config.eval_protocols)
+        evaluation, model_weights, task, alpha=alpha,
+        adapt_batch_size=adapt_batch_size, seed=seed,
+        seen_client_ids=seen, unseen_client_ids=unseen, protocols=protocols)
     return {population: r.summary() for population, r in results.items()}
 
   return evaluate

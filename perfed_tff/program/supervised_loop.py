@@ -1,10 +1,10 @@
 """The process and the checkpoint manager as the training program hands them
 to TFF's loop (`tff.simulation.run_training_process`,
 `perfed_tff.program.training_loop`): every round (or block of rounds,
-`perfed_tff.program.round_blocks`) a watched phase of the run's
-`perfed_tff.runtime.supervision.Supervisor` whose metrics pass the
-divergence check before the loop releases or checkpoints them, and every
-checkpoint write a phase that an interrupt cannot cut short."""
+`perfed_tff.accelerator.round_blocks`) a phase of the run's supervisor
+(`launch.supervisor`) whose metrics pass the divergence check before the
+loop releases or checkpoints them, and every checkpoint write a phase that
+an interrupt cannot cut short."""
 
 from __future__ import annotations
 
@@ -16,8 +16,6 @@ import tensorflow_federated as tff
 from perfed_tff.program import checkpointing
 from perfed_tff.program import divergence
 from perfed_tff.program import metrics as metrics_lib
-from perfed_tff.program import round_blocks
-from perfed_tff.runtime import supervision
 
 
 class SupervisedProcess:
@@ -25,12 +23,11 @@ class SupervisedProcess:
   the state the program already computed (TFF's loop calls it again only for
   the state's structure), and each `next` is a watched round whose metrics
   pass the divergence check before TFF's loop releases or checkpoints them.
-  With `blocks` (`round_blocks.RoundBlocks`), `next` takes the round number
-  and a block of rounds is one watched phase."""
+  With `blocks` (the accelerator's `RoundBlocks`), `next` takes the round
+  number and a block of rounds is one watched phase."""
 
-  def __init__(self, process, initial_state, supervisor: supervision.Supervisor,
-               check: divergence.DivergenceCheck,
-               blocks: Optional[round_blocks.RoundBlocks] = None):
+  def __init__(self, process, initial_state, supervisor,
+               check: divergence.DivergenceCheck, blocks=None):
     self._process = process
     self._initial_state = initial_state
     self._supervisor = supervisor
@@ -86,7 +83,7 @@ class SupervisedCheckpoints(tff.program.ProgramStateManager):
   already loaded and checked instead of loading it again."""
 
   def __init__(self, manager: checkpointing.CheckpointManager,
-               supervisor: supervision.Supervisor, preloaded=None):
+               supervisor, preloaded=None):
     self._manager = manager
     self._supervisor = supervisor
     self._preloaded = preloaded

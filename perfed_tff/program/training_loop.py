@@ -7,41 +7,36 @@ numbered from 1; round 0 is the initial model) with
 * `perfed_tff.program.checkpointing.CheckpointManager` (a
   `tff.program.FileProgramStateManager`) as its program state manager: a
   checkpoint at round 0, every `checkpoint_every` rounds and at the end; a new
-  start resumes from the latest one under `<root_output_dir>/<algorithm>/`.
-  Client sampling (`task.sample_clients(ids, n, seed, round)`) and batch
-  shuffling (`task.derive_seed(seed, round, client)`) are pure functions of
-  (seed, round), so a resumed run computes exactly what the uninterrupted run
-  would have.
+  start resumes from the latest one under the run's folder
+  (`outputs.output_paths`). Client sampling and batch shuffling are pure
+  functions of (seed, round) (`round_data`), so a resumed run computes
+  exactly what the uninterrupted run would have.
 * `perfed_tff.program.metrics.RunReleaseManager` as its metrics manager
   (`metrics/train.csv`, `metrics/eval.csv`, TensorBoard, log lines or a
   progress bar). On resume the CSVs are cut back to the checkpoint's round, so
   every round has exactly one row.
 * Personalized evaluation (`perfed_tff.program.population_eval`) of the
-  initial model (round 0), every `eval_every` rounds and at the end.
-* Supervision (`perfed_tff.runtime.supervision.Supervisor`): every phase
-  (start-up, a round, an evaluation, a checkpoint write) has a deadline and
-  the workers are health-checked while it runs; a dead or frozen worker, a
-  phase past its deadline or a signal ends the run with a typed error, and
-  the last checkpoint stays resumable. Checkpoint writes are never cut short.
+  initial model (round 0), every `eval_every` rounds and at the end, at the
+  alpha in the process state (`get_hparams`; the run's alpha for FedAvg,
+  whose state has none).
 * Divergence (`perfed_tff.program.divergence.DivergenceCheck`, asked after
   every round as TFF's `should_discard_round` is): no usable client update
   for several rounds in a row, an exploding or a non-finite loss stops the
   run before that round is checkpointed.
+* The run's ring (`perfed_tff.program.launch`): its supervisor (with the
+  owned runtime: deadlines, worker health checks, signals; the last
+  checkpoint stays resumable), its traced computations kept across runs and
+  its rounds in blocks (with the accelerator).
 
 Every algorithm, every binary (`experiments/train.py`, `compare.py`) and the
 notebook train through this one function; a comparison is a set of such runs.
-It uses the current TFF context: open one with
-`perfed_tff.runtime.ExecutionContext()` (or call `run(config)`, which does).
+It uses the current TFF context (`run(config)` opens the run's own first).
 """
 
 from __future__ import annotations
 
-import collections
-import csv
 import dataclasses
-import json
 import os
-import re
 import sys
 import time
 from typing import Any, Callable, Optional, Sequence
@@ -51,22 +46,23 @@ import tensorflow_federated as tff
 
 from perfed_tff import algorithms
 from perfed_tff import checks
+from perfed_tff import personalization_data
+from perfed_tff import personalization_eval
 from perfed_tff.data import task as task_lib
 from perfed_tff.data import worker_datasets
 from perfed_tff.program import checkpointing
-from perfed_tff.program import computation_cache
-from perfed_tff.program import config as config_lib
 from perfed_tff.program import divergence
+from perfed_tff.program import event_loop
+from perfed_tff.program import launch
 from perfed_tff.program import metrics as metrics_lib
-from perfed_tff.program import model_choice
+from perfed_tff.program import outputs
 from perfed_tff.program import population_eval
-from perfed_tff.program import round_blocks
+from perfed_tff.program import processes
+from perfed_tff.program import round_data
+from perfed_tff.program import settings as settings_lib
 from perfed_tff.program import supervised_loop
-from perfed_tff.runtime import execution
-from perfed_tff.runtime import worker_errors
-from perfed_tff.runtime import supervision
 
-TrainingConfig = config_lib.TrainingConfig
+TrainingConfig = settings_lib.TrainingConfig
 CheckpointError = checkpointing.CheckpointError
 NonFiniteLossError = divergence.NonFiniteLossError
 DivergenceError = divergence.DivergenceError
@@ -94,120 +90,73 @@ class TrainingResult:
     return None if v is None else float(v)
 
 
-def output_paths(config: TrainingConfig) -> collections.OrderedDict:
-  run_dir = config.run_dir
-  return collections.OrderedDict(
-      run_dir=run_dir,
-      checkpoints=os.path.join(run_dir, 'checkpoints'),
-      train_csv=os.path.join(run_dir, 'metrics', 'train.csv'),
-      eval_csv=os.path.join(run_dir, 'metrics', 'eval.csv'),
-      tensorboard=os.path.join(run_dir, 'tensorboard'),
-      final_model=os.path.join(run_dir, 'final_model.npz'),
-      config=os.path.join(run_dir, 'config.json'),
-      hparams=os.path.join(run_dir, 'hparams.csv'),
-  )
-
-
-def write_settings(config: TrainingConfig, paths) -> None:
-  """The run's settings beside its metrics: `config.json` (the config) and
-  `hparams.csv` (a header and one row: every setting, flat, as TFF research
-  binaries write it; `TrainingConfig.to_hparams`)."""
-  with open(paths['config'], 'w') as f:
-    json.dump(config.to_json(), f, indent=1, sort_keys=True)
-  row = config.to_hparams()
-  with open(paths['hparams'], 'w', newline='') as f:
-    writer = csv.DictWriter(f, fieldnames=list(row))
-    writer.writeheader()
-    writer.writerow(row)
-
-
-def build_process(config: TrainingConfig, task: task_lib.FederatedTask):
-  """The run's `LearningProcess`, on the task's model as a `FunctionalModel`
-  (`task.functional_model()`: the same weights, math and metric names as
-  `task.model_fn`, but no model variables to create and initialize per
-  client and round; docs/performance.md); FedAvg's model is
-  `model_choice.fed_avg_model`'s. The client and server optimizers are the
-  config's (`config.build_optimizer`)."""
-  if config.algorithm == 'fedavg':
-    model = model_choice.fed_avg_model(task.functional_model, task.model_fn,
-                                       task.keras_model_fn)
-  else:
-    model = task.functional_model()
-  # None: the algorithm's default (SGD at beta; SGD at 1.0), as before the
-  # optimizer settings existed.
-  client_optimizer = config_lib.build_optimizer(config, 'client')
-  return algorithms.build_algorithm(
-      config.algorithm, model, alpha=config.alpha,
-      beta=config.beta if client_optimizer is None else None,
-      delta=config.delta, local_steps=config.local_steps,
-      # FedAvg has no inner steps (in a comparison it keeps its own).
-      inner_steps=1 if config.algorithm == 'fedavg' else config.inner_steps,
-      client_weighting=config.client_weighting,
-      client_optimizer_fn=client_optimizer,
-      server_optimizer_fn=config_lib.build_optimizer(config, 'server'))
-
-
 def _built_processes(config: TrainingConfig, task: task_lib.FederatedTask):
   """(the run's process, its `worker_side_process`), traced now."""
-  process = build_process(config, task)
-  return process, worker_side_process(config, task, process)
+  process = processes.build_process(config, task)
+  return process, round_data.worker_side_process(config, task, process)
 
 
-def _batches_per_round(config: TrainingConfig) -> int:
-  return algorithms.batches_per_round(config.algorithm, config.local_steps,
-                                      inner_steps=config.inner_steps)
+def build_evaluation(config: TrainingConfig, task: task_lib.FederatedTask
+                     ) -> personalization_eval.PersonalizedEvaluation:
+  """The run's personalized evaluation (its `eval_steps`, of the task's
+  model), with its worker-side version for the run's batch sizes, kept
+  across runs by the accelerator (`launch.evaluation`)."""
+  adapt_batch_size = config.effective_adapt_batch_size
+  steps = tuple(config.eval_steps)
+
+  def build():
+    evaluation = personalization_eval.build_personalized_evaluation(
+        task.model_fn, adaptation_steps=steps, ignore_label=task.ignore_label)
+    personalization_data.worker_side_evaluation(
+        evaluation, task.test.element_type_structure,
+        adapt_batch_size=adapt_batch_size)
+    return evaluation
+
+  return launch.evaluation(
+      config, task, build, eval_steps=steps,
+      adapt_batch_size=adapt_batch_size,
+      eval_batch_size=personalization_data.EVAL_BATCH_SIZE,
+      test_spec=repr(task.test.element_type_structure))
 
 
-def round_client_data(config: TrainingConfig, task: task_lib.FederatedTask,
-                      round_num: int):
-  """(client ids, batch streams) of round `round_num` (from 1): a pure
-  function of (seed, round)."""
-  return task_lib.round_client_data(
-      task, clients_per_round=config.clients_per_round,
-      num_batches=_batches_per_round(config),
-      batch_size=config.batch_size, seed=config.seed, round_num=round_num)
+def build_evaluate_fn(config: TrainingConfig, task: task_lib.FederatedTask
+                      ) -> Callable[[Any, float], dict]:
+  """The run's `fn(model_weights, alpha) -> nested metrics`: its
+  `build_evaluation` on the task's populations, each capped at
+  `config.eval_clients` clients (`population_eval.build_evaluate_fn`). It
+  depends on the evaluation settings only, not on the algorithm, so the
+  runs of a comparison share it."""
+  return population_eval.build_evaluate_fn(
+      build_evaluation(config, task), task,
+      eval_clients=config.eval_clients, seed=config.seed,
+      adapt_batch_size=config.effective_adapt_batch_size,
+      protocols=config.eval_protocols)
 
 
-def worker_side_process(config: TrainingConfig, task: task_lib.FederatedTask,
-                        process):
-  """`process` composed with the worker-side batch pipeline
-  (`perfed_tff.data.worker_datasets`): it takes `round_client_inputs`
-  (examples and seeds) instead of datasets, builds the very same batches on
-  the worker, and has `process`'s state. A process whose client data are
-  not datasets is returned as it is (it takes `round_client_data`)."""
-  if not worker_datasets.takes_datasets(process):
-    return process
-  return worker_datasets.compose(
-      process, task.train.element_type_structure,
-      batch_size=config.batch_size, num_batches=_batches_per_round(config),
-      shuffle_buffer=task.shuffle_buffer)
-
-
-def round_client_inputs(config: TrainingConfig, task: task_lib.FederatedTask,
-                        round_num: int,
-                        examples: Optional[worker_datasets.ClientExamples] = None):
-  """(client ids, inputs of a `worker_side_process`) of round `round_num`:
-  the clients and batches of `round_client_data`."""
-  return worker_datasets.round_client_inputs(
-      task, examples, clients_per_round=config.clients_per_round,
-      seed=config.seed, round_num=round_num)
+def evaluation_alpha(config: TrainingConfig, process, state) -> float:
+  """The alpha a run evaluates its model at: the client work's `alpha`
+  hyperparameter in the process state (Per-FedAvg's, which `set_hparams`
+  changes), else the run's (FedAvg's state has none)."""
+  client_work = process.get_hparams(state).get('client_work', {})
+  alpha = client_work.get('alpha') if hasattr(client_work, 'get') else None
+  return config.alpha if alpha is None else float(alpha)
 
 
 def run_training(config: TrainingConfig, *,
                  task: Optional[task_lib.FederatedTask] = None,
                  process=None,
-                 evaluate_fn: Optional[Callable[[Any], dict]] = None,
+                 evaluate_fn: Optional[Callable[[Any, float], dict]] = None,
                  write: Optional[Callable[[str], None]] = None
                  ) -> TrainingResult:
   """Trains `config.algorithm` to `config.rounds` rounds in the current TFF
   context, resuming from the latest checkpoint of this run if there is one.
 
   Args:
-    config: a validated `TrainingConfig` (see `config.validate`).
-    task: the dataset (default `config.load_task(config)`).
-    process: the `LearningProcess` (default `build_process(config, task)`).
-    evaluate_fn: `fn(model_weights) -> nested metrics` (default
-      `population_eval.build_evaluate_fn`; unused with eval_every=0).
+    config: a validated `TrainingConfig` (see `settings.validate`).
+    task: the dataset (default `round_data.load_task(config)`).
+    process: the `LearningProcess` (default `processes.build_process`).
+    evaluate_fn: `fn(model_weights, alpha) -> nested metrics` (default
+      `build_evaluate_fn`; unused with eval_every=0).
     write: where human-readable lines go (default absl logging).
 
   Raises:
@@ -220,13 +169,10 @@ def run_training(config: TrainingConfig, *,
   """
   start_time = time.monotonic()
   write = write or logging.info
-  task = task if task is not None else config_lib.load_task(config)
-  config_lib.check_population(config, len(task.client_ids), task)
-  config_lib.check_output_paths(config)
-  with supervision.Supervisor(round_timeout=config.round_timeout,
-                              health_timeout=config.worker_timeout,
-                              write=write,
-                              run_dir=config.run_dir) as supervisor:
+  task = task if task is not None else round_data.load_task(config)
+  round_data.check_population(config, len(task.client_ids), task)
+  outputs.check_output_paths(config)
+  with launch.supervisor(config, write=write) as supervisor:
     return _run_training(config, task, process, evaluate_fn, write,
                          supervisor, start_time)
 
@@ -251,7 +197,7 @@ def _resume(config, paths, checkpoints, initial_state, write):
   """(state, round) to continue from: the latest checkpoint of this run, or
   (initial_state, -1) for a fresh start. The metric files and TensorBoard
   are cut back to that round, so every round is recorded once."""
-  state, start_round = supervision.run_sync(
+  state, start_round = event_loop.run_sync(
       checkpoints.load_latest(initial_state))
   if state is None:
     state, start_round = initial_state, -1
@@ -268,22 +214,21 @@ def _resume(config, paths, checkpoints, initial_state, write):
   return state, start_round
 
 
-def _run_training(config, task, process, evaluate_fn, write,
-                  supervisor: supervision.Supervisor,
+def _run_training(config, task, process, evaluate_fn, write, supervisor,
                   start_time) -> TrainingResult:
   """`run_training` under `supervisor`."""
   supervisor.begin('start-up', 'initialization')
   if process is None:
-    # Traced once per settings and kept across runs (computation_cache).
-    process, on_worker = computation_cache.training_processes(
+    # Traced once per settings (and kept across runs by the accelerator).
+    process, on_worker = launch.training_processes(
         config, task, lambda: _built_processes(config, task))
   else:
-    on_worker = worker_side_process(config, task, process)
+    on_worker = round_data.worker_side_process(config, task, process)
   if not config.eval_every:
     evaluate_fn = None
   elif evaluate_fn is None:
-    evaluate_fn = population_eval.build_evaluate_fn(config, task)
-  paths = output_paths(config)
+    evaluate_fn = build_evaluate_fn(config, task)
+  paths = outputs.output_paths(config)
   # Unusable metric files are refused before anything is created or written.
   _truncate_metric_files(paths, sys.maxsize)
   for key in ('run_dir', 'checkpoints', 'tensorboard'):
@@ -303,7 +248,7 @@ def _run_training(config, task, process, evaluate_fn, write,
                                write)
   resumed_from = None if start_round < 0 else start_round
   supervisor.end()
-  write_settings(config, paths)
+  outputs.write_settings(config, paths, write=write)
   first_rows = metrics_lib.read_csv(paths['train_csv'])[:1]
 
   bar = (metrics_lib.progress_bar(config.rounds, max(start_round, 0),
@@ -311,9 +256,10 @@ def _run_training(config, task, process, evaluate_fn, write,
          if config.progress else None)
   # Client batches are built on the worker from each client's examples.
   examples = worker_datasets.client_examples(task.train)
-  blocks = round_blocks.for_run(
+  blocks = launch.round_blocks(
       config, process, on_worker,
-      round_inputs=lambda r: round_client_inputs(config, task, r, examples)[1])
+      round_inputs=lambda r: round_data.round_client_inputs(
+          config, task, r, examples)[1])
   release = metrics_lib.RunReleaseManager(
       config.algorithm, train_csv=paths['train_csv'],
       eval_csv=paths['eval_csv'] if evaluate_fn else None,
@@ -335,7 +281,8 @@ def _run_training(config, task, process, evaluate_fn, write,
     # evaluation_selection_fn hands TFF's loop the round as the "data".
     # The phase lasts until the next begins (its release included).
     supervisor.begin(f'evaluation at round {round_num}', 'evaluation')
-    return evaluate_fn(process.get_model_weights(state))
+    return evaluate_fn(process.get_model_weights(state),
+                       evaluation_alpha(config, process, state))
 
   supervised = supervised_loop.SupervisedProcess(
       on_worker, initial_state, supervisor, check, blocks)
@@ -345,8 +292,9 @@ def _run_training(config, task, process, evaluate_fn, write,
     if blocks is not None:
       return round_num  # The block builds its rounds' inputs.
     if on_worker is process:
-      return round_client_data(config, task, round_num)[1]
-    return round_client_inputs(config, task, round_num, examples)[1]
+      return round_data.round_client_data(config, task, round_num)[1]
+    return round_data.round_client_inputs(config, task, round_num,
+                                          examples)[1]
 
   def train():
     return tff.simulation.run_training_process(
@@ -368,17 +316,17 @@ def _run_training(config, task, process, evaluate_fn, write,
       raise
     except divergence.NonFiniteLossError as e:
       # The round that stopped the run is recorded; it is not checkpointed.
-      supervision.run_sync(release.release(supervised.last_metrics,
-                                           e.round_num))
+      event_loop.run_sync(release.release(supervised.last_metrics,
+                                          e.round_num))
       raise
     supervisor.check_stop()
     if checkpoints.latest_round() != config.rounds:
-      supervision.run_sync(managed.save(state, config.rounds))
+      event_loop.run_sync(managed.save(state, config.rounds))
     eval_rows = metrics_lib.read_csv(paths['eval_csv'])
     if evaluate_fn and (not eval_rows or eval_rows[-1]['round']
                         != config.rounds):
       # The end of the run is evaluated even off the eval_every cadence.
-      supervision.run_sync(release.release(
+      event_loop.run_sync(release.release(
           {'evaluation': evaluation_fn(state, config.rounds)},
           config.rounds))
   finally:
@@ -412,82 +360,28 @@ def _step_sizes(config: TrainingConfig) -> dict:
   return out
 
 
-class WorkerUnreachableError(checks.ArgumentError,
-                             worker_errors.WorkerUnavailableError):
-  """A `workers` address where no TFF worker answers when a run that has no
-  checkpoint yet starts: there is nothing to resume; the worker or the
-  address must be fixed. A `checks.ArgumentError` naming `workers` (the
-  binaries exit 2) and a `WorkerUnavailableError`."""
-
-
-def has_checkpoint(config: TrainingConfig) -> bool:
-  """Whether the run of `config` has a checkpoint to resume from."""
-  try:
-    names = os.listdir(output_paths(config)['checkpoints'])
-  except OSError:
-    return False
-  pattern = re.compile(re.escape(checkpointing.PREFIX) + r'\d+')
-  return any(pattern.fullmatch(name) for name in names)
-
-
-def execution_context(config: TrainingConfig, *,
-                      resumable: Optional[bool] = None):
-  """The `ExecutionContext` a run of `config` uses: a local worker, or the
-  `config.workers` addresses.
-
-  Raises:
-    WorkerUnreachableError: a `config.workers` address does not answer and
-      the run is not `resumable` (default: whether `config`'s run has a
-      checkpoint). A resumable run raises the context's
-      `WorkerUnavailableError` (rerunning resumes once the worker is back).
-  """
-  # A local worker may start slowly on a busy machine: wait at least 60s.
-  ready = (config.worker_timeout if config.workers
-           else max(60.0, config.worker_timeout))
-  try:
-    return execution.ExecutionContext(
-        workers=list(config.workers) or None, ready_timeout=ready,
-        retry_timeout=config.worker_timeout,
-        graph_optimization=config.graph_optimization)
-  except worker_errors.WorkerUnavailableError as e:
-    address = e.unready_address
-    if resumable is None:
-      resumable = has_checkpoint(config)
-    if address is None or resumable:
-      raise
-    port = address.rpartition(':')[2]
-    raise WorkerUnreachableError(
-        'workers', f'no TFF worker answered at {address} within '
-        f'{e.ready_timeout:g}s, so no run was started; check that '
-        f'`python -m perfed_tff.runtime.worker --port={port}` is running on '
-        'that host and that the host and port are right and reachable from '
-        'here (a worker listens on its own loopback only unless started '
-        'with `--listen=all`, or reach it through an SSH tunnel; one still '
-        'starting up may need a longer worker_timeout)') from None
-
-
 def run(config: TrainingConfig,
         write: Optional[Callable[[str], None]] = None, *,
         also_train: Sequence[str] = ()) -> list[TrainingResult]:
-  """Validates `config`, opens its TFF execution context and trains
-  `config.algorithm`, then each algorithm of `also_train` with the same
-  settings (e.g. `('fedavg',)`, the baseline). The context's workers are
-  stopped on return, on an exception and on SIGTERM/SIGINT/SIGHUP.
-  `config.root_output_dir` is locked for the run
-  (`checkpointing.OutputDirLock`): a second run there fails at once."""
-  config = config_lib.validate(config)
+  """Validates `config`, opens its execution context (`launch`: none of its
+  own for runtime 'tff') and trains `config.algorithm`, then each algorithm
+  of `also_train` with the same settings (e.g. `('fedavg',)`, the baseline).
+  The owned runtime's workers are stopped on return and on an exception.
+  `config.root_output_dir` is locked for the run (`outputs.OutputDirLock`):
+  a second run there fails at once."""
+  config = settings_lib.validate(config)
   configs = [config] + [
       dataclasses.replace(config, algorithm=algorithms.check_algorithm(
           a, 'also_train')) for a in also_train if a != config.algorithm]
   # The data is read (and its options checked) before anything is written.
-  task = config_lib.load_task(config)
-  with checkpointing.OutputDirLock(config.root_output_dir) as lock:
+  task = round_data.load_task(config)
+  with outputs.OutputDirLock(config.root_output_dir) as lock:
     owner = lock.previous_owner
     if owner:
       (write or logging.info)(
           f'{config.root_output_dir}: took over the lock of a run that is no '
           f'longer running (pid {owner.get("pid")}, since '
           f'{owner.get("started")})')
-    with execution_context(
-        config, resumable=any(has_checkpoint(c) for c in configs)):
+    with launch.execution_context(
+        config, resumable=any(outputs.has_checkpoint(c) for c in configs)):
       return [run_training(c, task=task, write=write) for c in configs]

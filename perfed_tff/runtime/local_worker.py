@@ -5,8 +5,8 @@ a child that inherits the parent's stdout/stderr and is killed only when its
 Python manager is garbage collected; such a child can outlive the interpreter
 and keep a pipe open. A `WorkerProcess` instead sends the worker's output to
 a log file, makes it die with its parent (Linux `PR_SET_PDEATHSIG`, even on
-SIGKILL), and is stopped at interpreter exit, on SIGTERM/SIGINT/SIGHUP
-(`install_exit_handlers`) and by `stop()`.
+SIGKILL), and is stopped at interpreter exit (`register_exit_stop`) and by
+`stop()`.
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import threading
 from typing import Optional
 
 import portpicker
 
+from perfed_tff.runtime import listeners
 from perfed_tff.runtime import loopback
 from perfed_tff.runtime.worker import worker_binary_path
 
@@ -156,7 +156,7 @@ class WorkerProcess:
     if self._confined or not self.running():
       return
     try:
-      loopback.check_listeners(
+      listeners.check_listeners(
           self.pid, f'the local TFF worker (pid {self.pid})',
           accept=f'set {loopback.LISTEN_ENV}=all')
     except loopback.WorkerExposureError:
@@ -231,41 +231,7 @@ class WorkerProcess:
 
 
 _LIVE_WORKERS: set[WorkerProcess] = set()
-_HANDLERS_INSTALLED = False
-_HANDLER_LOCK = threading.Lock()
-
-
-# A worker started before the program knew it needs one (`start_early`).
-_EARLY: list[WorkerProcess] = []
-
-
-def start_early(max_concurrent_computation_calls: int) -> None:
-  """Starts a local worker now, for the `ExecutionContext` that a program
-  opens later (`adopt_early`): its start (about a second: the worker loads
-  TensorFlow) then overlaps the program's own imports. A worker nobody
-  adopts is stopped at exit like any other. Failures are left for the
-  context's own start to report."""
-  install_exit_handlers()
-  if _EARLY:
-    return
-  try:
-    _EARLY.append(WorkerProcess(
-        max_concurrent_computation_calls=max_concurrent_computation_calls))
-  except Exception:  # pylint: disable=broad-except
-    pass
-
-
-def adopt_early(max_concurrent_computation_calls: int
-                ) -> Optional[WorkerProcess]:
-  """The worker of `start_early` if it runs with these settings (and stops
-  it otherwise); None when there is none."""
-  while _EARLY:
-    worker = _EARLY.pop()
-    if (worker.running() and worker.max_concurrent_computation_calls
-        == max_concurrent_computation_calls):
-      return worker
-    worker.stop()
-  return None
+_EXIT_STOP = []
 
 
 def stop_all_workers() -> None:
@@ -274,30 +240,10 @@ def stop_all_workers() -> None:
     worker.stop(timeout=5.0)
 
 
-def install_exit_handlers() -> None:
-  """Stops workers at exit and on SIGTERM/SIGINT/SIGHUP (then behaves as
-  before); a signal that is ignored stays ignored and stops nothing."""
-  global _HANDLERS_INSTALLED
-  with _HANDLER_LOCK:
-    if _HANDLERS_INSTALLED:
-      return
-    _HANDLERS_INSTALLED = True
-  atexit.register(stop_all_workers)
-  if threading.current_thread() is not threading.main_thread():
-    return
-  for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-    previous = signal.getsignal(signum)
-    if previous in (signal.SIG_IGN, None):
-      continue
-
-    def handler(sig, frame, previous=previous):
-      stop_all_workers()
-      if callable(previous):
-        return previous(sig, frame)
-      if previous == signal.SIG_IGN:
-        return None
-      # Default action: die by the same signal so the exit status says so.
-      signal.signal(sig, signal.SIG_DFL)
-      os.kill(os.getpid(), sig)
-
-    signal.signal(signum, handler)
+def register_exit_stop() -> None:
+  """Stops the workers at interpreter exit (once registered, it stays).
+  A signal's default action ends this process without that; the workers
+  then die with it (`PR_SET_PDEATHSIG`)."""
+  if not _EXIT_STOP:
+    _EXIT_STOP.append(True)
+    atexit.register(stop_all_workers)

@@ -3,20 +3,22 @@ dead workers, so the training loop itself stays a plain loop.
 
 One place for everything that watches a run from outside its computations:
 
-* **Interrupts** (`perfed_tff.runtime.interrupts`): SIGINT, SIGTERM and
-  SIGHUP raised as `Interrupted` in the main thread, never lost, deferred by
-  `critical_section()`.
+* **Interrupts** (`perfed_tff.program.interrupts`): while a run is
+  supervised, a SIGINT, SIGTERM or SIGHUP ends the calls in flight (the
+  watchdog aborts the context, from its thread) instead of raising in the
+  middle of whatever the main thread runs; the error that follows is
+  reported as the interrupt. Checkpoint writes defer it.
 * **Deadlines and health checks.** `Watchdog` (a thread) gives every phase of
   a run (start-up, a round, an evaluation, a checkpoint write) a deadline and
   health-checks the workers of the current `ExecutionContext` while it runs;
   a frozen, dead or unreachable worker, or a phase past its deadline, aborts
   the context, so the loop gets an exception at once.
-* **A fresh event loop.** `run_sync(fn_or_coroutine)` runs TFF's loop (which
-  calls `asyncio.get_event_loop().run_until_complete`) or a coroutine with a
-  new event loop, in a helper thread where one is already running (Jupyter).
+* **A fresh event loop.** `Supervisor.run(fn)` runs TFF's loop with
+  `perfed_tff.program.event_loop.run_sync` (a helper thread where an event
+  loop is already running: Jupyter).
 * **Stop checks and error translation.** `Supervisor` ties these together
   for one run: `begin`/`end` mark phases, `check_stop()` raises between
-  rounds when an interrupt arrived (even one swallowed on the way), and
+  rounds when an interrupt arrived, and
   leaving it with an exception turns whatever the abort or signal caused into
   the typed error that names the cause (`WorkerUnavailableError`,
   `RoundTimeoutError`, `Interrupted` with the phase it stopped; TensorFlow's
@@ -28,9 +30,7 @@ One place for everything that watches a run from outside its computations:
 
 from __future__ import annotations
 
-import asyncio
 import collections
-import concurrent.futures
 import contextlib
 import errno
 import os
@@ -40,14 +40,13 @@ import threading
 import time
 from typing import Any, Callable, Optional
 
-from tensorflow_federated.python.core.impl.context_stack import context_stack_impl
-
+from perfed_tff.program import event_loop
+from perfed_tff.program.interrupts import clear_interrupt
+from perfed_tff.program.interrupts import critical_section
+from perfed_tff.program.interrupts import interrupt_received
+from perfed_tff.program.interrupts import Interrupted
+from perfed_tff.program.interrupts import stop_hook
 from perfed_tff.runtime import execution
-from perfed_tff.runtime.interrupts import clear_interrupt
-from perfed_tff.runtime.interrupts import critical_section
-from perfed_tff.runtime.interrupts import interrupt_received
-from perfed_tff.runtime.interrupts import Interrupted
-from perfed_tff.runtime.interrupts import redeliver_interrupt
 from perfed_tff.runtime.worker_errors import RoundTimeoutError
 from perfed_tff.runtime.worker_errors import WorkerUnavailableError
 
@@ -66,51 +65,9 @@ EVAL_TIMEOUT_FACTOR = 10.0
 MIN_EVAL_TIMEOUT = 1800.0
 HEALTH_CHECK_AFTER = 2.0    # s into a phase before the first health check
 HEALTH_CHECK_EVERY = 5.0    # s between health checks
-
-
-# -------------------------------------------------------------- event loop
-
-def run_sync(work, stop: Optional[threading.Event] = None):
-  """Runs `work` (a coroutine, or a function that runs its own
-  `asyncio.get_event_loop().run_until_complete`, as TFF's training loop does)
-  to completion with a new asyncio event loop set for it. Where a loop is
-  already running in this thread (Jupyter), it runs in a helper thread under
-  the caller's TFF context; an interrupt of the waiting thread then sets
-  `stop` (which `Supervisor.check_stop` honours between rounds) and waits for
-  the helper to finish."""
-  if asyncio.iscoroutine(work):
-    coroutine = work
-    work = lambda: asyncio.get_event_loop().run_until_complete(coroutine)
-
-  def call():
-    loop = asyncio.new_event_loop()
-    asyncio.set_event_loop(loop)
-    try:
-      return work()
-    finally:
-      asyncio.set_event_loop(None)
-      loop.close()
-
-  try:
-    asyncio.get_running_loop()
-  except RuntimeError:
-    return call()
-  # TFF's context stack is per thread: the helper runs in the caller's.
-  context = context_stack_impl.context_stack.current
-
-  def call_in_context():
-    with context_stack_impl.context_stack.install(context):
-      return call()
-
-  with concurrent.futures.ThreadPoolExecutor(1) as pool:
-    future = pool.submit(call_in_context)
-    try:
-      return future.result()
-    except KeyboardInterrupt:
-      if stop is not None:
-        stop.set()
-      concurrent.futures.wait([future])
-      raise
+# s after a signal's stop of the calls in flight before the main thread, if
+# still inside the run, is interrupted where it is.
+INTERRUPT_GRACE = 5.0
 
 
 # ---------------------------------------------------------------- watchdog
@@ -165,6 +122,10 @@ class Watchdog:
     self._done.set()
     self.end()
 
+  def wait_done(self, timeout: float) -> bool:
+    """Whether the run's supervision ended within `timeout` seconds."""
+    return self._done.wait(timeout)
+
   def phase(self) -> Optional[str]:
     """The label of the phase running now (None between phases)."""
     with self._lock:
@@ -193,20 +154,12 @@ class Watchdog:
     return base
 
   def _watch(self) -> None:
-    checked_at = notice = interrupted_at = None
+    checked_at = notice = None
     current = None
     while not self._done.wait(0.5):
       now = time.monotonic()
       if interrupt_received() is not None:
-        # The main thread should be unwinding; if the interrupt was
-        # swallowed (a GC callback), deliver it again. Workers stopped by
-        # the signal are no failure.
-        if interrupted_at is None:
-          interrupted_at = now
-        elif now - interrupted_at >= 2.0 and not self._done.is_set():
-          redeliver_interrupt()
-          interrupted_at = now
-        continue
+        continue  # The run is stopping: stopped workers are no failure.
       with self._lock:
         phase = self._phase
       if phase is None:
@@ -309,6 +262,8 @@ class Supervisor:
                               health_timeout=health_timeout, write=write,
                               context=self._context)
     self._stop = threading.Event()
+    self._signalled = False
+    self._hook = stop_hook(self._on_signal)
 
   def begin(self, label: str, kind: str, rounds: int = 1) -> None:
     self._watchdog.begin(label, kind, rounds)
@@ -316,10 +271,29 @@ class Supervisor:
   def end(self) -> None:
     self._watchdog.end()
 
+  def _on_signal(self, signum: int) -> None:
+    """A signal during the run (`perfed_tff.program.interrupts`): the calls
+    in flight are ended from a helper thread; a second one (or this
+    supervisor's own wake-up) raises in the main thread."""
+    if self._signalled or self._watchdog.error is not None:
+      raise Interrupted(interrupt_received() or signum)
+    self._signalled = True
+    threading.Thread(target=self._stop_for_signal, daemon=True,
+                     name='perfed_tff-interrupt').start()
+
+  def _stop_for_signal(self) -> None:
+    if self._context is not None:
+      self._context.abort(WorkerUnavailableError('stopped by a signal'))
+    # Busy outside a worker call: wake the main thread once it had a moment
+    # to reach the next stop check on its own.
+    if not self._watchdog.wait_done(INTERRUPT_GRACE):
+      import _thread  # pylint: disable=g-import-not-at-top
+      _thread.interrupt_main()
+
   def check_stop(self) -> None:
-    """Raises the interrupt that arrived since the run began, even one whose
-    exception was swallowed on the way (`Interrupted`), or KeyboardInterrupt
-    when the waiting thread was interrupted (`run_sync` in Jupyter)."""
+    """Raises the interrupt that arrived since the run began
+    (`Interrupted`), or KeyboardInterrupt when the waiting thread was
+    interrupted (`run_sync` in Jupyter)."""
     signum = interrupt_received()
     if signum is not None:
       raise Interrupted(signum)
@@ -327,8 +301,8 @@ class Supervisor:
       raise KeyboardInterrupt
 
   def run(self, work: Callable[[], Any]):
-    """`run_sync(work)`, interruptible between rounds."""
-    return run_sync(work, self._stop)
+    """`event_loop.run_sync(work)`, interruptible between rounds."""
+    return event_loop.run_sync(work, self._stop)
 
   @contextlib.contextmanager
   def saving(self, label: str):
@@ -341,6 +315,7 @@ class Supervisor:
     self.end()
 
   def __enter__(self) -> 'Supervisor':
+    self._hook.__enter__()
     return self
 
   def __exit__(self, exc_type, error, tb) -> None:
@@ -348,6 +323,7 @@ class Supervisor:
       translated = None if error is None else self.translate(error)
     finally:
       self._watchdog.stop()
+      self._hook.__exit__(None, None, None)
     if translated is None:
       return None
     if translated is error:
@@ -362,8 +338,8 @@ class Supervisor:
       return self._with_worker_logs(self._watchdog.error)
     signum = interrupt_received()
     if signum is not None and not isinstance(error, KeyboardInterrupt):
-      # The signal stopped the workers and its exception was swallowed: the
-      # error that followed is the interrupt's.
+      # The signal ended the calls in flight: the error that followed is
+      # the interrupt's.
       error = Interrupted(signum)
     if isinstance(error, KeyboardInterrupt):
       if not hasattr(error, 'phase'):

@@ -43,7 +43,7 @@ def usable_dir(path: str) -> bool:
 
 
 # The computations kept across runs (`compiled_cache`,
-# `perfed_tff.program.computation_cache`): a folder, or 'off'.
+# `perfed_tff.accelerator.computation_cache`): a folder, or 'off'.
 COMPUTATIONS_ENV = 'PERFED_TFF_COMPUTATION_CACHE'
 MAX_BYTES = 512 * 1024 * 1024  # per kind of computation
 

@@ -26,6 +26,7 @@ import sys
 from absl import app
 from absl import flags
 
+from perfed_tff.runtime import listeners
 from perfed_tff.runtime import loopback
 
 
@@ -133,10 +134,10 @@ def main(argv):
                               accept='pass --listen=all')
   except loopback.WorkerExposureError as e:
     _fail(f'--listen=loopback: {e.reason}')
-  print(f'TFF worker (pid {pid}) {loopback.describe(listen, _PORT.value)}',
+  print(f'TFF worker (pid {pid}) {listeners.describe(listen, _PORT.value)}',
         file=sys.stderr, flush=True)
   if listen == 'loopback':  # Verifies it once it listens (kills if exposed).
-    loopback.spawn_watcher(pid, f'the TFF worker (pid {pid})',
+    listeners.spawn_watcher(pid, f'the TFF worker (pid {pid})',
                            accept='pass --listen=all', program='worker')
   os.execve(command[0], command, env)
 

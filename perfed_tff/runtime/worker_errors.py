@@ -1,5 +1,6 @@
 """The errors of a run's TFF workers: gone (`WorkerUnavailableError`), past
-a deadline (`RoundTimeoutError`), or a computation that failed inside one
+a deadline (`RoundTimeoutError`), never there at a run's start
+(`WorkerUnreachableError`), or a computation that failed inside one
 (`WorkerComputationError`, with TensorFlow's one telling line)."""
 
 from __future__ import annotations
@@ -7,6 +8,8 @@ from __future__ import annotations
 from typing import Optional
 
 import grpc
+
+from perfed_tff import checks
 
 
 class WorkerUnavailableError(ConnectionError):
@@ -24,6 +27,13 @@ class WorkerUnavailableError(ConnectionError):
 
 class RoundTimeoutError(WorkerUnavailableError):
   """A round (or evaluation, or checkpoint write) ran past its deadline."""
+
+
+class WorkerUnreachableError(checks.ArgumentError, WorkerUnavailableError):
+  """A `workers` address where no TFF worker answers when a run that has no
+  checkpoint yet starts: there is nothing to resume; the worker or the
+  address must be fixed. A `checks.ArgumentError` naming `workers` (the
+  binaries exit 2) and a `WorkerUnavailableError`."""
 
 
 class WorkerComputationError(ValueError, grpc.RpcError):
