@@ -49,8 +49,8 @@ from tensorflow_federated.python.core.impl.context_stack import context_stack_im
 from tensorflow_federated.python.tensorflow_libs import serialization_utils
 
 from perfed_tff import checks
-from perfed_tff.program.settings import GRAPH_OPTIMIZATIONS
 
+GRAPH_OPTIMIZATIONS = ('auto', 'runtime', 'tff')
 # Ops whose fusions (with BiasAdd and an activation) runtime Grappler brings.
 CONVOLUTION_OPS = frozenset([
     'Conv2D', 'Conv3D', 'DepthwiseConv2dNative', 'Conv2DBackpropInput',

@@ -68,9 +68,13 @@ def check_runtime_settings(config) -> None:
 
   Raises:
     checks.ArgumentError: `workers`, `round_timeout` without the owned
-      runtime; `graph_optimization`, `rounds_per_invocation` > 1 without the
-      accelerator.
+      runtime; `graph_optimization` other than 'auto',
+      `rounds_per_invocation` > 1 without the accelerator; a
+      `graph_optimization` the accelerator does not know.
   """
+  if config.runtime == 'accelerated':
+    from perfed_tff.accelerator import compilation  # pylint: disable=g-import-not-at-top
+    compilation.check_graph_optimization(config.graph_optimization)
   owned = {'workers': bool(config.workers),
            'round_timeout': config.round_timeout != 0}
   accelerated = {'graph_optimization': config.graph_optimization != 'auto',

@@ -31,9 +31,6 @@ MAX_BATCH_SIZE = 10**6
 MAX_TIMEOUT = 7 * 24 * 3600.0
 MAX_INNER_STEPS = 100
 SIDES = ('client', 'server')
-# Where Grappler optimizes the TFF graphs under the accelerator
-# (`perfed_tff.accelerator.compilation`).
-GRAPH_OPTIMIZATIONS = ('auto', 'runtime', 'tff')
 
 
 def optimizer_fields(side: str) -> tuple[str, ...]:
@@ -253,8 +250,6 @@ def validate(config: TrainingConfig) -> TrainingConfig:
   checks.choice('dataset', config.dataset, registry.DATASETS)
   checks.choice('client_weighting', config.client_weighting,
                 CLIENT_WEIGHTINGS)
-  checks.choice('graph_optimization', config.graph_optimization,
-                GRAPH_OPTIMIZATIONS)
   runtime = launch.check_runtime(config.runtime)
   adapt = config.adapt_batch_size
   changes = dict(

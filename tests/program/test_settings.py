@@ -30,7 +30,8 @@ from tests import tff_helpers as h
     ('algorithm', 'sgd', "--algorithm: must be one of ['fedavg', "),
     ('dataset', 'mnist', "--dataset: must be one of ["),
     ('client_weighting', 'x', "--client_weighting: must be one of"),
-    ('graph_optimization', 'xla', "--graph_optimization: must be one of"),
+    ('graph_optimization', 'xla', "--graph_optimization: needs runtime "
+     "'accelerated'"),
     ('workers', 'localhost', '--workers: must be a comma-separated list'),
     ('cache_dir', '/nonexistent/dir', '--cache_dir: directory'),
     ('dataset_options', {'bogus': 1}, '--dataset_options: unknown option'),
@@ -177,6 +178,13 @@ def test_ring_settings_need_their_ring(tmp_path, field, value, runtime, needs):
   assert e.value.name == field
   assert f'needs runtime {needs}' in e.value.flag_message
   h.training_config(tmp_path, runtime='accelerated', **{field: value})
+
+
+def test_graph_optimization_is_the_accelerators_choice(tmp_path):
+  with pytest.raises(checks.ArgumentError,
+                     match='`graph_optimization` must be one of'):
+    h.training_config(tmp_path, runtime='accelerated',
+                      graph_optimization='xla')
 
 
 def test_runtime_is_checked_by_name(tmp_path):
